@@ -1,0 +1,43 @@
+"""Adapters: one IAR interface over VAR, RAR and LlamaGen (see base.py), and `load_adapter`.
+
+Example:
+    >>> from iarmem_core.adapters import load_adapter
+    >>> m = load_adapter("test-var")            # random weights, CPU
+    >>> toks = m.tokenize(torch.rand(2, 3, 8, 8))
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from iarmem_core.adapters.base import IARAdapter, PositionGroup, UnitSite, resolve_device
+from iarmem_core.registry import get_spec
+
+_FAMILY_CLASSES = {
+    "var": ("iarmem_core.adapters.var", "VARAdapter"),
+    "rar": ("iarmem_core.adapters.rar", "RARAdapter"),
+    "llamagen": ("iarmem_core.adapters.llamagen", "LlamaGenAdapter"),
+}
+
+
+def adapter_class(family: str) -> type[IARAdapter]:
+    mod, cls = _FAMILY_CLASSES[family]
+    return getattr(importlib.import_module(mod), cls)
+
+
+def load_adapter(name: str, *, checkpoint: str | os.PathLike | None = None,
+                 tokenizer_checkpoint: str | os.PathLike | None = None, device: str | torch.device = "auto",
+                 dtype: torch.dtype = torch.float32, seed: int = 0) -> IARAdapter:
+    """Load registry model `name`; `checkpoint` is the transformer file, `tokenizer_checkpoint` the tokenizer's.
+
+    Without files, a demo model loads its bundled weights and any other model gets seeded random weights.
+    """
+    spec = get_spec(name)
+    return adapter_class(spec.family).load(spec, transformer_path=checkpoint, tokenizer_path=tokenizer_checkpoint,
+                                           device=device, dtype=dtype, seed=seed)
+
+
+__all__ = ["IARAdapter", "PositionGroup", "UnitSite", "adapter_class", "load_adapter", "resolve_device"]
