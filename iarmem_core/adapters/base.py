@@ -191,12 +191,13 @@ class IARAdapter(ABC):
     @abstractmethod
     def generate(self, labels: torch.Tensor, prefix: Tokens | None = None, n_prefix: int = 0, cfg: float = 0.0,
                  top_k: int = 1, top_p: float = 0.0, temperature: float = 1.0, seed: int = 0,
-                 **family_kw: Any) -> Tokens:
-        """Generate tokens with a KV cache; the first `n_prefix` flat tokens are copied from `prefix`.
+                 kv_cache: bool = True, **family_kw: Any) -> Tokens:
+        """Generate tokens; the first `n_prefix` flat tokens are copied from `prefix` (teacher-forced).
 
         Greedy is ``top_k=1``. ``cfg`` follows the family's official schedule (VAR: linear ramp over
         scales; RAR: power-cosine with ``cfg_power``; LlamaGen: constant, ``cfg_interval``); 0 disables
-        CFG (no batch doubling). ``seed`` makes sampling reproducible.
+        CFG (no batch doubling). ``seed`` makes sampling reproducible. ``kv_cache=False`` recomputes the
+        whole prefix at every step (same tokens, slower; for benchmarks and checks).
         """
 
     def check_prefix(self, n_prefix: int) -> None:
