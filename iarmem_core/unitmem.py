@@ -1,0 +1,326 @@
+"""Streaming UnitMem for IARs (METHOD.md sections 2 and 3).
+
+For every unit u (block b, hidden unit j of the MLP) and position group G (a set of flat token indices,
+e.g. one VAR scale), over the N images x of the data selection D':
+
+    mu_u,G(x)   = mean over the A views of x and the rows t predicting a token of G of |a_u(t)|
+    mu_max      = max_x mu_u,G(x),  k = argmax_x
+    mu_rest     = mean (default) or median of mu_u,G(x) over the other N - 1 images
+    UnitMem     = (mu_max - mu_rest) / (mu_max + mu_rest)   in [0, 1]; 0 when both are 0
+
+The mean variant streams: per unit and group only a running max, argmax, sum (and the top-k images of
+the coarse groups) are kept, so memory is O(units x groups) whatever N is. The median variant cannot
+stream exactly; it spills mu to a memory-mapped file on disk ([N, G, U] per block, never held in RAM)
+and reduces it block by block at the end.
+
+In the same pass, view 0 of every image is the image itself (views 1..A-1 are augmented), and its
+teacher-forced top-1 correctness per token gives the per-image memorization score of section 3.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from iarmem_core import hooks
+from iarmem_core.adapters.base import IARAdapter, PositionGroup
+
+REST_MODES = ("mean", "median")
+
+
+@dataclass(frozen=True)
+class UnitMemConfig:
+    """Options of a UnitMem pass; every field is part of the result's store key."""
+
+    n_augs: int = 10  # A views per image; view 0 is the image itself
+    augmentation: str = "default"  # "default" = the model's training augmentation (spec), or a data.py name
+    rest: str = "mean"  # mu_rest: "mean" (streams) or "median" (spills to disk)
+    group_kinds: tuple[str, ...] = ("scale",)  # always includes "scale"; "row" / "position" refine it
+    detail_scales: tuple[int, ...] | None = None  # scales that get row/position groups; None = all
+    top_images: int = 5  # images kept per (unit, scale group): the one it fires for most, and the next
+    batch_size: int = 16
+    dtype: str = "fp32"  # "fp32" (reference) or "bf16" (GPU)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rest not in REST_MODES:
+            raise ValueError(f"rest must be one of {REST_MODES}, got {self.rest!r}")
+        if self.n_augs < 1:
+            raise ValueError("n_augs must be >= 1")
+        if self.dtype not in ("fp32", "bf16"):
+            raise ValueError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
+        kinds = tuple(dict.fromkeys(("scale",) + tuple(self.group_kinds)))
+        object.__setattr__(self, "group_kinds", kinds)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["group_kinds"] = list(self.group_kinds)
+        d["detail_scales"] = None if self.detail_scales is None else list(self.detail_scales)
+        return d
+
+
+def unitmem_from_stats(mu_max: torch.Tensor, mu_rest: torch.Tensor) -> torch.Tensor:
+    """(mu_max - mu_rest) / (mu_max + mu_rest), defined as 0 where both are 0."""
+    den = mu_max + mu_rest
+    out = (mu_max - mu_rest) / torch.where(den > 0, den, torch.ones_like(den))
+    return torch.where(den > 0, out, torch.zeros_like(out)).clamp_(0.0, 1.0)
+
+
+def median_rest(mu_NGU: torch.Tensor, argmax_GU: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Median over images of mu with the argmax image left out (numpy convention: mean of the two middle).
+
+    Works on chunks of units so that a large N never needs more than N x G x chunk floats at once.
+    """
+    n = mu_NGU.shape[0]
+    if n < 2:
+        return torch.zeros_like(mu_NGU[0])
+    m = n - 1
+    out = torch.empty(mu_NGU.shape[1:], dtype=mu_NGU.dtype)
+    for u0 in range(0, mu_NGU.shape[-1], chunk):
+        x = mu_NGU[..., u0:u0 + chunk].clone()
+        # the argmax is the largest value: push exactly that one copy to the end and drop it
+        x.scatter_(0, argmax_GU[..., u0:u0 + chunk].long().unsqueeze(0), float("inf"))
+        srt = x.sort(dim=0).values[:m]
+        out[..., u0:u0 + chunk] = srt[m // 2] if m % 2 else 0.5 * (srt[m // 2 - 1] + srt[m // 2])
+    return out
+
+
+def brute_force_unitmem(mu_NGU: torch.Tensor, rest: str = "mean") -> dict[str, torch.Tensor]:
+    """Reference implementation from the full [N, G, U] matrix (tests and small data only)."""
+    mu_max, argmax = mu_NGU.max(dim=0)
+    n = mu_NGU.shape[0]
+    if rest == "mean":
+        mu_rest = (mu_NGU.sum(0) - mu_max) / max(n - 1, 1)
+    else:
+        mu_rest = median_rest(mu_NGU, argmax)
+    return {"unitmem": unitmem_from_stats(mu_max, mu_rest), "mu_max": mu_max, "argmax": argmax, "mu_rest": mu_rest}
+
+
+@dataclass
+class _GroupPlan:
+    groups: list[PositionGroup]
+    scale_group_ids: list[int]  # indices (into groups) of the "scale" kind groups
+    member_NG: torch.Tensor  # [n_tokens, G] float: 1 where flat token n belongs to group g
+
+    def weights(self, target_index_T: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """[T, G] weights that average the rows of each group present in this call (0 for absent groups)."""
+        valid = target_index_T >= 0
+        rows = torch.zeros(target_index_T.shape[0], self.member_NG.shape[1])
+        rows[valid] = self.member_NG[target_index_T[valid].cpu()]
+        cnt = rows.sum(0, keepdim=True)
+        w = rows / torch.where(cnt > 0, cnt, torch.ones_like(cnt))
+        return w.to(device, dtype)
+
+
+def plan_groups(adapter: IARAdapter, cfg: UnitMemConfig) -> _GroupPlan:
+    groups = adapter.position_groups(kinds=cfg.group_kinds, scales=None)
+    if cfg.detail_scales is not None:
+        groups = [g for g in groups if g.kind == "scale" or g.scale in cfg.detail_scales]
+    member = torch.zeros(adapter.n_tokens, len(groups))
+    for gi, g in enumerate(groups):
+        member[g.index, gi] = 1.0
+    scale_ids = [i for i, g in enumerate(groups) if g.kind == "scale"]
+    return _GroupPlan(groups, scale_ids, member)
+
+
+@dataclass
+class UnitMemState:
+    """Running statistics of a pass (everything needed to resume or finish it)."""
+
+    n_seen: int
+    max_LGU: torch.Tensor  # [blocks, G, U]
+    argmax_LGU: torch.Tensor  # [blocks, G, U] int64 (position in the selection)
+    sum_LGU: torch.Tensor  # [blocks, G, U] float64
+    topv_LKSU: torch.Tensor  # [blocks, K, S, U] top-K mu over images for the S scale groups
+    topi_LKSU: torch.Tensor  # [blocks, K, S, U] int64
+    correct_NT: torch.Tensor  # [N, n_tokens] uint8: teacher-forced top-1 correct on the un-augmented view
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: v.cpu().numpy() for k, v in asdict(self).items() if isinstance(v, torch.Tensor)}
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray], n_seen: int) -> UnitMemState:
+        return cls(n_seen=n_seen, **{k: torch.from_numpy(np.asarray(v)) for k, v in a.items()})
+
+
+Batches = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]  # (start, stop) -> (images_B3HW, labels_B)
+AugmentFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+class UnitMemPass:
+    """A resumable streaming UnitMem pass over N images, driven batch by batch."""
+
+    def __init__(self, adapter: IARAdapter, n_images: int, cfg: UnitMemConfig, augment: AugmentFn,
+                 spill_dir: str | os.PathLike | None = None):
+        self.adapter, self.n, self.cfg, self.augment = adapter, n_images, cfg, augment
+        self.plan = plan_groups(adapter, cfg)
+        self.blocks = [s.block for s in adapter.unit_sites()]
+        self.n_units = adapter.n_units
+        G, U, L = len(self.plan.groups), self.n_units, len(self.blocks)
+        S, K = len(self.plan.scale_group_ids), min(cfg.top_images, n_images)
+        dev = adapter.device
+        self.state = UnitMemState(
+            n_seen=0,
+            max_LGU=torch.full((L, G, U), -1.0, device=dev),
+            argmax_LGU=torch.zeros((L, G, U), dtype=torch.long, device=dev),
+            sum_LGU=torch.zeros((L, G, U), dtype=torch.float64, device=dev),
+            topv_LKSU=torch.full((L, K, S, U), -1.0, device=dev),
+            topi_LKSU=torch.zeros((L, K, S, U), dtype=torch.long, device=dev),
+            correct_NT=torch.zeros((n_images, adapter.n_tokens), dtype=torch.uint8),
+        )
+        self._spill: np.memmap | None = None
+        self._spill_path: Path | None = None
+        if cfg.rest == "median":
+            d = Path(spill_dir) if spill_dir is not None else Path(tempfile.mkdtemp(prefix="iarmem-unitmem-"))
+            d.mkdir(parents=True, exist_ok=True)
+            self._spill_path = d / "mu_NLGU.f32"
+            mode = "r+" if self._spill_path.exists() else "w+"
+            self._spill = np.memmap(self._spill_path, dtype=np.float32, mode=mode, shape=(n_images, L, G, U))
+
+    # ---- resume --------------------------------------------------------------------------------
+    def load_state(self, state: UnitMemState) -> None:
+        dev = self.adapter.device
+        self.state = UnitMemState(state.n_seen, *(getattr(state, f).to(dev) for f in
+                                                   ("max_LGU", "argmax_LGU", "sum_LGU", "topv_LKSU", "topi_LKSU")),
+                                  correct_NT=state.correct_NT.cpu())
+
+    # ---- one batch -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, images_B3HW: torch.Tensor, labels_B: torch.Tensor) -> None:
+        """Consume the next batch (images start at position `state.n_seen` of the selection)."""
+        ad, cfg, st = self.adapter, self.cfg, self.state
+        B, start = images_B3HW.shape[0], st.n_seen
+        if start + B > self.n:
+            raise ValueError(f"batch of {B} images past the end of the selection ({start} + {B} > {self.n})")
+        L, G, U = len(self.blocks), len(self.plan.groups), self.n_units
+        block_pos = {b: i for i, b in enumerate(self.blocks)}
+        acc_dtype = torch.float32
+        mu_LBGU = torch.zeros((L, B, G, U), device=ad.device, dtype=acc_dtype)
+        w_cache: dict[tuple, torch.Tensor] = {}
+
+        def on_units(block: int, acts_BTU: torch.Tensor, info: hooks.CallInfo | None) -> None:
+            ti = info.target_index if info is not None else torch.arange(acts_BTU.shape[1])
+            key = ti.cpu().numpy().tobytes()
+            w = w_cache.get(key)
+            if w is None:
+                w = w_cache[key] = self.plan.weights(ti, acts_BTU.device, acts_BTU.dtype)
+            # mean over the rows of each group of |a|: [B, T, U] x [T, G] -> [B, G, U]
+            mu_LBGU[block_pos[block]] += torch.einsum("btu,tg->bgu", acts_BTU.abs(), w).to(acc_dtype)
+
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + start)
+        labels_B = labels_B.to(ad.device)
+        autocast = torch.autocast(ad.device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16" else _null()
+        for v in range(cfg.n_augs):
+            view = images_B3HW if v == 0 else self.augment(images_B3HW, gen)
+            tokens = ad.tokenize(view)
+            with hooks.capture(ad.transformer, on_units), autocast:
+                logits_BNV = ad.teacher_forced_logits(tokens, labels_B)
+            if v == 0:
+                flat = ad.flatten(tokens)
+                st.correct_NT[start:start + B] = (logits_BNV.argmax(-1) == flat).to(torch.uint8).cpu()
+        mu_LBGU /= cfg.n_augs
+        self._update(mu_LBGU, start)
+        st.n_seen = start + B
+
+    def _update(self, mu_LBGU: torch.Tensor, start: int) -> None:
+        st = self.state
+        B = mu_LBGU.shape[1]
+        bmax_LGU, barg_LGU = mu_LBGU.max(dim=1)
+        better = bmax_LGU > st.max_LGU
+        st.max_LGU = torch.where(better, bmax_LGU, st.max_LGU)
+        st.argmax_LGU = torch.where(better, barg_LGU + start, st.argmax_LGU)
+        st.sum_LGU += mu_LBGU.sum(dim=1, dtype=torch.float64)
+        # top-K images of the scale groups: merge the running top-K with this batch
+        sidx = torch.tensor(self.plan.scale_group_ids, device=mu_LBGU.device)
+        cand_v = torch.cat([st.topv_LKSU, mu_LBGU.index_select(2, sidx)], dim=1)
+        ids = torch.arange(start, start + B, device=mu_LBGU.device).view(1, B, 1, 1).expand(
+            mu_LBGU.shape[0], B, len(sidx), mu_LBGU.shape[-1])
+        cand_i = torch.cat([st.topi_LKSU, ids], dim=1)
+        K = st.topv_LKSU.shape[1]
+        st.topv_LKSU, sel = cand_v.topk(K, dim=1)
+        st.topi_LKSU = cand_i.gather(1, sel)
+        if self._spill is not None:
+            self._spill[start:start + B] = mu_LBGU.transpose(0, 1).float().cpu().numpy()
+            self._spill.flush()
+
+    # ---- finish ----------------------------------------------------------------------------------
+    def finish(self) -> dict[str, np.ndarray]:
+        """UnitMem and its statistics; arrays with a leading block axis ([blocks, G, U] etc.)."""
+        st = self.state
+        if st.n_seen != self.n:
+            raise RuntimeError(f"pass not complete: {st.n_seen} of {self.n} images seen")
+        mu_max = st.max_LGU.float()
+        if self.cfg.rest == "mean":
+            mu_rest = ((st.sum_LGU - st.max_LGU.double()) / max(self.n - 1, 1)).float()
+        else:
+            assert self._spill is not None
+            mu_rest = torch.empty_like(mu_max)
+            for li in range(len(self.blocks)):
+                mu_NGU = torch.from_numpy(np.ascontiguousarray(self._spill[:, li]))
+                mu_rest[li] = median_rest(mu_NGU, st.argmax_LGU[li].cpu()).to(mu_rest.device)
+        um = unitmem_from_stats(mu_max, mu_rest)
+        out = {
+            "unitmem_LGU": um, "mu_max_LGU": mu_max, "mu_rest_LGU": mu_rest, "argmax_LGU": st.argmax_LGU,
+            "top_images_LKSU": st.topi_LKSU, "top_mu_LKSU": st.topv_LKSU, "correct_NT": st.correct_NT,
+        }
+        return {k: v.cpu().numpy() for k, v in out.items()}
+
+    def cleanup(self) -> None:
+        if self._spill_path is not None and self._spill_path.exists():
+            del self._spill
+            self._spill = None
+            self._spill_path.unlink()
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# Summaries
+def block_summaries(unitmem_LGU: np.ndarray, top_frac: float = 0.01) -> dict[str, np.ndarray]:
+    """Per (block, group): mean, max and top-1% mean of UnitMem over the block's units."""
+    L, G, U = unitmem_LGU.shape
+    k = max(1, int(math.ceil(top_frac * U)))
+    srt = np.sort(unitmem_LGU, axis=-1)
+    return {"mean": unitmem_LGU.mean(-1), "max": unitmem_LGU.max(-1), "top1pct_mean": srt[..., -k:].mean(-1)}
+
+
+def per_image_scores(correct_NT: np.ndarray, slices: Sequence[slice]) -> np.ndarray:
+    """[N, S] teacher-forced top-1 accuracy per scale (VAR) or over the given token ranges."""
+    return np.stack([correct_NT[:, s].mean(axis=1) for s in slices], axis=1)
+
+
+def iterate(n: int, batch_size: int, start: int = 0) -> Iterator[tuple[int, int]]:
+    for i in range(start, n, batch_size):
+        yield i, min(n, i + batch_size)
+
+
+@dataclass
+class UnitMemResult:
+    """A finished UnitMem result with its groups and image ids (what the app and CLI read)."""
+
+    arrays: dict[str, np.ndarray]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def unitmem(self) -> np.ndarray:
+        return self.arrays["unitmem_LGU"]
+
+    @property
+    def group_names(self) -> list[str]:
+        return [g["name"] for g in self.meta["groups"]]
+
+    def group_ids(self, kind: str) -> list[int]:
+        return [i for i, g in enumerate(self.meta["groups"]) if g["kind"] == kind]
