@@ -84,9 +84,10 @@ def resize_square(x_B3HW: torch.Tensor, size: int) -> torch.Tensor:
 def gray_to_input(
     images_BHW: np.ndarray | torch.Tensor, size: int = DEMO_NATIVE_SIZE, pad: int = 2, background: float = 0.0
 ) -> torch.Tensor:
-    """uint8 gray [B,H,W] (or [H,W]) -> float [B,3,size,size] in [0, 1]: pad `pad` px of background,
-    3 channels,
-    then resize if the padded size is not `size` (28x28 -> 32x32 needs no resize)."""
+    """Gray [B,H,W] or [H,W] (uint8 0..255, or float already in [0, 1]) -> float [B,3,size,size] in [0, 1].
+
+    Pads `pad` px of background, repeats to 3 channels, then resizes if the padded size is not `size`
+    (Fashion-MNIST's 28x28 -> 32x32 needs no resize)."""
     x = torch.as_tensor(np.asarray(images_BHW))
     if x.ndim == 2:
         x = x[None]

@@ -39,7 +39,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -153,12 +153,12 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 
 
 @contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock (flock) on `path`, released on exit and by the kernel when the process dies."""
+def file_lock(path: Path, shared: bool = False) -> Iterator[None]:
+    """An exclusive (or shared) flock on `path`, released on exit and by the kernel when the process dies."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing releases the flock
@@ -458,8 +458,8 @@ class ResultStore:
             )
         return vdir
 
-    def _read_info(self, slot: Path, key: str, what: str) -> dict:
-        vdir = self._live_version(slot, key, what)
+    def _read_info(self, slot: Path, key: str, what: str, vdir: Path | None = None) -> dict:
+        vdir = vdir or self._live_version(slot, key, what)
         try:
             info = json.loads((vdir / "info.json").read_text())
             if not isinstance(info.get("arrays"), dict):
@@ -469,8 +469,15 @@ class ResultStore:
             raise self._corrupt(slot, key, what, f"info.json unreadable ({type(e).__name__}: {e})") from e
 
     def _read_slot(self, slot: Path, key: str, what: str, verify: bool, mmap: bool) -> tuple[dict, dict]:
-        info = self._read_info(slot, key, what)
-        vdir = self._live_version(slot, key, what)
+        # a shared lock keeps a concurrent writer from removing this version folder while it is read
+        with file_lock(slot / ".lock", shared=True) if slot.is_dir() else nullcontext():
+            vdir = self._live_version(slot, key, what)
+            return self._read_version(slot, key, what, vdir, verify, mmap)
+
+    def _read_version(
+        self, slot: Path, key: str, what: str, vdir: Path, verify: bool, mmap: bool
+    ) -> tuple[dict, dict]:
+        info = self._read_info(slot, key, what, vdir)
         arrays = {}
         for name, a in info["arrays"].items():
             f = vdir / f"{name}.npy"

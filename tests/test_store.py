@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -229,3 +230,26 @@ def test_partial_state_round_trip(st):
     assert not st.exists(k)  # partial state is not a result
     st.clear_partial(k)
     assert st.load_partial(k) is None
+
+
+def test_readers_never_see_a_torn_result_while_it_is_overwritten(st):
+    k = st.key("unitmem", SPEC)
+    st.save(k, {"a": np.zeros(50_000), "b": np.zeros(50_000)}, {"i": 0})
+    stop, errors, reads = threading.Event(), [], []
+
+    def reader():
+        while not stop.is_set():
+            try:
+                arrays, meta = st.load(k)
+                assert (arrays["a"] == meta["i"]).all() and (arrays["b"] == meta["i"]).all()
+                reads.append(meta["i"])
+            except Exception as e:  # collected, asserted below
+                errors.append(e)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    for i in range(1, 30):
+        st.save(k, {"a": np.full(50_000, i), "b": np.full(50_000, i)}, {"i": i})
+    stop.set()
+    t.join()
+    assert errors == [] and len(reads) > 0
