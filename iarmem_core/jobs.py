@@ -320,12 +320,10 @@ def _run(handle: JobHandle, fn: JobFn, lock: _Lock, version: str | None) -> None
 
     beater = threading.Thread(target=beat, name=f"iarmem-heartbeat-{handle.key}", daemon=True)
     try:
-        handle._cancel_path.unlink(
-            missing_ok=True
-        )  # a request left from an earlier run must not stop this one
-        resume = handle.store.load_partial(
-            handle.key
-        )  # a damaged checkpoint fails the job (it is not discarded)
+        # a cancel request left from an earlier run must not stop this one
+        handle._cancel_path.unlink(missing_ok=True)
+        # a damaged checkpoint fails the job with a clear message (it is never discarded silently)
+        resume = handle.store.load_partial(handle.key)
         now = time.time()
         handle._set(
             state="running",
@@ -376,6 +374,26 @@ def _prepare(kind: str, spec: Mapping, store: ResultStore | None, version: str |
     return store, key
 
 
+def _local_handle(store, key, kind, spec, on_progress) -> JobHandle:
+    """A handle for a run in this process (the caller holds the lock); writes the queued status."""
+    h = JobHandle(store, key, kind, spec, local=True)
+    h._on_progress = on_progress
+    h._status = {
+        "key": key,
+        "kind": kind,
+        "state": "queued",
+        "progress": 0.0,
+        "message": "queued",
+        "pid": os.getpid(),
+        "host": HOST,
+        "error": None,
+        "started": None,
+        "finished": None,
+    }
+    h._set()
+    return h
+
+
 def start_job(
     kind: str,
     spec: Mapping,
@@ -402,21 +420,7 @@ def start_job(
         lock = _Lock(_paths(store, key)[1])
         if not lock.try_acquire():
             return JobHandle(store, key, kind, spec, local=False)
-        h = JobHandle(store, key, kind, spec, local=True)
-        h._on_progress = on_progress
-        h._status = {
-            "key": key,
-            "kind": kind,
-            "state": "queued",
-            "progress": 0.0,
-            "message": "queued",
-            "pid": os.getpid(),
-            "host": HOST,
-            "error": None,
-            "started": None,
-            "finished": None,
-        }
-        h._set()
+        h = _local_handle(store, key, kind, spec, on_progress)
         h.thread = threading.Thread(
             target=_run, args=(h, fn, lock, version), name=f"iarmem-job-{key}", daemon=True
         )
@@ -444,7 +448,7 @@ def run_job(
     if not force and store.exists(key):
         return store.load(key)
     lock = _Lock(_paths(store, key)[1])
-    if not lock.try_acquire():
+    while not lock.try_acquire():
         st = job_status(key, store)
         if not wait:
             raise JobBusyError(
@@ -453,27 +457,15 @@ def run_job(
             )
         other = JobHandle(store, key, kind, spec, local=False)
         other.wait()
-        return other.result()
-    h = JobHandle(store, key, kind, spec, local=True)
-    h._on_progress = on_progress
-    h._status = {
-        "key": key,
-        "kind": kind,
-        "state": "queued",
-        "progress": 0.0,
-        "message": "queued",
-        "pid": os.getpid(),
-        "host": HOST,
-        "error": None,
-        "started": None,
-        "finished": None,
-    }
-    h._set()
+        if not other.status().get("interrupted"):
+            return other.result()
+        # the other runner died: take over and resume from its checkpoint
+    h = _local_handle(store, key, kind, spec, on_progress)
     _run(h, fn, lock, version)
-    if h.state == "cancelled":
-        raise Cancelled(f"job {key} cancelled; its checkpoint is kept, run it again to resume")
     if h.exception is not None:
         raise h.exception
+    if h.state == "cancelled":
+        raise Cancelled(f"job {key} cancelled; its checkpoint is kept, run it again to resume")
     return store.load(key)
 
 

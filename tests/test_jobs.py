@@ -122,9 +122,15 @@ def test_duplicate_start_returns_the_running_handle(tmp_path):
     assert with_other_spec is not h and with_other_spec.wait(20)
     with pytest.raises(jobs.JobBusyError, match="already running"):
         jobs.run_job("toy", {"dup": 1}, fn, store=st, wait=False)
+    waited = []  # a CLI run of the same job waits for the running one instead of computing it again
+    cli = threading.Thread(target=lambda: waited.append(jobs.run_job("toy", {"dup": 1}, fn, store=st)))
+    cli.start()
     release.set()
+    cli.join(30)
     assert h.wait(20) and h.state == "done" and calls == [1]
-    assert np.array_equal(h.result()[0]["x"], np.arange(3))
+    assert np.array_equal(h.result()[0]["x"], np.arange(3)) and np.array_equal(
+        waited[0][0]["x"], np.arange(3)
+    )
 
 
 def test_failure_is_recorded_and_a_rerun_works(tmp_path):
