@@ -234,7 +234,7 @@ def test_partial_state_round_trip(st):
 
 def test_readers_never_see_a_torn_result_while_it_is_overwritten(st):
     k = st.key("unitmem", SPEC)
-    st.save(k, {"a": np.zeros(50_000), "b": np.zeros(50_000)}, {"i": 0})
+    st.save(k, {"a": np.zeros(20_000), "b": np.zeros(20_000)}, {"i": 0})
     stop, errors, reads = threading.Event(), [], []
 
     def reader():
@@ -248,8 +248,8 @@ def test_readers_never_see_a_torn_result_while_it_is_overwritten(st):
 
     t = threading.Thread(target=reader)
     t.start()
-    for i in range(1, 30):
-        st.save(k, {"a": np.full(50_000, i), "b": np.full(50_000, i)}, {"i": i})
+    for i in range(1, 16):
+        st.save(k, {"a": np.full(20_000, i), "b": np.full(20_000, i)}, {"i": i})
     stop.set()
     t.join()
     assert errors == [] and len(reads) > 0
