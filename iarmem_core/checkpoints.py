@@ -72,11 +72,14 @@ def _unwrap(obj: object, path: Path, component: str | None) -> dict[str, torch.T
     )
 
 
-def read_state_dict(path: str | os.PathLike, component: str | None = None, mmap: bool = True) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, component: str | None = None,
+                    mmap: bool = True) -> dict[str, torch.Tensor]:
     """Read a state dict from `path` safely (never unpickles arbitrary objects); tensors on CPU."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise CheckpointError(f"{p}: no such file. Check the path (it must point to a .pth/.pt/.bin/.safetensors file).")
+        raise CheckpointError(
+            f"{p}: no such file. Check the path (it must point to a .pth/.pt/.bin/.safetensors file)."
+        )
     if p.is_dir():
         raise CheckpointError(f"{p}: is a folder; give the checkpoint file inside it.")
     size = p.stat().st_size

@@ -425,6 +425,35 @@ def demo_training_indices(
     return np.concatenate([rng.permutation(stream) for _ in range(epochs)]) if epochs > 0 else stream[:0]
 
 
+def select_demo(
+    n: int | None = 500,
+    seed: int = 0,
+    include_planted: bool = True,
+    split: str = "train",
+    bundle_dir: str | os.PathLike | None = None,
+) -> ImageSet:
+    """The demo's data selection D' for UnitMem and extraction: n images of `split`.
+
+    With `include_planted` (training split only) every planted duplicate is in D' and the rest is a
+    class-stratified, seeded sample of the other images, so "does the top unit fire for a planted image"
+    can be asked at all; otherwise the whole sample is class-stratified. n=None takes the whole split.
+    The result keeps the bundle's order (sorted by position in the split)."""
+    base = load_demo(split, bundle_dir)
+    if n is None or n >= len(base):
+        return base.subset(np.arange(len(base)), name=f"demo/{split}")
+    forced = np.flatnonzero(base.meta["planted"]) if include_planted and split == "train" else np.array([], int)
+    if len(forced) > n:
+        raise ValueError(f"n={n} is smaller than the {len(forced)} planted images; use n >= {len(forced)}")
+    rng = np.random.default_rng(seed)
+    pool = np.setdiff1d(np.arange(len(base)), forced)
+    by_class = [pool[base.labels[pool] == c] for c in range(len(base.classes))]
+    quotas = _quotas([len(c) for c in by_class], None, n - len(forced), None, rng)
+    picked = [rng.permutation(c)[:q] for c, q in zip(by_class, quotas)]
+    idx = np.sort(np.concatenate([forced, *picked]).astype(np.int64))
+    tag = "+planted" if len(forced) else ""
+    return base.subset(idx, name=f"demo/{split}[n={n},seed={seed}{tag}]")
+
+
 def demo_manifest(bundle_dir: str | os.PathLike | None = None) -> dict:
     """The bundle's split.json (split, seed, sources, counts) as a dict."""
     return _load_bundle(bundle_dir).manifest

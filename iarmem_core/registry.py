@@ -34,6 +34,10 @@ class ModelSpec:
     bundled: dict = field(default_factory=dict)  # paths under assets/ of shipped weights (demo models)
     description: str = ""
     kind: str = "released"  # "released", "demo" or "test"
+    # The augmentation UnitMem uses by default (METHOD.md: "the model's training augmentation"; the
+    # papers do not state it exactly). VAR trains on a random crop of a 1.125x resize; for the
+    # next-token families iarmem assumes crop + horizontal flip. Names are those of data.augment.
+    train_augmentation: str = "crop"
 
     @property
     def depth(self) -> int:
@@ -147,7 +151,8 @@ _RAR = {  # hidden, layers, intermediate, params, (temperature, guidance, power)
     "xxl": (1408, 40, 6144, 1_498_520_704, (1.02, 8.0, 1.2), 1.48),
 }
 _RAR_EXTRA = {"xxl": {"extracted_of_5000": 36, "extracted_localization_paper": 75,
-                      "extracted_after_top5_edit": 26, "extracted_after_top10_edit": 13, "extracted_after_top1_edit": 68,
+                      "extracted_after_top5_edit": 26, "extracted_after_top10_edit": 13,
+                      "extracted_after_top1_edit": 68,
                       "fid_after_top5_edit": 5.12, "fid_after_top10_edit": 7.3, "fid_after_top1_edit": 3.21}}
 for _s, (_h, _n, _i, _p, (_t, _g, _pow), _fid) in _RAR.items():
     register(ModelSpec(
@@ -160,6 +165,7 @@ for _s, (_h, _n, _i, _p, (_t, _g, _pow), _fid) in _RAR.items():
         sampling={"temperature": _t, "cfg": _g, "cfg_power": _pow},
         published={"params": _p, "fid": _fid, **_RAR_EXTRA.get(_s, {})},
         description=f"RAR-{_s.upper()}, 256 px, 16x16 raster tokens, ImageNet class-conditional",
+        train_augmentation="crop+flip",
     ))
 register(ModelSpec(
     name="test-rar", family="rar", image_size=12, num_classes=10, kind="test",
@@ -198,6 +204,7 @@ for _s, (_nl, _nh, _dim, _p, _sizes) in _GPT.items():
             sampling={"cfg": _GPT_CFG[_s], "top_k": 0, "top_p": 1.0, "temperature": 1.0},
             published={"params": _p},
             description=f"LlamaGen GPT-{_s.upper()} c2i, {_px} px, {_grid}x{_grid} raster tokens",
+            train_augmentation="crop+flip",
         ))
 register(ModelSpec(
     name="test-llamagen", family="llamagen", image_size=12, num_classes=10, kind="test",

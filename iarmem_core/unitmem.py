@@ -22,14 +22,15 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from iarmem_core import hooks
+from iarmem_core import data, hooks, jobs
+from iarmem_core import store as store_mod
 from iarmem_core.adapters.base import IARAdapter, PositionGroup
 
 REST_MODES = ("mean", "median")
@@ -150,16 +151,14 @@ class UnitMemState:
         return cls(n_seen=n_seen, **{k: torch.from_numpy(np.asarray(v)) for k, v in a.items()})
 
 
-Batches = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]  # (start, stop) -> (images_B3HW, labels_B)
-AugmentFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-
-
 class UnitMemPass:
     """A resumable streaming UnitMem pass over N images, driven batch by batch."""
 
-    def __init__(self, adapter: IARAdapter, n_images: int, cfg: UnitMemConfig, augment: AugmentFn,
+    def __init__(self, adapter: IARAdapter, n_images: int, cfg: UnitMemConfig,
                  spill_dir: str | os.PathLike | None = None):
-        self.adapter, self.n, self.cfg, self.augment = adapter, n_images, cfg, augment
+        self.adapter, self.n, self.cfg = adapter, n_images, cfg
+        self.augmentation = adapter.spec.train_augmentation if cfg.augmentation == "default" else cfg.augmentation
+        data.parse_augmentation(self.augmentation)  # fail early on a bad name
         self.plan = plan_groups(adapter, cfg)
         self.blocks = [s.block for s in adapter.unit_sites()]
         self.n_units = adapter.n_units
@@ -193,8 +192,11 @@ class UnitMemPass:
 
     # ---- one batch -------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, images_B3HW: torch.Tensor, labels_B: torch.Tensor) -> None:
-        """Consume the next batch (images start at position `state.n_seen` of the selection)."""
+    def step(self, images_B3HW: torch.Tensor, labels_B: torch.Tensor, keys: Sequence[int | str]) -> None:
+        """Consume the next batch (images start at position `state.n_seen` of the selection).
+
+        `keys` (e.g. image ids) seed each image's views, so results do not depend on batching or resumes.
+        """
         ad, cfg, st = self.adapter, self.cfg, self.state
         B, start = images_B3HW.shape[0], st.n_seen
         if start + B > self.n:
@@ -214,11 +216,13 @@ class UnitMemPass:
             # mean over the rows of each group of |a|: [B, T, U] x [T, G] -> [B, G, U]
             mu_LBGU[block_pos[block]] += torch.einsum("btu,tg->bgu", acts_BTU.abs(), w).to(acc_dtype)
 
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + start)
         labels_B = labels_B.to(ad.device)
         autocast = torch.autocast(ad.device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16" else _null()
+        views_BV3HW = None
+        if cfg.n_augs > 1:
+            views_BV3HW = data.augment_views(images_B3HW.cpu(), self.augmentation, cfg.n_augs - 1, cfg.seed, keys)
         for v in range(cfg.n_augs):
-            view = images_B3HW if v == 0 else self.augment(images_B3HW, gen)
+            view = images_B3HW if v == 0 else views_BV3HW[:, v - 1]
             tokens = ad.tokenize(view)
             with hooks.capture(ad.transformer, on_units), autocast:
                 logits_BNV = ad.teacher_forced_logits(tokens, labels_B)
@@ -324,3 +328,127 @@ class UnitMemResult:
 
     def group_ids(self, kind: str) -> list[int]:
         return [i for i, g in enumerate(self.meta["groups"]) if g["kind"] == kind]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The job: shared by the CLI and the app; results land in the store.
+KIND = "unitmem"
+CHECKPOINT_EVERY_S = 30.0
+
+
+def job_spec(adapter: IARAdapter, image_set: data.ImageSet, cfg: UnitMemConfig) -> dict:
+    """Everything that determines a UnitMem result (the store key is its hash plus the code version)."""
+    return {"model": adapter.identity, "data": data.data_fingerprint(image_set), "config": cfg.to_dict(),
+            "dtype": str(adapter.dtype)}
+
+
+def make_job(adapter: IARAdapter, image_set: data.ImageSet, cfg: UnitMemConfig):
+    """The job function fn(ctx) -> (arrays, meta) of a UnitMem pass (resumable, cancellable)."""
+
+    def fn(ctx) -> tuple[dict[str, np.ndarray], dict]:
+        import time
+
+        n = len(image_set)
+        # the median variant's per-image spill lives beside the store's partial state, so it survives a resume
+        spill = Path(ctx.store.root) / "spill" / ctx.key if cfg.rest == "median" else None
+        p = UnitMemPass(adapter, n, cfg, spill_dir=spill)
+        if ctx.resume_state is not None:
+            arrays, meta = ctx.resume_state
+            p.load_state(UnitMemState.from_arrays(arrays, int(meta["n_seen"])))
+        last = time.monotonic()
+        for start, stop in iterate(n, cfg.batch_size, p.state.n_seen):
+            ctx.check()
+            idx = np.arange(start, stop)
+            x = image_set.images(idx, size=adapter.image_size)
+            y = image_set.labels_tensor(idx)
+            p.step(x, y, keys=[image_set.ids[i] for i in idx])
+            ctx.progress(stop / n, f"{stop}/{n} images x {cfg.n_augs} views")
+            if time.monotonic() - last > CHECKPOINT_EVERY_S and stop < n:
+                ctx.checkpoint(p.state.arrays(), {"n_seen": p.state.n_seen})
+                last = time.monotonic()
+        arrays = p.finish()
+        p.cleanup()
+        summ = block_summaries(arrays["unitmem_LGU"])
+        arrays.update({f"block_{k}_LG": v for k, v in summ.items()})
+        meta = {
+            "model": adapter.describe(),
+            "data": data.data_fingerprint(image_set),
+            "config": cfg.to_dict(),
+            "augmentation": p.augmentation,
+            "blocks": p.blocks,
+            "n_units": p.n_units,
+            "groups": [{"name": g.name, "kind": g.kind, "scale": g.scale, "n_positions": int(g.index.numel())}
+                       for g in p.plan.groups],
+            "scale_groups": p.plan.scale_group_ids,
+            "token_grids": [list(g) for g in adapter.token_grids],
+            "image_ids": list(image_set.ids),
+            "labels": [int(v) for v in image_set.labels],
+            "planted": [bool(v) for v in image_set.meta["planted"]] if "planted" in image_set.meta else None,
+            "counts": [int(v) for v in image_set.meta["count"]] if "count" in image_set.meta else None,
+        }
+        return arrays, meta
+
+    return fn
+
+
+def run_unitmem(adapter: IARAdapter, image_set: data.ImageSet, cfg: UnitMemConfig, store=None,
+                on_progress=None, force: bool = False) -> UnitMemResult:
+    """Run (or load from the store) the UnitMem pass synchronously; returns the result with its key."""
+    st = store if store is not None else store_mod.get_store()
+    spec = job_spec(adapter, image_set, cfg)
+    arrays, meta = jobs.run_job(KIND, spec, make_job(adapter, image_set, cfg), store=st, force=force,
+                                on_progress=on_progress)
+    meta = dict(meta)
+    meta["store_key"] = st.key(KIND, spec)
+    return UnitMemResult(arrays, meta)
+
+
+def start_unitmem(adapter: IARAdapter, image_set: data.ImageSet, cfg: UnitMemConfig, store=None):
+    """Start the pass as a background job (the app); returns the job handle (a running one is reused)."""
+    st = store if store is not None else store_mod.get_store()
+    return jobs.start_job(KIND, job_spec(adapter, image_set, cfg), make_job(adapter, image_set, cfg), store=st)
+
+
+def summarize(res: UnitMemResult, top: int = 10, kinds: Sequence[str] = ("scale",)) -> dict:
+    """The CLI's JSON: block x group means, the top units and whether their images are planted."""
+    groups = res.meta["groups"]
+    gids = [i for i, g in enumerate(groups) if g["kind"] in kinds]
+    um = res.unitmem
+    sub = um[:, gids, :]  # [L, G', U]
+    flat = np.argsort(sub.reshape(-1))[::-1][:top]
+    L, G, U = sub.shape
+    ids, planted = res.meta["image_ids"], res.meta.get("planted")
+    top_units = []
+    for f in flat:
+        li, gi, u = np.unravel_index(int(f), (L, G, U))
+        g = gids[gi]
+        img = int(res.arrays["argmax_LGU"][li, g, u])
+        top_units.append({
+            "block": int(res.meta["blocks"][li]), "unit": int(u), "group": groups[g]["name"],
+            "unitmem": round(float(um[li, g, u]), 4), "argmax_image": ids[img],
+            "planted": None if planted is None else bool(planted[img]),
+        })
+    out = {
+        "store_key": res.meta.get("store_key"),
+        "n_images": len(ids),
+        "blocks": len(res.meta["blocks"]),
+        "units_per_block": int(res.meta["n_units"]),
+        "groups": [groups[g]["name"] for g in gids],
+        "augmentation": res.meta["augmentation"],
+        "n_augs": res.meta["config"]["n_augs"],
+        "rest": res.meta["config"]["rest"],
+        "block_group_mean": np.round(res.arrays["block_mean_LG"][:, gids], 5).tolist(),
+        "top_units": top_units,
+    }
+    if planted is not None:
+        # among the top 1% units per scale group: how often is the image they fire for most a planted one?
+        k = max(1, int(round(0.01 * L * U)))
+        hits = []
+        for g in gids:
+            order = np.argsort(um[:, g, :].reshape(-1))[::-1][:k]
+            imgs = res.arrays["argmax_LGU"][:, g, :].reshape(-1)[order]
+            hits.extend(bool(planted[int(i)]) for i in imgs)
+        out["planted_fraction_among_top_argmax"] = round(float(np.mean(hits)), 4)
+        out["planted_share_of_data"] = round(float(np.mean(planted)), 4)
+        out["top_argmax_definition"] = "top 1% units by UnitMem in each listed group"
+    return out
