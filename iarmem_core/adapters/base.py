@@ -103,6 +103,7 @@ class IARAdapter(ABC):
             if path is None:
                 torch.manual_seed(seed + (0 if comp == "tokenizer" else 1))
                 m = builder(spec)
+                cls.random_init(m)
                 identity[comp] = f"random:{seed}"
             else:
                 sd = checkpoints.read_state_dict(path, component=comp)
@@ -115,6 +116,11 @@ class IARAdapter(ABC):
                 init_np()
             modules[comp] = m.to(dev, dtype=dtype).eval().requires_grad_(False)
         return cls(spec, modules["tokenizer"], modules["transformer"], dev, dtype, identity)
+
+    @staticmethod
+    def random_init(module: nn.Module) -> None:
+        """Re-draw random weights after construction (families whose official init silences paths)."""
+        return None
 
     # ---- layout ----------------------------------------------------------------------------------
     @property
