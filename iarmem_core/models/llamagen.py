@@ -181,20 +181,24 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, start, k, v)
-        if self.n_kv_head != self.n_head:
-            rep = self.n_head // self.n_kv_head
+        rep = self.n_head // self.n_kv_head
+        if T == 1 and not (self.training and self.attn_dropout_p > 0):
+            # one query (a KV-cache step): a plain softmax(q k^T / sqrt(d)) v is several times faster on CPU
+            # than the fused kernel, and query heads grouped per kv head need no repeated keys
+            q_BGRD = q.reshape(B, self.n_kv_head, rep, self.head_dim)
+            att_BGRL = (q_BGRD @ k.transpose(-1, -2)) * self.head_dim**-0.5
+            y = (att_BGRL.float().softmax(-1).to(v.dtype) @ v).reshape(B, self.n_head, 1, self.head_dim)
+            return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, self.dim)))
+        if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         L = k.shape[2]  # keys cover positions [0, L); queries are positions [start, start + T) = [L - T, L)
-        mask, causal = None, False
-        if T > 1 and L == T:
-            causal = True
-        elif T > 1:
-            mask = (
-                torch.arange(L, device=x_BTC.device)[None, :]
-                <= torch.arange(L - T, L, device=x_BTC.device)[:, None]
-            )
+        mask = None
+        if T > 1 and L > T:
+            pos = torch.arange(L, device=x_BTC.device)
+            mask = pos[None, :] <= pos[L - T :, None]
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.attn_dropout_p if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            dropout_p=self.attn_dropout_p if self.training else 0.0,
         )
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, self.dim)))
 
