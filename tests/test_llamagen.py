@@ -20,6 +20,15 @@ from iarmem_core.models.vq import VQModel
 from iarmem_core.registry import get_spec, list_models
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second thread, whose OpenMP sync cost explodes on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Golden-style random weights (no vanishing path): N(0, 1/fan_in) matrices, 1+0.1N norms, 0.1N biases."""
     g = torch.Generator().manual_seed(seed)

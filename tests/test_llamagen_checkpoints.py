@@ -15,6 +15,15 @@ from iarmem_core.registry import get_spec
 pytestmark = pytest.mark.golden
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second thread, whose OpenMP sync cost explodes on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def official(golden_llamagen):
     """(gpt state dict, vq state dict, golden tensors) of the official tiny models."""
