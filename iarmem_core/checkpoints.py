@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import re
@@ -26,6 +27,7 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_SUFFIXES = (".safetensors",)
 _WRAPPER_KEYS = ("model", "module", "state_dict", "ema", "model_ema")
 _DROP_KEYS = ("freqs_cis",)
+_SAFE_GLOBALS = [argparse.Namespace]
 
 
 class CheckpointError(ValueError):
@@ -104,7 +106,11 @@ def read_state_dict(path: str | os.PathLike, component: str | None = None,
                 f"{p}: the file is truncated ({size} bytes; its zip directory is missing). Download or copy it again."
             )
         try:
-            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap and head[:2] == b"PK")
+            # Training checkpoints (LlamaGen's vq_train.py / train_c2i.py) also pickle the argparse Namespace
+            # under "args": a plain attribute bag, safe to rebuild (its values still pass the weights-only
+            # checks).
+            with torch.serialization.safe_globals(_SAFE_GLOBALS):
+                obj = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap and head[:2] == b"PK")
         except Exception as e:
             msg = str(e)
             if "Weights only load failed" in msg or "Unsupported global" in msg or "unpickl" in msg.lower():
