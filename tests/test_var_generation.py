@@ -216,3 +216,30 @@ def test_label_dropout_only_in_train_mode(model, images):
     finally:
         var.cond_drop_rate = old
         var.eval()
+
+
+@pytest.mark.parametrize("shared_aln", [False, True])
+def test_teacher_forcing_is_differentiable(shared_aln):
+    from iarmem_core.adapters.var import VARAdapter
+    from iarmem_core.models.var import VAR
+
+    torch.manual_seed(0)
+    var = VAR(
+        vocab_size=32,
+        Cvae=4,
+        num_classes=3,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        patch_nums=(1, 2),
+        attn_l2_norm=True,
+        shared_aln=shared_aln,
+        cond_drop_rate=0.0,
+    )
+    VARAdapter.random_init(var)
+    x_BLCv = torch.randn(2, 4, 4, requires_grad=True)
+    logits = var.train()(torch.tensor([0, 2]), x_BLCv)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.randint(0, 32, (10,)))
+    loss.backward()
+    no_grad = [n for n, p in var.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert no_grad == [] and x_BLCv.grad.abs().sum() > 0
