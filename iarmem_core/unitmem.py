@@ -437,7 +437,7 @@ def summarize(res: UnitMemResult, top: int = 10, kinds: Sequence[str] = ("scale"
         "augmentation": res.meta["augmentation"],
         "n_augs": res.meta["config"]["n_augs"],
         "rest": res.meta["config"]["rest"],
-        "block_group_mean": np.round(res.arrays["block_mean_LG"][:, gids], 5).tolist(),
+        "block_group_mean": np.round(res.arrays["block_mean_LG"][:, gids].astype(np.float64), 5).tolist(),
         "top_units": top_units,
     }
     if planted is not None:
