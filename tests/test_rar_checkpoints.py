@@ -21,16 +21,18 @@ def _zero_stride_file(module_on_meta: torch.nn.Module, path: Path) -> Path:
     return path
 
 
-def test_wrong_depth_names_the_right_model(tmp_path: Path):
+@pytest.mark.parametrize("size,expect", [("xl", "32 blocks found but rar-b expects 24: this is rar-xl"),
+                                         ("l", "width 1024 found but rar-b expects 768: this is rar-l")])
+def test_wrong_size_names_the_right_model(tmp_path: Path, size: str, expect: str):
     with torch.device("meta"):
-        xl = RARAdapter.build_transformer(get_spec("rar-xl"))
+        other = RARAdapter.build_transformer(get_spec(f"rar-{size}"))
         tok = RARAdapter.build_tokenizer(get_spec("rar-b"))
-    xl_file = _zero_stride_file(xl, tmp_path / "rar_xl.bin")
+    other_file = _zero_stride_file(other, tmp_path / f"rar_{size}.bin")
     tok_file = _zero_stride_file(tok, tmp_path / "maskgit-vqgan-imagenet-f16-256.bin")
     with pytest.raises(CheckpointError) as e:
-        load_adapter("rar-b", checkpoint=xl_file, tokenizer_checkpoint=tok_file, device="cpu")
+        load_adapter("rar-b", checkpoint=other_file, tokenizer_checkpoint=tok_file, device="cpu")
     msg = str(e.value)
-    assert "rar_xl.bin" in msg and "32 blocks found but rar-b expects 24" in msg and "this is rar-xl" in msg
+    assert f"rar_{size}.bin" in msg and expect in msg
 
 
 def test_full_size_zero_file_loads_into_the_right_model(tmp_path: Path):

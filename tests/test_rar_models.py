@@ -95,3 +95,11 @@ def test_official_init_is_adaln_zero_and_state_dict_has_no_hooks():
     assert gen.cls_token.abs().sum() == 0 and 0.01 < gen.pos_embed.std() < 0.03
     keys = list(gen.state_dict())
     assert not any("hook" in k or k == "attn_mask" for k in keys) and len(keys) == 4 + 2 * 18 + 1 + 4
+
+
+def test_adapter_build_off_meta_has_a_real_causal_mask():
+    gen = RARAdapter.build_transformer(get_spec("test-rar"))  # built on meta, then materialised
+    mask = gen.attn_mask
+    assert mask.shape == (38, 38) and mask.device.type == "cpu"
+    assert torch.equal(torch.isinf(mask), torch.ones(38, 38, dtype=torch.bool).triu(1))
+    assert (mask[~torch.isinf(mask)] == 0).all()

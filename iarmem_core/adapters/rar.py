@@ -48,8 +48,9 @@ class RARAdapter(IARAdapter):
         # Skipping the official init saves most of the build time of a full-size model; every parameter is
         # overwritten next anyway.
         with torch.device("meta"):
-            model = RAR(**spec.transformer)
-        return model.to_empty(device=device)
+            model = RAR(**spec.transformer).to_empty(device=device)
+        model.init_non_persistent()  # the causal mask must not stay uninitialised memory
+        return model
 
     @staticmethod
     def random_init(module: nn.Module) -> None:
