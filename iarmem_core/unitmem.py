@@ -274,6 +274,9 @@ class UnitMemPass:
             "unitmem_LGU": um, "mu_max_LGU": mu_max, "mu_rest_LGU": mu_rest, "argmax_LGU": st.argmax_LGU,
             "top_images_LKSU": st.topi_LKSU, "top_mu_LKSU": st.topv_LKSU, "correct_NT": st.correct_NT,
         }
+        # image indices fit int32 (a selection never has 2^31 images): halves the result's largest arrays
+        for k in ("argmax_LGU", "top_images_LKSU"):
+            out[k] = out[k].to(torch.int32)
         return {k: v.cpu().numpy() for k, v in out.items()}
 
     def cleanup(self) -> None:
