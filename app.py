@@ -1,7 +1,9 @@
 """iarmem: the Streamlit app. `streamlit run app.py` opens on the demo model with its results ready.
 
 Page config, the projector style, the sidebar (model, data, device, seed) and st.navigation over the pages
-in pages/, registered explicitly. The view state lives in the URL (iarmem_app.state).
+in app_pages/, registered explicitly. (Not `pages/`: Streamlit runs a file of a folder named `pages` on its
+own, without this entry script, when a fresh server's first request is a page's URL.) The view state lives
+in the URL (iarmem_app.state).
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ ui.apply_style()
 state.init()
 
 PAGES = [
-    st.Page("pages/model.py", title="Model", icon=":material/view_in_ar:", url_path="model"),
-    st.Page("pages/memorization.py", title="Memorization", icon=":material/grid_on:", url_path="memorization",
+    st.Page("app_pages/model.py", title="Model", icon=":material/view_in_ar:", url_path="model"),
+    st.Page("app_pages/memorization.py", title="Memorization", icon=":material/grid_on:", url_path="memorization",
             default=True),
-    st.Page("pages/extraction.py", title="Extraction", icon=":material/image_search:", url_path="extraction"),
-    st.Page("pages/intervention.py", title="Intervention", icon=":material/content_cut:", url_path="intervention"),
+    st.Page("app_pages/extraction.py", title="Extraction", icon=":material/image_search:", url_path="extraction"),
+    st.Page("app_pages/intervention.py", title="Intervention", icon=":material/content_cut:", url_path="intervention"),
 ]
 page = st.navigation(PAGES)
 

@@ -51,7 +51,8 @@ def plotly_config(name: str) -> dict:
 
 def downloads(chart, df: pd.DataFrame, name: str, cli: str | None, key: str) -> None:
     """CSV and PNG of one chart, and the CLI command that reproduces its numbers."""
-    c1, c2, c3 = st.columns([1, 1, 4])
+    row = st.container(horizontal=True, gap="small")
+    c1 = c2 = c3 = row
     c1.download_button("CSV", df.to_csv(index=False).encode(), file_name=f"{slug(name)}.csv", mime="text/csv",
                        key=f"{key}_csv", icon=":material/table:", on_click="ignore")
 
@@ -74,13 +75,14 @@ def downloads(chart, df: pd.DataFrame, name: str, cli: str | None, key: str) -> 
 def plotly(fig, df: pd.DataFrame, name: str, key: str, cli: str | None = None, on_select=None) -> object:
     """A plotly chart with its downloads; returns the selection state when `on_select` is given."""
     kw = {"on_select": on_select, "selection_mode": ("points",)} if on_select is not None else {}
-    out = st.plotly_chart(fig, key=key, config=plotly_config(name), width="stretch", **kw)
+    # theme=None: keep the figure's own large fonts and colour-blind-safe colours
+    out = st.plotly_chart(fig, key=key, config=plotly_config(name), width="stretch", theme=None, **kw)
     downloads(fig, df, name, cli, key)
     return out
 
 
 def altair(chart, df: pd.DataFrame, name: str, key: str, cli: str | None = None) -> None:
-    st.altair_chart(chart, key=key, width="stretch")
+    st.altair_chart(chart, key=key, width="stretch", theme=None)
     downloads(chart, df, name, cli, key)
 
 

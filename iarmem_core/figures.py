@@ -74,14 +74,16 @@ def unitmem_heatmap(df: pd.DataFrame, title: str, value: str = "unitmem", x_titl
         z=z, x=groups, y=[f"block {b}" for b in blocks], colorscale=SEQUENTIAL, zmin=0,
         zmax=zmax if zmax is not None else max(float(np.nanmax(z)), 1e-6),
         text=text, texttemplate="%{text}" if z.size <= 120 else None, textfont={"size": 14},
-        colorbar={"title": {"text": value}}, hovertemplate="%{y}, %{x}: %{z:.4f}<extra></extra>",
+        colorbar={"title": {"text": value}}, hoverinfo="skip",
     ))
     xs = [g for _ in blocks for g in groups]
     ys = [f"block {b}" for b in blocks for _ in groups]
-    custom = [[b, g] for b in blocks for g in groups]
+    custom = [[b, g, float(z[bi, gi])] for bi, b in enumerate(blocks) for gi, g in enumerate(groups)]
+    # hover and clicks go to this trace: a trace with hoverinfo="skip" gets no click events
     fig.add_trace(go.Scatter(
         x=xs, y=ys, mode="markers", marker={"size": 40, "opacity": 0.0, "symbol": "square"},
-        customdata=custom, hoverinfo="skip", showlegend=False, name="cells",
+        customdata=custom, hovertemplate="%{y}, %{x}: %{customdata[2]:.4f}<extra></extra>", showlegend=False,
+        name="cells",
     ))
     if selected is not None and selected[1] in groups and selected[0] in blocks:
         fig.add_trace(go.Scatter(

@@ -61,7 +61,7 @@ def main() -> None:
     key, res = results.unitmem_result(adapter, image_set, cfg)
     if res is None:
         st.info("The edit needs the UnitMem result (which units memorize). Compute it on the Memorization page.")
-        st.page_link("pages/memorization.py", label="Go to the Memorization page", icon=":material/grid_on:")
+        st.page_link("app_pages/memorization.py", label="Go to the Memorization page", icon=":material/grid_on:")
         return
     n_total = len(res.meta["blocks"]) * int(res.meta["n_units"])
 

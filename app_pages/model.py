@@ -114,7 +114,7 @@ def _units_for_image(adapter, image_set, mchoice, idx: int) -> None:
     st.markdown(f"**Units that fire most for this image** ({len(rows)} in all, the strongest shown):")
     cols = st.columns(len(df))
     for c, r in zip(cols, df.itertuples()):
-        c.page_link("pages/memorization.py", label=f"block {r.block}, {r.group}, unit {r.unit}: {r.unitmem:.2f}",
+        c.page_link("app_pages/memorization.py", label=f"block {r.block}, {r.group}, unit {r.unit}: {r.unitmem:.2f}",
                     query_params={"mem_block": str(r.block), "mem_group": r.group, "mem_unit": str(r.unit)})
 
 

@@ -57,7 +57,7 @@ def _units_link(res_um, image_id: str, col) -> None:
             if best is None or v > best[0]:
                 best = (v, int(res_um.meta["blocks"][li]), res_um.meta["groups"][g]["name"], int(u))
     if best is not None:
-        col.page_link("pages/memorization.py", label=f"units: block {best[1]}, {best[2]}, unit {best[3]}",
+        col.page_link("app_pages/memorization.py", label=f"units: block {best[1]}, {best[2]}, unit {best[3]}",
                       query_params={"mem_block": str(best[1]), "mem_group": best[2], "mem_unit": str(best[3])})
 
 

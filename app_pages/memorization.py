@@ -92,9 +92,12 @@ def main() -> None:
     summ = arrays[f"block_{state.get('summary')}_LG"]
     z = summ[:, col_ids]
     col_names = [groups[i]["name"] for i in col_ids]
-    # the selected cell: from a click, the URL, or the hottest cell
+    # the selected cell: from a click, the URL, or the hottest cell (VAR: past the 1x1 scale, whose units
+    # see only the class label and so measure class selectivity)
     if state.get("mem_block") not in blocks or state.get("mem_group") not in name_to_gid:
-        bi, gi = np.unravel_index(int(np.argmax(z)), z.shape)
+        skip = 1 if is_var and z.shape[1] > 1 else 0
+        bi, gi = np.unravel_index(int(np.argmax(z[:, skip:])), z[:, skip:].shape)
+        gi += skip
         state.set_many(mem_block=blocks[bi], mem_group=col_names[gi])
     block, gname = int(state.get("mem_block")), str(state.get("mem_group"))
     li, gid = blocks.index(block), name_to_gid[gname]
@@ -164,11 +167,11 @@ def main() -> None:
             for k, (i, m) in enumerate(zip(tops, mus))]
     ui.images(imgs, caps, min_side=160)
     b1, b2, b3 = st.columns(3)
-    b1.page_link("pages/model.py", label="See how the model tokenizes this image", icon=":material/image:",
+    b1.page_link("app_pages/model.py", label="Tokens of this image", icon=":material/image:",
                  query_params={"image": meta["image_ids"][img_i]})
-    if b2.button("Edit this unit on the Intervention page", icon=":material/content_cut:", key="mem_to_iv",
+    if b2.button("Edit this unit", icon=":material/content_cut:", key="mem_to_iv",
                  on_click=_goto_intervention, args=(block, unit)):
-        st.switch_page("pages/intervention.py")
+        st.switch_page("app_pages/intervention.py")
     b3.metric("UnitMem", f"{um_U[unit]:.3f}", help=f"mu_max {arrays['mu_max_LGU'][li, gid, unit]:.4f}, "
                                                    f"mu_rest {arrays['mu_rest_LGU'][li, gid, unit]:.4f}")
 
