@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
                 item["run"]()
             src, dst = work.result_dir(item["key"]), out / "results" / item["key"]
             shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
+            shutil.copytree(src, dst)
+            for lock in dst.rglob(".lock"):
+                lock.unlink()  # the working store's writer lock; the shipped store is read-only
             size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
             index.append({"model": name, "kind": item["kind"], "key": item["key"], "bytes": size,
                           "seconds": round(time.time() - t0, 1)})
