@@ -61,8 +61,8 @@ def main() -> None:
     image_set, dchoice = loaders.get_data(adapter)
     cfg = config.unitmem_config(mchoice.name, mchoice.seed)
     key, res = results.unitmem_result(adapter, image_set, cfg)
-    cli = (f"python -m iarmem_core unitmem {mchoice.cli_args()} {dchoice.cli_args()} "
-           f"--groups {config.unitmem_groups_arg(mchoice.name)} --json")
+    cli = (f"python -m iarmem_core unitmem {mchoice.cli_args()} {dchoice.cli_args()}"
+           f"{config.unitmem_cli_detail(mchoice.name)} --json")
     if res is None:
         st.info(f"No UnitMem result for **{mchoice.name}** on this data yet. It runs as a background job "
                 f"({len(image_set)} images x {cfg.n_augs} views); you can leave the page or close the tab, and "

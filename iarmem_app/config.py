@@ -45,11 +45,12 @@ def other_models() -> list[str]:
 
 
 def unitmem_config(model: str, seed: int = 0) -> unitmem.UnitMemConfig:
-    """The app's UnitMem pass: the CLI defaults (10 views, mean rest, batch 16), per-position groups for the
-    token-grid view, and per-row groups for next-token models (`unitmem --groups scale[,row]`)."""
+    """The app's UnitMem pass: the CLI defaults (10 views, mean rest), per-position groups for the token-grid
+    view, and per-row groups as well for next-token models (`unitmem --detail row,position`)."""
     kinds = ("scale", "position") if get_spec(model).family == "var" else ("scale", "row", "position")
     return unitmem.UnitMemConfig(group_kinds=kinds, seed=seed)
 
 
-def unitmem_groups_arg(model: str) -> str:
-    return "scale" if get_spec(model).family == "var" else "scale,row"
+def unitmem_cli_detail(model: str) -> str:
+    """The CLI options that give `unitmem_config(model)` (empty: the CLI default)."""
+    return "" if get_spec(model).family == "var" else " --detail row,position"
