@@ -124,34 +124,80 @@ def main() -> None:
                 "the trade-off curve with the random-units control, come with iarmem_core.intervention "
                 "(issue 7), which is not in this build yet.")
         return
-    _numbers_and_curve(mod, adapter, image_set, res, mchoice, dchoice)
+    picked = state.get("iv_mode") == "picked units"
+    _numbers(mod, adapter, image_set, res, mchoice, dchoice, units if picked else None,
+             None if picked else float(state.get("iv_top")))
+    _curve(mod, adapter, image_set, res, mchoice, dchoice)
 
 
-def _numbers_and_curve(mod, adapter, image_set, res, mchoice, dchoice) -> None:
-    """Run the sweep (top units and random control at several k%) as a job and draw what it stored."""
-    spec_fn = getattr(mod, "sweep_spec", None)
-    top_percents = (0, 1, 5, 10, 20)
-    cli = (f"python -m iarmem_core intervene {mchoice.cli_args()} {dchoice.cli_args()} --sweep "
-           f"--factor {state.get('iv_factor')} --json")
-    if spec_fn is None:
-        st.caption("This build's intervention module has no sweep_spec: the sweep runs from the CLI only.")
-        st.code(cli, language="bash")
-        return
-    kind, spec = spec_fn(adapter, res, image_set, top_percents=top_percents, factor=float(state.get("iv_factor")),
-                         op=state.get("iv_op"), ranking=state.get("iv_ranking"))
-    key = results.user_store().key(kind, spec)
+def _metric_row(d: dict, label: str) -> None:
+    rc = d.get("random_control") or {}
+    c = st.columns(3)
+    c[0].metric(f"Extracted {label}", d.get("extracted_after"), delta=_delta(d.get("extracted_after"),
+                d.get("extracted_before")), delta_color="inverse", help=f"before the edit: {d.get('extracted_before')}")
+    c[1].metric("Frechet distance", _fmt(d.get("fd_after")), delta=_delta(d.get("fd_after"), d.get("fd_before")),
+                delta_color="inverse", help=f"before: {_fmt(d.get('fd_before'))}; {d.get('fd_metric', '')}, "
+                                             f"{d.get('n_samples', '?')} samples (lower = better)")
+    c[2].metric("Class accuracy", _fmt(d.get("class_acc_after")),
+                delta=_delta(d.get("class_acc_after"), d.get("class_acc_before")),
+                help=f"before: {_fmt(d.get('class_acc_before'))}")
+    if rc:
+        st.markdown(f"**Random-units control** ({rc.get('n_units', d.get('n_units'))} random units, same edit): "
+                    f"extracted {rc.get('extracted_after')}, Frechet distance {_fmt(rc.get('fd_after'))}, "
+                    f"class accuracy {_fmt(rc.get('class_acc_after'))}.")
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{float(v):.3g}"
+
+
+def _delta(after, before):
+    if after is None or before is None:
+        return None
+    return float(after) - float(before)
+
+
+def _numbers(mod, adapter, image_set, res, mchoice, dchoice, units, top) -> None:
+    """Extraction, FD and class accuracy before and after the current edit (and its random control): a job."""
+    kw = dict(top_percent=top, units=units, factor=float(state.get("iv_factor")), op=state.get("iv_op"),
+              ranking=state.get("iv_ranking"), seed=int(mchoice.seed))
+    store = results.user_store()
+    key = store.key(edits.MEASURE_KIND, edits.measure_spec(adapter, res, image_set, **kw))
     got = results.load(key)
-    results.job_panel(key, "edit sweep", lambda: mod.start_sweep(adapter, res, image_set, top_percents=top_percents,
-                                                                 factor=float(state.get("iv_factor")),
-                                                                 op=state.get("iv_op"),
-                                                                 ranking=state.get("iv_ranking"),
-                                                                 store=results.user_store()),
-                      "Measure quality and extraction (job)", done=got is not None, widget_key="sweep")
+    results.job_panel(key, "edit measurement", lambda: edits.start_measure(adapter, res, image_set, store, **kw),
+                      "Measure privacy and quality for this edit (job)", done=got is not None, widget_key="measure")
+    if got is not None:
+        _metric_row(got[1], "after the edit")
+    who = f"--top-percent {top}" if top is not None else "--units " + ",".join(state.get("iv_units"))
+    st.caption(f"From a terminal: `python -m iarmem_core intervene {mchoice.cli_args()} {dchoice.cli_args()} {who} "
+               f"--factor {state.get('iv_factor')} --op {state.get('iv_op')} --ranking {state.get('iv_ranking')} "
+               f"--json`")
+
+
+def _curve(mod, adapter, image_set, res, mchoice, dchoice) -> None:
+    """The trade-off curve: extraction vs quality over k%, UnitMem-selected vs random units (a job)."""
+    st.subheader("The trade-off: privacy against quality")
+    args = edits.sweep_args(adapter, res, image_set, factor=float(state.get("iv_factor")), op=state.get("iv_op"),
+                            ranking=state.get("iv_ranking"), seed=int(mchoice.seed))
+    store = results.user_store()
+    key = store.key(mod.SWEEP_KIND, mod.sweep_spec(adapter, res, image_set, **args), mod.VERSION)
+    got = results.load(key)
+    cli = (f"python -m iarmem_core intervene {mchoice.cli_args()} {dchoice.cli_args()} --sweep "
+           f"--top-percents {','.join(str(k) for k in edits.SWEEP_PERCENTS)} --factor {state.get('iv_factor')} "
+           f"--op {state.get('iv_op')} --ranking {state.get('iv_ranking')} --json")
+    results.job_panel(key, "edit sweep", lambda: mod.start_sweep(adapter, res, image_set, store=store, **args),
+                      "Run the sweep (job)", done=got is not None, widget_key="sweep")
     if got is None:
+        st.caption(f"Edits the top {', '.join(f'{k}%' for k in edits.SWEEP_PERCENTS)} and as many random units, and "
+                   f"measures each. From a terminal: `{cli}`")
         return
-    df = pd.DataFrame(got[1].get("table") or {k: v for k, v in got[0].items() if v.ndim == 1})
-    title = f"{mchoice.name}: extraction vs quality as more units are edited"
-    ui.plotly(figures.tradeoff_curve(df, title), df, title, key="iv_curve", cli=cli)
+    meta = got[1]
+    df = pd.DataFrame(meta["rows"], columns=meta["columns"])
+    df["selection"] = df["selection"].map({"unitmem": "top units", "random": "random units"}).fillna(df["selection"])
+    x = "fd" if df["fd"].notna().any() else "class_acc"
+    title = f"{mchoice.name}: images extracted vs sample quality as more units are edited"
+    ui.plotly(figures.tradeoff_curve(df, title, x=x), df, title, key="iv_curve", cli=cli)
+    st.caption(f"{meta.get('how', '')}. Result {key}, {results.source_label(key)}.")
 
 
 with ui.guard("The intervention page"):

@@ -78,3 +78,49 @@ def samples(adapter, labels: list[int], edit: hooks.UnitEdit | None, seed: int) 
     with hooks.edit(adapter.transformer, edit):
         tokens = adapter.generate(lab, seed=seed, **sampling_settings(adapter))
     return adapter.decode(tokens).cpu()
+
+
+# ---- jobs: the numbers of one edit and the sweep (iarmem_core.intervention) ------------------------------
+MEASURE_KIND = "intervention-app"
+
+
+def measure_spec(adapter, res, image_set, *, top_percent: float | None, units: dict | None, factor: float, op: str,
+                 ranking: str, seed: int) -> dict:
+    from iarmem_core import data
+
+    return {"model": adapter.identity, "data": data.data_fingerprint(image_set), "unitmem": res.meta.get("store_key"),
+            "top_percent": top_percent, "units": None if units is None else {str(b): list(u) for b, u in
+                                                                              sorted(units.items())},
+            "factor": float(factor), "op": op, "ranking": ranking, "seed": int(seed)}
+
+
+def start_measure(adapter, res, image_set, store, *, top_percent: float | None, units: dict | None, factor: float,
+                  op: str, ranking: str, seed: int):
+    """run_intervention for one edit (top-k% or explicit units) as a job; its dict lands in the result's meta."""
+    from iarmem_core import jobs
+
+    mod = core()
+    spec = measure_spec(adapter, res, image_set, top_percent=top_percent, units=units, factor=factor, op=op,
+                        ranking=ranking, seed=seed)
+
+    def fn(ctx):
+        def progress(frac: float, msg: str) -> None:
+            ctx.check()
+            ctx.progress(frac, msg)
+
+        out = mod.run_intervention(adapter, res, image_set, top_percent=top_percent or 0.0, units=units,
+                                   factor=factor, op=op, ranking=ranking, seed=seed, store=ctx.store,
+                                   on_progress=progress)
+        return {}, out
+
+    return jobs.start_job(MEASURE_KIND, spec, fn, store=store)
+
+
+SWEEP_PERCENTS = (0, 1, 5, 10, 20)
+
+
+def sweep_args(adapter, res, image_set, *, factor: float, op: str, ranking: str, seed: int) -> dict:
+    """Keyword arguments of intervention.start_sweep / sweep_spec (the CLI's `intervene --sweep` defaults)."""
+    return dict(top_percents=SWEEP_PERCENTS, factor=float(factor), op=op, ranking=ranking, combine="max",
+                cfg_half="both", extraction_cfg=None, n_samples=1000, feature_space=None, reference_set=None,
+                sampling=None, seed=int(seed), heldout_set=None, sscd_path=None)

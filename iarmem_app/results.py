@@ -30,6 +30,24 @@ class ReadOnlyStore(ResultStore):
     def exists(self, key: str) -> bool:
         return (self.root / "results").is_dir() and super().exists(key)
 
+    def list(self, kind: str | None = None) -> list[dict]:
+        """Rows like ResultStore.list, read from the results' info.json (no manifest is written)."""
+        rows = []
+        res = self.root / "results"
+        for slot in sorted(res.iterdir()) if res.is_dir() else []:
+            if (kind is None or slot.name.rsplit("-", 1)[0] == kind) and (slot / "CURRENT").exists():
+                try:
+                    rows.append({"key": slot.name, **self._manifest_row(self._read_info(slot, slot.name, "result"))})
+                except store_mod.StoreError:
+                    continue
+        return sorted(rows, key=lambda r: r.get("created", 0), reverse=True)
+
+    def has_partial(self, key: str) -> bool:
+        return False
+
+    def load_partial(self, key: str, verify: bool = True):
+        return None
+
 
 def user_store() -> ResultStore:
     """The writable store ($IARMEM_STORE, else <repo>/store), shared with the CLI."""
@@ -50,7 +68,7 @@ def locate(key: str) -> ResultStore | None:
 
 
 @st.cache_resource(max_entries=16, show_spinner=False)
-def _load(root: str, key: str) -> tuple[dict[str, np.ndarray], dict]:
+def _load(root: str, key: str, version: str) -> tuple[dict[str, np.ndarray], dict]:
     s = user_store() if Path(root) == user_store().root else shipped_store()
     arrays, meta = s.load(key)
     for a in arrays.values():
@@ -58,9 +76,18 @@ def _load(root: str, key: str) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, meta
 
 
+def version(s: ResultStore, key: str) -> str:
+    """The live version of a result (a recomputation under the same key makes a new one)."""
+    try:
+        return (s.result_dir(key) / "CURRENT").read_text().strip()
+    except OSError:
+        return ""
+
+
 def load(key: str) -> tuple[dict[str, np.ndarray], dict] | None:
+    """(arrays, meta) of the result under `key` from the user's store or the shipped one; None if neither has it."""
     s = locate(key)
-    return None if s is None else _load(str(s.root), key)
+    return None if s is None else _load(str(s.root), key, version(s, key))
 
 
 def source_label(key: str) -> str:
@@ -95,15 +122,16 @@ def is_active(key: str) -> bool:
 
 
 def job_panel(key: str, what: str, start: Callable[[], object], start_label: str, *, done: bool,
-              widget_key: str, allow_rerun: bool = False) -> None:
+              widget_key: str, allow_rerun: bool = False, live: Callable[[], None] | None = None) -> None:
     """Start button, or a polled progress bar with a cancel button while the job `key` runs.
 
     `start()` starts the job (jobs.start_job returns the running one if it already runs anywhere).
     `done`: a result is available, so the button offers a recomputation only when `allow_rerun`.
+    `live()` draws partial results under the progress bar at every poll.
     """
     st_ = status(key)
     if st_.get("state") in ACTIVE:
-        _poll(key, what, widget_key)
+        _poll(key, what, widget_key, live)
         return
     if st_.get("state") == "failed":
         st.error(f"The {what} job stopped: {st_.get('error')}. Start it again to "
@@ -115,10 +143,10 @@ def job_panel(key: str, what: str, start: Callable[[], object], start_label: str
         return
     if st.button(start_label, key=f"{widget_key}_start", type="primary"):
         start()
-        _poll(key, what, widget_key)
+        _poll(key, what, widget_key, live)
 
 
-def _poll(key: str, what: str, widget_key: str) -> None:
+def _poll(key: str, what: str, widget_key: str, live: Callable[[], None] | None = None) -> None:
     @st.fragment(run_every=1.0)
     def poll() -> None:
         s = status(key)
@@ -131,6 +159,8 @@ def _poll(key: str, what: str, widget_key: str) -> None:
         if st.button("Cancel", key=f"{widget_key}_cancel"):
             jobs.cancel_job(key, user_store())
             st.toast(f"Cancelling the {what} job; it stops at its next checkpoint.")
+        if live is not None:
+            live()
 
     poll()
 
