@@ -110,7 +110,9 @@ def main() -> None:
         st.markdown(f"**{title}**")
         ui.images(imgs, [names[y] for y in labels], min_side=128, columns=max(8, len(labels)))
     changed = float(np.mean(np.abs(after - before)))
-    st.markdown(f"Mean absolute pixel change: **{changed:.4f}**" + ("" if on else " (the edit is off)"))
+    what = (f"{edit.n_units} units, {OPS[edit.op]}" + (f" x {edit.factor:g}" if edit.op != "zero" else "")) if on \
+        else "the edit is off"
+    st.markdown(f"Mean absolute pixel change: **{changed:.4f}** ({what})")
     ddf = pd.DataFrame({"label": list(labels), "class": [names[y] for y in labels],
                         "mean_abs_difference": diff.reshape(len(labels), -1).mean(1)})
     st.download_button("Difference per sample (CSV)", ddf.to_csv(index=False).encode(),
