@@ -73,7 +73,7 @@ def _gallery(res, rows: np.ndarray, measure: str, thr: float, res_um=None, colum
         planted = bool(table["planted"].fillna(False).iloc[int(i)])
         tag = f" planted {int(r['count'])}x" if planted else (" held-out" if r["split"] == "heldout" else "")
         verdict = "extracted" if float(r[measure]) > thr else "not extracted"
-        col.image(figures.upscale(pair, 160), width="stretch",
+        col.image(pair, width="stretch", output_format="PNG",
                   caption=f"{r['image_id']}{tag}: {measure} {float(r[measure]):.3f}, {verdict}")
         best = _best_unit(res_um, str(r["image_id"])) if r["split"] != "heldout" else None
         if best is not None:
@@ -151,7 +151,7 @@ def _view(res, key: str, demo: bool, cli: str, res_um, name: str) -> None:
            "planted": table["planted"].fillna(False).to_numpy(dtype=bool),
            "held-out": (table["split"] == "heldout").to_numpy()}[state.get("ex_show")]
     rows = np.flatnonzero(sel & (table["prefix_tokens"] == prefix).to_numpy())
-    rows = rows[np.argsort(-vals[rows], kind="stable")][:24]
+    rows = rows[np.argsort(-vals[rows], kind="stable")][:16]
     if not len(rows):
         st.caption("No candidate in this view at this threshold.")
     _gallery(res, rows, measure, thr, res_um)

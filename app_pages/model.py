@@ -144,7 +144,7 @@ def _how_it_sees(adapter, image_set, mchoice) -> None:
         st.markdown("**Token maps, scale by scale** (colour = token id):")
         cols = st.columns(len(maps))
         for c, m, (h, w) in zip(cols, maps, grids):  # equal columns: every map is drawn at the same width
-            c.image(figures.upscale(m, 128), caption=f"{h}x{w}", width="stretch")
+            c.image(m, caption=f"{h}x{w}", width="stretch", output_format="PNG")
         st.markdown("**Progressive reconstruction**: the image decoded from the first k scales:")
         ui.images(prog, [f"up to {h}x{w}" for h, w in grids], min_side=96)
         orig = figures.to_uint8(x)
@@ -156,9 +156,9 @@ def _how_it_sees(adapter, image_set, mchoice) -> None:
         tok_img = figures.token_map_image(flat, adapter.vocab_size)
         rec = figures.to_uint8(adapter.decode(tokens))
         c = st.columns(3)
-        c[0].image(figures.upscale(figures.to_uint8(x)[0], 224), caption="original", width="stretch")
-        c[1].image(figures.upscale(tok_img, 224), caption=f"token grid {h}x{w}, read row by row", width="stretch")
-        c[2].image(figures.upscale(rec[0], 224), caption="reconstruction decode(tokenize(x))", width="stretch")
+        c[0].image(figures.to_uint8(x)[0], caption="original", width="stretch", output_format="PNG")
+        c[1].image(tok_img, caption=f"token grid {h}x{w}, read row by row", width="stretch", output_format="PNG")
+        c[2].image(rec[0], caption="reconstruction decode(tokenize(x))", width="stretch", output_format="PNG")
         with st.expander("Token ids"):
             st.dataframe(pd.DataFrame(flat, index=[f"row {r}" for r in range(h)]))
     _units_for_image(adapter, image_set, mchoice, idx)

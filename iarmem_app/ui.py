@@ -21,11 +21,13 @@ CSS = """
 /* a room with a projector: larger type everywhere, roomier widgets */
 html, body, [data-testid="stAppViewContainer"] { font-size: 19px; }
 [data-testid="stMarkdownContainer"] p, [data-testid="stMarkdownContainer"] li { font-size: 1.05rem; }
-[data-testid="stMetricValue"] { font-size: 2.4rem; }
-[data-testid="stMetricLabel"] p { font-size: 1.05rem; }
+[data-testid="stMetricValue"], [data-testid="stMetricValue"] * { font-size: 2.2rem !important; line-height: 1.2; }
+[data-testid="stMetricLabel"] p { font-size: 1.05rem !important; }
 [data-testid="stCaptionContainer"] { font-size: 0.95rem; }
 [data-testid="stSidebar"] [data-testid="stMarkdownContainer"] p { font-size: 1rem; }
 .iarmem-big { font-size: 1.6rem; font-weight: 600; }
+/* small images are sent at their own size and scaled by the browser without blurring the tokens */
+[data-testid="stImage"] img, [data-testid="stFullScreenFrame"] img { image-rendering: pixelated; }
 </style>
 """
 
@@ -87,13 +89,15 @@ def altair(chart, df: pd.DataFrame, name: str, key: str, cli: str | None = None)
 
 
 def images(imgs_BHW3: np.ndarray, captions: list[str], min_side: int = 128, columns: int | None = None) -> None:
-    """A row (or rows) of small images, upscaled with nearest neighbour so tokens stay crisp."""
+    """A row (or rows) of small images at their own size, drawn column-wide (pixelated: tokens stay crisp).
+
+    `min_side` is kept for callers; the browser does the scaling, so nothing is re-encoded larger."""
     n = len(imgs_BHW3)
     if n == 0:
         return
     cols = st.columns(columns or n)
     for i in range(n):
-        cols[i % len(cols)].image(figures.upscale(imgs_BHW3[i], min_side), caption=captions[i], width="stretch")
+        cols[i % len(cols)].image(imgs_BHW3[i], caption=captions[i], width="stretch", output_format="PNG")
 
 
 @contextmanager

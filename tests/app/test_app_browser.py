@@ -53,7 +53,7 @@ def test_every_page_in_the_browser(server):
         first.first.click(force=True)
         settle(page)
         page.get_by_role("heading", name=re.compile(r"^Block 0, ")).wait_for(timeout=30_000)
-        assert "mem_block=0" in page.url  # the view is in the address
+        page.wait_for_url(re.compile(r"mem_block=0"), timeout=30_000)  # the view is in the address
         no_exception(page)
         page.screenshot(path=str(SHOTS / "2-memorization-cell.png"))
 
@@ -87,7 +87,7 @@ def test_every_page_in_the_browser(server):
         page.get_by_text("Apply the edit").click()
         settle(page)
         page.get_by_text(re.compile(r"Mean absolute pixel change: 0\.0000")).wait_for(timeout=30_000)
-        assert "iv_edit_on=0" in page.url
+        page.wait_for_url(re.compile(r"iv_edit_on=0"), timeout=30_000)
         no_exception(page)
         page.screenshot(path=str(SHOTS / "6-intervention-off.png"))
 

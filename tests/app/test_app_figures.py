@@ -90,3 +90,17 @@ def test_url_values_parse_with_fallbacks():
     assert state.parse(p["iv_units"], "1:2,3:4") == ["1:2", "3:4"]
     assert state.parse(p["summary"], "median") == "mean"  # not a choice: the default
     assert state.fmt(p["iv_units"], ["1:2", "3:4"]) == "1:2,3:4"
+
+
+def test_the_library_imports_no_streamlit():
+    """iarmem_core (figures included) must run in a notebook or the CLI without streamlit (ARCHITECTURE.md)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pkgutil, importlib, iarmem_core\n"
+            "for m in pkgutil.walk_packages(iarmem_core.__path__, 'iarmem_core.'):\n"
+            "    if not m.name.endswith('__main__'): importlib.import_module(m.name)\n"
+            "print('streamlit' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+    assert out.stdout.strip() == "False", out.stderr
