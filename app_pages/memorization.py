@@ -56,6 +56,28 @@ def _goto_intervention(block: int, unit: int) -> None:
     state.set_many(iv_units=picked, iv_mode="picked units")
 
 
+def _grid(adapter, image_set, mchoice, dchoice, li: int, block: int, scale_idx: int, h: int, w: int) -> None:
+    """UnitMem per token position of one scale (the detail pass with every position as a group)."""
+    if h * w == 1:
+        st.info(f"Scale {h}x{w} has a single token: no grid to show. Pick a finer scale.")
+        return
+    dcfg = config.unitmem_config(mchoice.name, mchoice.seed, detail=True)
+    dkey, dres = results.unitmem_result(adapter, image_set, dcfg)
+    cli = (f"python -m iarmem_core unitmem {mchoice.cli_args()} {dchoice.cli_args()}"
+           f"{config.unitmem_cli_detail(mchoice.name, detail=True)} --json")
+    if dres is None:
+        st.markdown(f"**UnitMem per token position** ({h}x{w} grid) needs a pass with every position as a group.")
+        results.job_panel(dkey, "UnitMem per position", lambda: results.start_unitmem(adapter, image_set, dcfg),
+                          "Compute UnitMem per position (job)", done=False, widget_key="um_detail")
+        return
+    groups = dres.meta["groups"]
+    pos_ids = [i for i, g in enumerate(groups) if g["kind"] == "position" and int(g["scale"]) == scale_idx]
+    grid = dres.arrays[f"block_{state.get('summary')}_LG"][li, pos_ids].reshape(h, w)
+    gdf = figures.grid_frame(grid)
+    title = f"Block {block}, scale {h}x{w}: per token position ({SUMMARIES[state.get('summary')]})"
+    ui.plotly(figures.token_grid_heatmap(gdf, title), gdf, title, key="mem_grid", cli=cli)
+
+
 def main() -> None:
     adapter, mchoice = loaders.get_model()
     image_set, dchoice = loaders.get_data(adapter)
@@ -77,18 +99,14 @@ def main() -> None:
     name_to_gid = {g["name"]: i for i, g in enumerate(groups)}
 
     # 1. the heatmap -----------------------------------------------------------------------------------
-    c1, c2 = st.columns([3, 2])
-    state.widget(c1.radio, "summary", "Summary over the units of a cell", list(SUMMARIES), format_func=SUMMARIES.get,
-             horizontal=True)
+    state.widget(st.radio, "summary", "Summary over the units of a cell", list(SUMMARIES),
+                 format_func=SUMMARIES.get, horizontal=True)
     if is_var:
         col_ids = list(meta["scale_groups"])
         x_title = "scale (coarse -> fine)"
     else:
-        state.widget(c2.radio, "mem_cols", "Columns", ["rows", "all positions"], horizontal=True,
-                 help="next-token models: the whole grid, then each row of the token grid, or each position")
-        kind = "row" if state.get("mem_cols") == "rows" else "position"
-        col_ids = list(meta["scale_groups"]) + res.group_ids(kind)
-        x_title = "token positions (all, then " + ("rows)" if kind == "row" else "each position)")
+        col_ids = list(meta["scale_groups"]) + res.group_ids("row")
+        x_title = "token positions: all, then each row of the grid"
     summ = arrays[f"block_{state.get('summary')}_LG"]
     z = summ[:, col_ids]
     col_names = [groups[i]["name"] for i in col_ids]
@@ -121,15 +139,8 @@ def main() -> None:
     grid_col, units_col = st.columns([2, 3])
     scale_idx = int(groups[gid]["scale"])
     h, w = meta["token_grids"][scale_idx]
-    pos_ids = [i for i, g in enumerate(groups) if g["kind"] == "position" and int(g["scale"]) == scale_idx]
     with grid_col:
-        if len(pos_ids) == h * w and h * w > 1:
-            grid = summ[li, pos_ids].reshape(h, w)
-            gdf = figures.grid_frame(grid)
-            gtitle = f"Block {block}, scale {h}x{w}: per token position"
-            ui.plotly(figures.token_grid_heatmap(gdf, gtitle), gdf, gtitle, key="mem_grid", cli=cli)
-        else:
-            st.info(f"Scale {h}x{w} has a single token: no grid to show. Pick a finer scale.")
+        _grid(adapter, image_set, mchoice, dchoice, li, block, scale_idx, h, w)
     um_U = arrays["unitmem_LGU"][li, gid]
     order = np.argsort(um_U)[::-1]
     top = [int(u) for u in order[:50]]

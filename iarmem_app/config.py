@@ -44,13 +44,22 @@ def other_models() -> list[str]:
     return [m for m in list_models() if m not in quick]
 
 
-def unitmem_config(model: str, seed: int = 0) -> unitmem.UnitMemConfig:
-    """The app's UnitMem pass: the CLI defaults (10 views, mean rest), per-position groups for the token-grid
-    view, and per-row groups as well for next-token models (`unitmem --detail row,position`)."""
-    kinds = ("scale", "position") if get_spec(model).family == "var" else ("scale", "row", "position")
+def unitmem_config(model: str, seed: int = 0, detail: bool = False) -> unitmem.UnitMemConfig:
+    """The app's UnitMem passes (the CLI defaults otherwise: 10 views, mean rest).
+
+    Overview (the heatmap, the units, the edit): one group per scale, plus each row of the token grid for
+    next-token models; small enough to ship. Detail (the token-grid view): every position as well.
+    """
+    var = get_spec(model).family == "var"
+    kinds = ("scale",) if var else ("scale", "row")
+    if detail:
+        kinds = kinds + ("position",)
     return unitmem.UnitMemConfig(group_kinds=kinds, seed=seed)
 
 
-def unitmem_cli_detail(model: str) -> str:
-    """The CLI options that give `unitmem_config(model)` (empty: the CLI default)."""
-    return "" if get_spec(model).family == "var" else " --detail row,position"
+def unitmem_cli_detail(model: str, detail: bool = False) -> str:
+    """The `unitmem` CLI options that give `unitmem_config(model, detail=detail)`."""
+    var = get_spec(model).family == "var"
+    if detail:
+        return "" if var else " --detail row,position"
+    return " --detail none" if var else " --detail row"

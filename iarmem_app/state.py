@@ -52,7 +52,6 @@ register("summary", "mean", choices=lambda: ["mean", "max", "top1pct_mean"])
 register("mem_block", -1, "int")
 register("mem_group", "")
 register("mem_unit", -1, "int")
-register("mem_cols", "rows", choices=lambda: ["rows", "all positions"])
 # extraction page
 register("ex_measure", "")
 register("ex_threshold", -1.0, "float")

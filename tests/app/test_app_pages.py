@@ -166,3 +166,49 @@ def test_paths_outside_allowed_roots_are_refused_with_a_message(app, tmp_path, m
     assert not at.exception
     msg = " ".join(e.value for e in at.error)
     assert "var_d16.pth" in msg and "Could not load var-d16" in msg
+
+
+def test_heavy_work_is_one_job_shared_by_sessions(app, shipped):
+    """Two sessions asking for the same activation pass share one job; its result is the direct computation."""
+    import time
+
+    import torch
+
+    from iarmem_app import activations, results
+    from iarmem_core import jobs
+
+    name, key, arrays, meta = shipped
+    at1 = app.run()
+    start = [b for b in at1.button if b.key == "acts_start"]
+    assert start, "the activation distribution should start as a job"
+    start[0].click().run()
+    from streamlit.testing.v1 import AppTest
+
+    at2 = AppTest.from_file(app._script_path, default_timeout=120).run()
+    assert not [b for b in at2.button if b.key == "acts_start"]  # running (or done): no second start
+    group = at1.session_state["mem_group"]
+    adapter = load_adapter(name, device="cpu")
+    sel = data.select_demo(n=config.N_IMAGES, seed=0)
+    akey = results.ReadOnlyStore(config.SHIPPED_STORE).key(activations.KIND,
+                                                          activations.job_spec(adapter, sel, group))
+    import os
+
+    from iarmem_core.store import ResultStore
+
+    st_ = ResultStore(os.environ["IARMEM_STORE"])
+    t0 = time.monotonic()
+    while jobs.job_status(akey, st_)["state"] != "done":
+        assert time.monotonic() - t0 < 120 and jobs.job_status(akey, st_)["state"] in ("queued", "running", "done")
+        time.sleep(0.2)
+    at1.run()
+    hist = chart(at1, "mean |activation| per image")
+    xs = np.concatenate([values(t["x"]) for t in hist["data"]])
+    block, unit = int(at1.session_state["mem_block"]), int(at1.session_state["mem_unit"])
+    gi = next(g for g in adapter.position_groups(("scale", "row")) if g.name == group)
+    li = [s.block for s in adapter.unit_sites()].index(block)
+    want = torch.cat([activations.group_activations(adapter, sel.images(range(s, min(s + 100, len(sel))),
+                                                                        size=adapter.image_size),
+                                                    sel.labels_tensor(range(s, min(s + 100, len(sel)))), gi.index)
+                      [li, :, unit] for s in range(0, len(sel), 100)]).numpy()
+    assert len(xs) == len(sel)
+    np.testing.assert_allclose(np.sort(xs), np.sort(want.astype(np.float16).astype(np.float64)), rtol=2e-3)

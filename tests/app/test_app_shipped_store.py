@@ -36,3 +36,17 @@ def test_shipped_unitmem_key_matches_the_current_code(name):
     assert meta["image_ids"] == list(sel.ids)
     assert arrays["unitmem_LGU"].shape[0] == adapter.n_blocks and arrays["unitmem_LGU"].shape[2] == adapter.n_units
     assert [g["name"] for g in meta["groups"]] == [g.name for g in adapter.position_groups(cfg.group_kinds)]
+
+
+@pytest.mark.parametrize("name", config.quick_models())
+def test_shipped_extraction_key_matches_the_current_code(name):
+    extraction = pytest.importorskip("iarmem_core.extraction", reason="the attack (issue 6) is not in this build")
+    adapter = load_adapter(name, device="cpu")
+    sel = data.select_demo(n=config.N_IMAGES, seed=0)
+    st_ = ReadOnlyStore(config.SHIPPED_STORE)
+    key = extraction.extraction_key(adapter, sel, extraction.ExtractionConfig(seed=0), store=st_)
+    assert st_.exists(key), f"{name}: no shipped extraction result under {key}. {STALE}"
+    res = extraction.load_extraction(st_, key)
+    assert set(res.table["image_id"][res.table["split"] == "train"]) <= set(sel.ids)
+    assert res.count()["candidates"] == len(res.table[(res.table["split"] == "train")
+                                                      & (res.table["prefix_tokens"] == res.meta["prefix_tokens"][0])])
