@@ -42,6 +42,10 @@ class ReadOnlyStore(ResultStore):
                     continue
         return sorted(rows, key=lambda r: r.get("created", 0), reverse=True)
 
+    def _read_slot(self, slot: Path, key: str, what: str, verify: bool, mmap: bool) -> tuple[dict, dict]:
+        # nothing ever writes here: read without taking (and so creating) the slot's lock file
+        return self._read_version(slot, key, what, self._live_version(slot, key, what), verify, mmap)
+
     def has_partial(self, key: str) -> bool:
         return False
 

@@ -50,3 +50,18 @@ def test_shipped_extraction_key_matches_the_current_code(name):
     assert set(res.table["image_id"][res.table["split"] == "train"]) <= set(sel.ids)
     assert res.count()["candidates"] == len(res.table[(res.table["split"] == "train")
                                                       & (res.table["prefix_tokens"] == res.meta["prefix_tokens"][0])])
+
+
+def test_reading_the_shipped_store_writes_nothing(tmp_path):
+    import shutil
+
+    ro = tmp_path / "store"
+    shutil.copytree(config.SHIPPED_STORE, ro)
+    for p in ro.rglob("*"):
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    ro.chmod(0o555)
+    before = sorted(str(p) for p in ro.rglob("*"))
+    st_ = ReadOnlyStore(ro)
+    for e in json.loads((ro / "index.json").read_text())["entries"]:
+        assert st_.exists(e["key"]) and st_.load(e["key"])[1]
+    assert [r["key"] for r in st_.list()] and sorted(str(p) for p in ro.rglob("*")) == before
