@@ -100,7 +100,8 @@ def main() -> None:
     after = _samples(adapter, mkey, labels, edit.to_dict() if on else None, seed)
     names = _class_names(adapter)
     st.subheader("Samples at the same seed: without and with the edit")
-    st.caption(f"Sampling settings of {mchoice.name}: {edits.sampling_settings(adapter)}, seed {seed}.")
+    st.caption(f"Sampling settings of {mchoice.name}: {edits.describe_sampling(edits.sampling_settings(adapter))}, "
+               f"seed {seed} (top-k 0 and top-p 0 mean no truncation).")
     diff = figures.difference_maps(before, after)
     vmax = max(float(diff.max()), 1e-6)
     rows = [("without the edit", figures.to_uint8(before)), ("with the edit" if on else "with the edit (off)",

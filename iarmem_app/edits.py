@@ -63,12 +63,21 @@ def make_edit(units: dict[int, tuple[int, ...]], op: str, factor: float) -> hook
 
 def sampling_settings(adapter) -> dict:
     """The model's own sampling settings (CFG, top-k/p, temperature) for the side-by-side samples."""
+    mod = core()
+    if mod is not None and hasattr(mod, "sampling_kwargs"):
+        return dict(mod.sampling_kwargs(adapter))  # the same settings as `python -m iarmem_core sample`
     s = dict(adapter.spec.sampling)
     out = {"cfg": float(s.get("cfg", 0.0)), "top_k": int(s.get("top_k", 0)), "top_p": float(s.get("top_p", 0.0)),
            "temperature": float(s.get("temperature", 1.0))}
     if adapter.family == "rar" and "cfg_power" in s:
         out["cfg_power"] = float(s["cfg_power"])
     return out
+
+
+def describe_sampling(kw: dict) -> str:
+    names = {"cfg": "CFG", "top_k": "top-k", "top_p": "top-p", "temperature": "temperature", "cfg_power": "CFG power"}
+    return ", ".join(f"{names.get(k, k)} {v:g}" if isinstance(v, float) else f"{names.get(k, k)} {v}"
+                     for k, v in kw.items())
 
 
 @torch.no_grad()

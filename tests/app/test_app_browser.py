@@ -47,6 +47,15 @@ def test_every_page_in_the_browser(server):
         no_exception(page)
         page.get_by_text("UnitMem per block x").first.wait_for()
         page.screenshot(path=str(SHOTS / "1-memorization.png"))
+        # the heatmap's downloads: its numbers as CSV, the chart as PNG
+        buttons = page.get_by_test_id("stDownloadButton")
+        with page.expect_download(timeout=30_000) as dl:
+            buttons.nth(0).locator("button").click()
+        rows = Path(dl.value.path()).read_text().splitlines()
+        assert rows[0] == "block,group,group_index,unitmem" and len(rows) > 2
+        with page.expect_download(timeout=120_000) as dl:
+            buttons.nth(1).locator("button").click()
+        assert Path(dl.value.path()).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         # clicking a heatmap cell selects it (the first cell: block 0, the coarsest group)
         first = page.locator(".js-plotly-plot").first.locator(".scatterlayer .trace").first.locator("path.point")
         assert first.count() >= 2
