@@ -212,3 +212,33 @@ def test_heavy_work_is_one_job_shared_by_sessions(app, shipped):
                       [li, :, unit] for s in range(0, len(sel), 100)]).numpy()
     assert len(xs) == len(sel)
     np.testing.assert_allclose(np.sort(xs), np.sort(want.astype(np.float16).astype(np.float64)), rtol=2e-3)
+
+
+def test_extraction_counts_follow_the_threshold(app, shipped):
+    extraction = pytest.importorskip("iarmem_core.extraction", reason="the attack (issue 6) is not in this build")
+    name, *_ = shipped
+    adapter = load_adapter(name, device="cpu")
+    sel = data.select_demo(n=config.N_IMAGES, seed=0)
+    st_ = ReadOnlyStore(config.SHIPPED_STORE)
+    res = extraction.load_extraction(st_, extraction.extraction_key(adapter, sel, extraction.ExtractionConfig(),
+                                                                     store=st_))
+    at = app.run()
+    at.switch_page("app_pages/extraction.py").run()
+    no_errors(at)
+
+    def shown() -> dict:
+        return {m.label: m.value for m in at.metric}
+
+    m = res.similarity
+    want = res.count(similarity=m)
+    assert shown()["Extracted"] == f"{want['extracted']} of {want['candidates']}"
+    assert float(at.session_state["ex_threshold"]) == pytest.approx(want["threshold"], abs=1e-3)
+    vals = res.table[m].to_numpy()
+    for thr in (float(np.quantile(vals, 0.3)), float(np.quantile(vals, 0.8))):
+        thr = round(thr / 0.005) * 0.005
+        at.slider(key="w_ex_threshold").set_value(thr).run()
+        c = res.count(threshold=thr, similarity=m)
+        assert shown()["Extracted"] == f"{c['extracted']} of {c['candidates']}"
+        if c.get("heldout_n"):
+            assert shown()["Held-out 'extracted'"] == f"{c['heldout_extracted']} of {c['heldout_n']}"
+        assert at.query_params["ex_threshold"] == str(thr)
