@@ -133,8 +133,8 @@ def _view(res, key: str, demo: bool, cli: str, res_um, name: str) -> None:
         m[3].metric("Held-out 'extracted'", f"{c['heldout_extracted']} of {c['heldout_n']}",
                     help="false positives: the same attack on images the model never saw")
     if planted_total and c.get("heldout_n"):
-        st.markdown(f"<p class='iarmem-big'>{c['extracted_planted']} of {planted_total} planted images extracted, "
-                    f"{c['heldout_extracted']} of {c['heldout_n']} held-out</p>", unsafe_allow_html=True)
+        st.markdown(f"### {c['extracted_planted']} of {planted_total} planted images extracted, "
+                    f"{c['heldout_extracted']} of {c['heldout_n']} held-out")
     which = "calibrated" if abs(thr - calibrated) < 5e-4 else "your threshold"
     st.caption(f"Similarity {measure} > {thr:.3f} ({which}), prefix {prefix} tokens, greedy, no CFG; "
                f"{c['candidates']} candidates "

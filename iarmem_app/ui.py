@@ -25,7 +25,6 @@ html, body, [data-testid="stAppViewContainer"] { font-size: 19px; }
 [data-testid="stMetricLabel"] p { font-size: 1.05rem !important; }
 [data-testid="stCaptionContainer"] { font-size: 0.95rem; }
 [data-testid="stSidebar"] [data-testid="stMarkdownContainer"] p { font-size: 1rem; }
-.iarmem-big { font-size: 1.6rem; font-weight: 600; }
 /* small images are sent at their own size and scaled by the browser without blurring the tokens */
 [data-testid="stImage"] img, [data-testid="stFullScreenFrame"] img { image-rendering: pixelated; }
 </style>
