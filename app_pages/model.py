@@ -61,9 +61,17 @@ def _card(adapter, mchoice) -> None:
         st.warning(f"{spec.name} has random weights: give its official checkpoints in the sidebar "
                    f"({spec.files.get('transformer', '?')}, {spec.files.get('tokenizer', '?')}).")
     card_path = _card_file(spec.name)
+    card = json.loads(card_path.read_text()) if card_path else {**d, "published": spec.published,
+                                                                "sampling": spec.sampling}
+    groups = (card.get("measurements") or {}).get("groups") if isinstance(card.get("measurements"), dict) else None
+    if isinstance(groups, dict) and groups:
+        rows = [{"images": g, **{k: v for k, v in vals.items() if isinstance(v, (int, float))}}
+                for g, vals in groups.items() if isinstance(vals, dict)]
+        if rows:
+            st.markdown("**What this model memorized** (from its model card: a short true prefix, then greedy "
+                        "generation compared with the tokenizer's reconstruction):")
+            st.dataframe(pd.DataFrame(rows), hide_index=True)
     with st.expander("Model card (JSON)" if card_path else "Model description (JSON)"):
-        card = json.loads(card_path.read_text()) if card_path else {**d, "published": spec.published,
-                                                                    "sampling": spec.sampling}
         st.json(card, expanded=1)
 
 
