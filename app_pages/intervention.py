@@ -154,10 +154,11 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{float(v):.3g}"
 
 
-def _delta(after, before):
+def _delta(after, before) -> str | None:
+    """after - before, signed, 3 significant digits (st.metric colours it)."""
     if after is None or before is None:
         return None
-    return float(after) - float(before)
+    return f"{float(after) - float(before):+.3g}"
 
 
 def _numbers(mod, adapter, image_set, res, mchoice, dchoice, units, top) -> None:
