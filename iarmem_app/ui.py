@@ -94,7 +94,7 @@ def images(imgs_BHW3: np.ndarray, captions: list[str], min_side: int = 128, colu
     n = len(imgs_BHW3)
     if n == 0:
         return
-    cols = st.columns(columns or n)
+    cols = st.columns(columns or max(n, 4))  # a lone image stays thumbnail-sized
     for i in range(n):
         cols[i % len(cols)].image(imgs_BHW3[i], caption=captions[i], width="stretch", output_format="PNG")
 
