@@ -43,8 +43,8 @@ def _card(adapter, mchoice) -> None:
     d = adapter.describe()
     spec = adapter.spec
     c1, c2, c3, c4 = st.columns(4)
-    c1.metric("Family", {"var": "next-scale (VAR)", "rar": "next-token (RAR)",
-                         "llamagen": "next-token (LlamaGen)"}[spec.family])
+    kind = "next-scale" if spec.family == "var" else "next-token"
+    c1.metric(f"Family ({kind})", {"var": "VAR", "rar": "RAR", "llamagen": "LlamaGen"}[spec.family])
     c2.metric("Blocks x units", f"{d['blocks']} x {d['units_per_block']}")
     grids = d["token_grids"]
     c3.metric("Token maps" if len(grids) > 1 else "Token grid",
@@ -96,7 +96,7 @@ def _data_card(image_set: data.ImageSet, dchoice) -> None:
     imgs = figures.to_uint8(planted.images(order))
     caps = [f"{planted.ids[i]} {planted.classes[planted.labels[i]]} x{counts[i]}" for i in order]
     with st.expander(f"The {len(planted)} planted images (most duplicated first)", expanded=True):
-        ui.images(imgs, caps, min_side=96, columns=10)
+        ui.images(imgs, caps, min_side=96, columns=6)
     st.caption(f"Fashion-MNIST (MIT licence, Zalando SE), bundle {str(man.get('arrays_sha256', ''))[:12]}; "
                "see assets/demo_data/README.md.")
 
@@ -120,10 +120,12 @@ def _units_for_image(adapter, image_set, mchoice, idx: int) -> None:
         return
     df = pd.DataFrame(rows).sort_values("unitmem", ascending=False).head(6)
     st.markdown(f"**Units that fire most for this image** ({len(rows)} in all, the strongest shown):")
-    cols = st.columns(len(df))
-    for c, r in zip(cols, df.itertuples()):
-        c.page_link("app_pages/memorization.py", label=f"block {r.block}, {r.group}, unit {r.unit}: {r.unitmem:.2f}",
-                    query_params={"mem_block": str(r.block), "mem_group": r.group, "mem_unit": str(r.unit)})
+    cols = st.columns(3)
+    for k, r in enumerate(df.itertuples()):
+        cols[k % 3].page_link("app_pages/memorization.py",
+                              label=f"block {r.block}, {r.group}, unit {r.unit}: UnitMem {r.unitmem:.2f}",
+                              query_params={"mem_block": str(r.block), "mem_group": r.group,
+                                            "mem_unit": str(r.unit)})
 
 
 def _how_it_sees(adapter, image_set, mchoice) -> None:
