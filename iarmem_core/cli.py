@@ -143,7 +143,10 @@ def _unitmem_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augmentation", default="default",
                    help="default (the model's), none, shift, crop, flip, crop+flip")
     p.add_argument("--rest", default="mean", choices=("mean", "median"))
-    p.add_argument("--groups", default="scale", help="comma list of scale,row,position (finer groups also stored)")
+    p.add_argument("--detail", default="position",
+                   help="finer groups inside --detail-scales: comma list of position,row, or none")
+    p.add_argument("--detail-scales", default="all",
+                   help="scales (0 = coarsest) that get the finer groups: 'all', 'none' or e.g. 3,4")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--top", type=int, default=10, help="top units to list")
@@ -154,13 +157,15 @@ def _unitmem_run(args: argparse.Namespace) -> int:
 
     model = load_model(args)
     image_set = load_data(args, model.image_size)
-    kinds = tuple(k.strip() for k in args.groups.split(",") if k.strip())
+    detail = tuple(k.strip() for k in args.detail.split(",") if k.strip() and k.strip() != "none")
+    scales = None if args.detail_scales == "all" else (
+        () if args.detail_scales == "none" else tuple(int(s) for s in args.detail_scales.split(",")))
     cfg = unitmem.UnitMemConfig(n_augs=args.augs, augmentation=args.augmentation, rest=args.rest,
-                                group_kinds=tuple(dict.fromkeys(("scale",) + kinds + ("position",))),
+                                group_kinds=("scale",) + detail, detail_scales=scales,
                                 batch_size=args.batch_size, dtype=args.dtype, seed=args.seed)
     res = unitmem.run_unitmem(model, image_set, cfg, store=get_store(args), force=args.force,
                               on_progress=progress_printer("unitmem"))
-    out = unitmem.summarize(res, top=args.top, kinds=("scale",) + tuple(k for k in kinds if k != "scale"))
+    out = unitmem.summarize(res, top=args.top, kinds=("scale", "row") if "row" in detail else ("scale",))
     out["skipped_files"] = image_set.report.get("skipped", {}) if image_set.report else {}
     emit(out, args.json)
     return 0

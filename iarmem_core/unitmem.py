@@ -49,6 +49,8 @@ class UnitMemConfig:
     batch_size: int = 16
     dtype: str = "fp32"  # "fp32" (reference) or "bf16" (GPU)
     seed: int = 0
+    # the per-batch accumulator is [blocks, B, G, U]; batches are split so it stays under this size
+    max_accum_mb: int = 1024
 
     def __post_init__(self) -> None:
         if self.rest not in REST_MODES:
@@ -64,6 +66,8 @@ class UnitMemConfig:
         d = asdict(self)
         d["group_kinds"] = list(self.group_kinds)
         d["detail_scales"] = None if self.detail_scales is None else list(self.detail_scales)
+        d.pop("max_accum_mb")  # memory/speed only: never changes a result
+        d.pop("batch_size")
         return d
 
 
@@ -191,12 +195,19 @@ class UnitMemPass:
                                   correct_NT=state.correct_NT.cpu())
 
     # ---- one batch -------------------------------------------------------------------------------
-    @torch.no_grad()
     def step(self, images_B3HW: torch.Tensor, labels_B: torch.Tensor, keys: Sequence[int | str]) -> None:
         """Consume the next batch (images start at position `state.n_seen` of the selection).
 
         `keys` (e.g. image ids) seed each image's views, so results do not depend on batching or resumes.
+        A batch whose accumulator would exceed `cfg.max_accum_mb` is processed in smaller pieces.
         """
+        per_image = len(self.blocks) * len(self.plan.groups) * self.n_units * 4
+        chunk = max(1, int(self.cfg.max_accum_mb * 2**20 // per_image))
+        for i in range(0, images_B3HW.shape[0], chunk):
+            self._step(images_B3HW[i:i + chunk], labels_B[i:i + chunk], keys[i:i + chunk])
+
+    @torch.no_grad()
+    def _step(self, images_B3HW: torch.Tensor, labels_B: torch.Tensor, keys: Sequence[int | str]) -> None:
         ad, cfg, st = self.adapter, self.cfg, self.state
         B, start = images_B3HW.shape[0], st.n_seen
         if start + B > self.n:
@@ -274,6 +285,9 @@ class UnitMemPass:
             "unitmem_LGU": um, "mu_max_LGU": mu_max, "mu_rest_LGU": mu_rest, "argmax_LGU": st.argmax_LGU,
             "top_images_LKSU": st.topi_LKSU, "top_mu_LKSU": st.topv_LKSU, "correct_NT": st.correct_NT,
         }
+        # image indices fit int32 (a selection never has 2^31 images): halves the result's largest arrays
+        for k in ("argmax_LGU", "top_images_LKSU"):
+            out[k] = out[k].to(torch.int32)
         return {k: v.cpu().numpy() for k, v in out.items()}
 
     def cleanup(self) -> None:
