@@ -233,7 +233,7 @@ register(ModelSpec(
                      shared_aln=False, attn_l2_norm=True, patch_nums=DEMO_PATCH_NUMS, cond_drop_rate=0.1),
     bundled={"tokenizer": "assets/demo-var/tokenizer.safetensors",
              "transformer": "assets/demo-var/transformer.safetensors"},
-    sampling={"cfg": 3.0, "top_k": 0, "top_p": 0.9, "temperature": 1.0},
+    sampling={"cfg": 3.0, "top_k": 0, "top_p": 0.8, "temperature": 1.0},
     description="demo VAR: Fashion-MNIST 32 px, scales 1,2,3,4,6,8 (130 tokens), 6 blocks x 512 units, "
                 "planted duplicates at 4x/16x/64x",
     train_augmentation="flip",
