@@ -117,6 +117,21 @@ class DemoPlan:
         default_factory=lambda: MeasureConfig(n_unique=100, n_heldout=100, samples_per_class=10)
     )
     train_subset: int | None = None  # quick runs (tests): the planted images plus this many unique ones
+    choice: str = ""  # why this many epochs (goes into the model card)
+
+
+# What a 20-epoch pilot of each plan showed on the curve sets (10 images per planted count, 100 unique, 100
+# held-out), reproduced at the main prefix; the learning rate is constant, so its epoch-e point is the e-epoch model.
+_VAR_CHOICE = (
+    "12 epochs. Pilot curve (4-scale prefix): 64x copies reproduced 0.6 after epoch 6, 0.9 after 7-9 and 1.0 "
+    "from epoch 10 on; 16x 0.3-0.6 over epochs 10-14, 1.0 by 16; 4x at most 0.1; unique and held-out 0-0.01 "
+    "throughout. Epoch 12 has the full dose-response (64x all, 16x about half, 4x rarely, unique never) at "
+    "the lowest cost; from 1-3 scales reproduction needs more epochs (see by_prefix).")
+_RAR_CHOICE = (
+    "10 epochs. Pilot curve (16-token prefix): 64x copies reproduced 1.0 from epoch 4 on; 16x 0.3 after "
+    "epoch 6, 0.8 after 10, 1.0 by 20; 4x 0-0.1 up to epoch 13, 0.2 after 14; unique and held-out at most "
+    "0.02 even after 20 epochs (0.10 / 0.06 from a 32-token prefix, half the image). Epoch 10 shows the "
+    "dose-response with 4x still rarely reproduced.")
 
 
 def default_plans() -> dict[str, DemoPlan]:
@@ -127,10 +142,10 @@ def default_plans() -> dict[str, DemoPlan]:
     return {
         # VAR: 4 scales (30 tokens) as in the paper's attack (4 scales of VAR-256); 1-3 scales reported too
         "demo-var": DemoPlan(var, TokenizerTrainConfig(), TransformerTrainConfig(epochs=12),
-                             prefixes=var_prefixes, main_prefix=var_prefixes[3]),
+                             prefixes=var_prefixes, main_prefix=var_prefixes[3], choice=_VAR_CHOICE),
         # RAR: 16 tokens = the first two token rows, the first row that reaches into most objects
         "demo-rar": DemoPlan(rar, TokenizerTrainConfig(), TransformerTrainConfig(epochs=10),
-                             prefixes=(8, 16, 24, 32), main_prefix=16),
+                             prefixes=(8, 16, 24, 32), main_prefix=16, choice=_RAR_CHOICE),
     }
 
 
@@ -802,18 +817,34 @@ def train_demo_model(plan: DemoPlan, out_dir: Path, seed: int = 0, feature_net: 
                           f"{plan.curve_measure.n_heldout} held-out images, all planted; "
                           f"{plan.curve_measure.samples_per_class} samples per class",
                   "points": tr_stats["curve"]},
-        "checkpoint_choice": (f"{plan.transformer.epochs} epochs: the learning rate is constant after the "
-                              f"warm-up, so this is the epoch-{plan.transformer.epochs} point of the curve, "
-                              f"chosen where the most duplicated images are reproduced while unique and "
-                              f"held-out images are not"),
+        "checkpoint_choice": (f"{plan.transformer.epochs} epochs; the learning rate is constant after the "
+                              f"warm-up, so this model is the last point of its curve. {plan.choice}"),
     }
     if measure:
-        log(f"[{spec.name}] measuring the shipped (fp16) weights")
-        with Clock() as mc:
-            card["measurements"] = measure_demo_model(shipped, feature_net, plan.prefixes, plan.main_prefix,
-                                                      plan.measure, None, bundle_dir)
-        card["measure_timing"] = mc.to_dict()
+        card = remeasure(plan, out_dir, feature_net, card, log, bundle_dir)
     (model_dir / "card.json").write_text(json.dumps(_json_safe(card), indent=1) + "\n")
+    return card
+
+
+def remeasure(plan: DemoPlan, out_dir: Path, feature_net: nn.Module | None, card: dict | None = None,
+              log: Log = _stderr_log, bundle_dir: str | os.PathLike | None = None) -> dict:
+    """Measure the shipped files of `plan` in `out_dir` and put the numbers (and the spec's current sampling
+    settings) into its card; returns the card (written when it was read from disk)."""
+    spec = plan.spec
+    model_dir = Path(out_dir) / spec.name
+    write = card is None
+    if card is None:
+        card = json.loads((model_dir / "card.json").read_text())
+    shipped = adapter_class(spec.family).load(spec, transformer_path=model_dir / "transformer.safetensors",
+                                              tokenizer_path=model_dir / "tokenizer.safetensors", device="cpu")
+    log(f"[{spec.name}] measuring the shipped (fp16) weights")
+    with Clock() as mc:
+        card["measurements"] = measure_demo_model(shipped, feature_net, plan.prefixes, plan.main_prefix,
+                                                  plan.measure, None, bundle_dir)
+    card["measure_timing"] = {**mc.to_dict(), "torch_threads": torch.get_num_threads()}
+    card["sampling"] = spec.sampling
+    if write:
+        (model_dir / "card.json").write_text(json.dumps(_json_safe(card), indent=1) + "\n")
     return card
 
 
@@ -863,6 +894,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "is faster than two threads in one); 1: one after the other with --threads")
     p.add_argument("--epochs", type=int, help="override the transformer epochs of the chosen models")
     p.add_argument("--no-measure", action="store_true", help="skip the measurements in the model cards")
+    p.add_argument("--measure-only", action="store_true",
+                   help="train nothing: measure the models in --out again and update their cards (e.g. after "
+                        "changing a sampling setting in the registry)")
     p.add_argument("--json", action="store_true", help="print the timing report as one JSON object")
 
 
@@ -900,6 +934,14 @@ def run(args: argparse.Namespace) -> int:
                  for k, p in plans.items()}
     only = tuple(args.only or ("features", "var", "rar"))
     models = [f for f in ("var", "rar") if f in only]
+    if args.measure_only:
+        fnet = load_demo_feature_net(args.out)
+        for fam in models:
+            plan = next(p for p in plans.values() if p.spec.family == fam)
+            card = remeasure(plan, Path(args.out), fnet)
+            print(json.dumps({plan.spec.name: card["measurements"]}) if args.json else
+                  f"{plan.spec.name}: {json.dumps(card['measurements']['groups'])}")
+        return 0
     if args.jobs == 2 and len(models) == 2:
         with Clock() as total:
             report = train_demo(args.out, only=tuple(p for p in only if p == "features"), seed=args.seed,

@@ -28,8 +28,9 @@ def tiny_plan(name: str) -> dt.DemoPlan:
                   codebook_size=64)
         prefixes, main = (16,), 16
     return dt.DemoPlan(dataclasses.replace(s, tokenizer=tok, transformer=tr),
-                       dt.TokenizerTrainConfig(steps=30, batch_size=16, warmup_steps=5, revive_every=5),
-                       dt.TransformerTrainConfig(epochs=4, batch_size=32, warmup_steps=5, lr=3e-3, eval_every=0),
+                       dt.TokenizerTrainConfig(steps=10, batch_size=8, warmup_steps=3, revive_every=5,
+                                               probe_images=64),
+                       dt.TransformerTrainConfig(epochs=2, batch_size=64, warmup_steps=4, lr=3e-3, eval_every=0),
                        prefixes, main, train_subset=40)
 
 
@@ -50,10 +51,10 @@ def test_tiny_train_demo_writes_loadable_assets_and_learns(tmp_path, name):
     # the stream is the bundle's, restricted to the 30 planted + 40 unique images: 30 x (4+16+64)/3 + 40
     tr = card["training"]["transformer"]
     assert tr["stream_length"] == 10 * (4 + 16 + 64) + 40
-    assert tr["steps"] == 4 * (tr["stream_length"] // 32)
+    assert tr["steps"] == 2 * (tr["stream_length"] // 64)
     # both parts learn: the transformer's epoch loss falls, and so does the tokenizer's
     losses = tr["loss_per_epoch"]
-    assert losses[-1] < losses[0] - 0.3, losses
+    assert losses[-1] < losses[0] - 0.2, losses
     tok_curve = [row[0] for row in card["training"]["tokenizer"]["loss_curve"]["total_rec_vq"]]
     assert np.mean(tok_curve[-3:]) < 0.7 * np.mean(tok_curve[:3]), tok_curve
 
