@@ -123,12 +123,12 @@ class DemoPlan:
 # What a 20-epoch pilot of each plan showed on the curve sets (10 images per planted count, 100 unique, 100
 # held-out), reproduced at the main prefix; the learning rate is constant, so its epoch-e point is the e-epoch model.
 _VAR_CHOICE = (
-    "12 epochs. Pilot curve (4-scale prefix): 64x copies reproduced 0.6 after epoch 6, 0.9 after 7-9 and 1.0 "
+    "Pilot curve (4-scale prefix): 64x copies reproduced 0.6 after epoch 6, 0.9 after 7-9 and 1.0 "
     "from epoch 10 on; 16x 0.3-0.6 over epochs 10-14, 0.6-1.0 after; 4x at most 0.2; unique and held-out 0-0.01 "
     "throughout. Epoch 12 has the full dose-response (64x all, 16x about half, 4x rarely, unique never) at "
     "the lowest cost; from 1-3 scales reproduction needs more epochs (see by_prefix).")
 _RAR_CHOICE = (
-    "10 epochs. Pilot curve (16-token prefix): 64x copies reproduced 1.0 from epoch 4 on; 16x 0.3 after "
+    "Pilot curve (16-token prefix): 64x copies reproduced 1.0 from epoch 4 on; 16x 0.3 after "
     "epoch 6, 0.8 after 10, 1.0 by 20; 4x 0-0.1 up to epoch 13, 0.2 after 14; unique and held-out at most "
     "0.02 even after 20 epochs (0.10 / 0.06 from a 32-token prefix, half the image). Epoch 10 shows the "
     "dose-response with 4x still rarely reproduced.")
