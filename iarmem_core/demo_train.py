@@ -264,7 +264,7 @@ def _codes_and_pool(tok: nn.Module, family: str, x01_B3HW: torch.Tensor) -> tupl
         q = tok.quantize
         f = tok.img_to_f(x01_B3HW * 2 - 1)
         B, C, H, W = f.shape
-        f_rest, f_hat = f.clone(), torch.zeros_like(f)
+        f_rest = f.clone()
         ids, pool = [], []
         SN = len(q.v_patch_nums)
         for si, pn in enumerate(q.v_patch_nums):
@@ -273,9 +273,7 @@ def _codes_and_pool(tok: nn.Module, family: str, x01_B3HW: torch.Tensor) -> tupl
             idx = q.nearest(z_NC)
             ids.append(idx)
             pool.append(z_NC)
-            h = q._up(q.embedding(idx.view(B, pn, pn)).permute(0, 3, 1, 2), si, SN, H, W)
-            f_hat.add_(h)
-            f_rest.sub_(h)
+            f_rest.sub_(q._up(q.embedding(idx.view(B, pn, pn)).permute(0, 3, 1, 2), si, SN, H, W))
         return torch.cat(ids), torch.cat(pool)
     z = tok.encoder(x01_B3HW)
     _, idx = tok.quantize(z)
