@@ -17,11 +17,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "unitmem": ("iarmem_core.cli", "_unitmem_args", "_unitmem_run"),
     "models": ("iarmem_core.cli", "_models_args", "_models_run"),
     "identify": ("iarmem_core.cli", "_identify_args", "_identify_run"),
+    "train-demo": ("iarmem_core.demo_train", "add_arguments", "run"),
 }
 HELP = {
     "unitmem": "localize memorization: streaming UnitMem per block and scale / position",
     "models": "list the registry (released, demo and test configs)",
     "identify": "say what a checkpoint file is (family, component, likely registry model)",
+    "train-demo": "re-create the demo assets (feature net, demo-var, demo-rar) on CPU from the bundled data",
 }
 
 
