@@ -17,11 +17,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "unitmem": ("iarmem_core.cli", "_unitmem_args", "_unitmem_run"),
     "models": ("iarmem_core.cli", "_models_args", "_models_run"),
     "identify": ("iarmem_core.cli", "_identify_args", "_identify_run"),
+    "extract": ("iarmem_core.extraction", "add_arguments", "run_cli"),
 }
 HELP = {
     "unitmem": "localize memorization: streaming UnitMem per block and scale / position",
     "models": "list the registry (released, demo and test configs)",
     "identify": "say what a checkpoint file is (family, component, likely registry model)",
+    "extract": "training-data extraction attack: candidates, greedy generation from a prefix, similarity counts",
 }
 
 

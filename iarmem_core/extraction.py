@@ -1000,3 +1000,73 @@ def calibrate(adapter: IARAdapter, calibration_set: data.ImageSet, cfg: Extracti
     st.save(key, {"thresholds_flat": np.array([r["threshold"] for r in table], np.float64)}, meta,
             kind=CALIBRATION_KIND, spec=spec, version=VERSION)
     return {"key": key, **meta}
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. CLI: python -m iarmem_core extract ...
+def add_arguments(p) -> None:
+    """Options of `python -m iarmem_core extract`."""
+    from iarmem_core import cli
+
+    cli.add_model_args(p)
+    cli.add_data_args(p)
+    cli.add_output_args(p)
+    p.add_argument("--candidates-per-class", type=int, default=5, help="top-k images per class by score")
+    p.add_argument("--ids", help="explicit candidate image ids, comma separated (instead of top-k per class)")
+    p.add_argument("--prefix", help="prefix lengths in tokens, comma separated (VAR: whole scales); "
+                                    "default: the paper's 30 tokens (4 scales of VAR-256)")
+    p.add_argument("--similarity", default="auto", help="auto, sscd, token_match, ssim, feature_cosine")
+    p.add_argument("--threshold", type=float, help="decision threshold (default: calibrated / published)")
+    p.add_argument("--sscd", help="path of sscd_disc_mixup.torchscript.pt (SSCD similarity, threshold 0.75)")
+    p.add_argument("--cfg", type=float, default=0.0, help="classifier-free guidance (default 0: none)")
+    p.add_argument("--top-k", type=int, default=1, help="1 = greedy (the attack's default)")
+    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=16, help="candidates per batch (halved on out-of-memory)")
+    p.add_argument("--no-heldout", action="store_true", help="do not attack held-out images")
+    p.add_argument("--heldout-n", type=int, default=200, help="demo: held-out images attacked (false rate)")
+    p.add_argument("--heldout-data", help="folder data: an ImageFolder of held-out images (e.g. ImageNet val)")
+    p.add_argument("--gallery-size", type=int, default=128, help="stored images are at most this many px")
+    p.add_argument("--calibrate", action="store_true",
+                   help="calibrate the offline thresholds on held-out images (demo: those not in the "
+                        "evaluation sample) and store them for this model")
+    p.add_argument("--max-false-rate", type=float, default=DEFAULT_MAX_FALSE_RATE)
+
+
+def run_cli(args) -> int:
+    """`python -m iarmem_core extract`: prints the counts (one JSON object with --json)."""
+    from iarmem_core import cli
+
+    model = cli.load_model(args)
+    image_set = cli.load_data(args, model.image_size)
+    st = cli.get_store(args)
+    cfg = ExtractionConfig(
+        candidates_per_class=args.candidates_per_class,
+        candidate_ids=tuple(i.strip() for i in args.ids.split(",") if i.strip()) if args.ids else None,
+        prefix_tokens=tuple(int(v) for v in args.prefix.split(",")) if args.prefix else None,
+        similarity=args.similarity, threshold=args.threshold, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+        temperature=args.temperature, batch_size=args.batch_size, heldout=not args.no_heldout, seed=args.seed,
+        heldout_n=args.heldout_n, gallery_size=args.gallery_size)
+    heldout = None
+    if args.heldout_data:
+        from iarmem_core import data as data_mod
+
+        heldout = data_mod.load_image_folder(args.heldout_data, model.image_size, count=args.heldout_n,
+                                             seed=args.seed)
+    if args.calibrate:
+        if args.data == "demo":
+            _, calib = demo_heldout_sets(cfg.heldout_n, cfg.seed)
+            planted = data.load_demo("planted")
+        elif heldout is not None:
+            calib, planted = heldout, None
+        else:
+            raise ValueError("--calibrate on folder data needs --heldout-data (images the model never saw)")
+        out = calibrate(model, calib, cfg, store=st, max_false_rate=args.max_false_rate, planted_set=planted,
+                        sscd_path=args.sscd, on_progress=cli.progress_printer("calibrate"), force=args.force)
+        out["calibration_images"] = len(calib)
+        cli.emit(out, args.json)
+        return 0
+    res = run_extraction(model, image_set, cfg, store=st, heldout_set=heldout, sscd_path=args.sscd,
+                         on_progress=cli.progress_printer("extract"), force=args.force)
+    cli.emit(res.summary(), args.json)
+    return 0
