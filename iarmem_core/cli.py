@@ -18,12 +18,14 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "models": ("iarmem_core.cli", "_models_args", "_models_run"),
     "identify": ("iarmem_core.cli", "_identify_args", "_identify_run"),
     "extract": ("iarmem_core.extraction", "add_arguments", "run_cli"),
+    "intervene": ("iarmem_core.intervention", "add_arguments", "run_cli"),
 }
 HELP = {
     "unitmem": "localize memorization: streaming UnitMem per block and scale / position",
     "models": "list the registry (released, demo and test configs)",
     "identify": "say what a checkpoint file is (family, component, likely registry model)",
     "extract": "training-data extraction attack: candidates, greedy generation from a prefix, similarity counts",
+    "intervene": "edit the top-k% UnitMem units: extraction and quality before/after, random control, --sweep",
 }
 
 
