@@ -191,6 +191,7 @@ def test_other_errors_are_not_mistaken_for_out_of_memory():
     assert calls == [(0, 4)]
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script/save: the format SSCD ships in
 def test_sscd_from_a_torchscript_file(world, tmp_path):
     m, train, heldout, mem_ids = world
 
