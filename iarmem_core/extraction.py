@@ -693,6 +693,29 @@ def _gen_kwargs(adapter: IARAdapter, cfg: ExtractionConfig) -> dict:
             "temperature": float(cfg.temperature)}
 
 
+@torch.no_grad()
+def attack_batch(adapter: IARAdapter, images_B3HW: torch.Tensor, labels_B: torch.Tensor, prefixes: Sequence[int],
+                 measures: Sequence[str], gen_kw: dict, *, seed: int = 0, edit: UnitEdit | None = None,
+                 sscd_path=None, kv_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Attack one batch of candidates at every prefix: (true tokens [B, N], reconstructions [B, 3, H, W],
+    [(generated tokens [B, N], generated images, {measure: [B] scores}) per prefix]).
+
+    The edit (if any) applies to generation only, inside `hooks.edit` (this thread, undone on exit).
+    """
+    tokens = adapter.tokenize(images_B3HW)
+    true_BN = adapter.flatten(tokens)
+    recon = adapter.decode(tokens)
+    results = []
+    for p in prefixes:
+        with hooks.edit(adapter.transformer, edit):
+            gen = adapter.generate(labels_B, prefix=tokens if p else None, n_prefix=p, seed=seed + p,
+                                   kv_cache=kv_cache, **gen_kw)
+        gen_BN = adapter.flatten(gen)
+        img = adapter.decode(gen)
+        results.append((gen_BN, img, compute_similarities(measures, img, recon, gen_BN, true_BN, p, sscd_path)))
+    return true_BN, recon, results
+
+
 def _job_fn(adapter: IARAdapter, image_set: data.ImageSet, heldout_set: data.ImageSet | None,
             cfg: ExtractionConfig, edit: UnitEdit | None, sscd_path, store: store_mod.ResultStore,
             progress_outer: Callable[[float, str], None] | None = None):
@@ -776,18 +799,8 @@ def _job_fn(adapter: IARAdapter, image_set: data.ImageSet, heldout_set: data.Ima
                     y_parts.append(plan.sets[si].labels_tensor(plan.idx[m_]))
             # items are ordered train first, then held-out, so the concatenation keeps the item order
             x, y = torch.cat(x_parts), torch.cat(y_parts)
-            tokens = adapter.tokenize(x)
-            true_BN = adapter.flatten(tokens)
-            recon = adapter.decode(tokens)
-            results = []
-            for p in prefixes:
-                with hooks.edit(adapter.transformer, edit):
-                    gen = adapter.generate(y, prefix=tokens if p else None, n_prefix=p,
-                                           seed=cfg.seed + 1_000_003 * i + p, kv_cache=True, **gen_kw)
-                gen_BN = adapter.flatten(gen)
-                img = adapter.decode(gen)
-                sims = compute_similarities(measures, img, recon, gen_BN, true_BN, p, sscd_path)
-                results.append((gen_BN, img, sims))
+            true_BN, recon, results = attack_batch(adapter, x, y, prefixes, measures, gen_kw,
+                                                   seed=cfg.seed + 1_000_003 * i, edit=edit, sscd_path=sscd_path)
             # write only once the whole batch succeeded (an OOM retry must not leave half rows)
             recon_IHW3[i:j] = _to_uint8(recon, side)
             for pi, (gen_BN, img, sims) in enumerate(results):
