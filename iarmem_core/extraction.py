@@ -181,7 +181,7 @@ def _score_job(adapter: IARAdapter, image_set: data.ImageSet, batch_size: int):
             arrays, meta = ctx.resume_state
             acc_NG[:] = arrays["acc_NG"]
             start = int(meta["n_done"])
-        last = [time.monotonic()]
+        ckpt = _Checkpointer(ctx)
 
         def work(i: int, j: int) -> None:
             ctx.check()
@@ -191,9 +191,8 @@ def _score_job(adapter: IARAdapter, image_set: data.ImageSet, batch_size: int):
             correct_BN = (logits_BNV.argmax(-1) == adapter.flatten(tokens)).cpu().numpy()
             acc_NG[i:j] = accuracies_from_correct(correct_BN, adapter)
             ctx.progress(j / n, f"scoring {j}/{n} images (teacher-forced)")
-            if time.monotonic() - last[0] > CHECKPOINT_EVERY_S and j < n:
-                ctx.checkpoint({"acc_NG": acc_NG}, {"n_done": j})
-                last[0] = time.monotonic()
+            if j < n:
+                ckpt.maybe(lambda: ({"acc_NG": acc_NG}, {"n_done": j}))
 
         adaptive_batches(n, batch_size, work, start=start, events=events, what="teacher-forced batch")
         gi = [g for g, _ in score_groups(adapter)].index(score_definition(adapter))
@@ -242,15 +241,40 @@ def per_image_scores(adapter: IARAdapter, image_set: data.ImageSet, *, store=Non
     return acc[:, meta["groups"].index(g)]
 
 
+def class_ranks(scores_N: np.ndarray, labels_N: np.ndarray) -> np.ndarray:
+    """[N] rank of each image within its class by score (0 = highest; ties: lower index first)."""
+    scores_N, labels_N = np.asarray(scores_N, np.float64), np.asarray(labels_N)
+    idx = np.arange(len(scores_N))
+    order = np.lexsort((idx, -scores_N, labels_N))  # by class, then descending score, then index
+    lab = labels_N[order]
+    start = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])  # first position of each class in `order`
+    first = np.repeat(start, np.diff(np.r_[start, len(order)]))
+    ranks = np.empty(len(order), np.int64)
+    ranks[order] = np.arange(len(order)) - first
+    return ranks
+
+
 def select_candidates(scores_N: np.ndarray, labels_N: np.ndarray, per_class: int) -> np.ndarray:
     """Indices of the top `per_class` images of each class by score (ties: lower index first), by class."""
-    scores_N, labels_N = np.asarray(scores_N), np.asarray(labels_N)
-    out = []
-    for c in np.unique(labels_N):
-        idx = np.flatnonzero(labels_N == c)
-        order = idx[np.lexsort((idx, -scores_N[idx]))]  # descending score, then ascending index
-        out.append(order[:per_class])
-    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+    scores_N, labels_N = np.asarray(scores_N, np.float64), np.asarray(labels_N)
+    ranks = class_ranks(scores_N, labels_N)
+    chosen = np.flatnonzero(ranks < per_class)
+    return chosen[np.lexsort((ranks[chosen], labels_N[chosen]))].astype(np.int64)
+
+
+class _Checkpointer:
+    """Saves at most every CHECKPOINT_EVERY_S seconds, and never more than 10% of the time (large states)."""
+
+    def __init__(self, ctx):
+        self.ctx, self.last, self.cost = ctx, time.monotonic(), 0.0
+
+    def maybe(self, make: Callable[[], tuple[dict, dict]]) -> None:
+        if time.monotonic() - self.last < max(CHECKPOINT_EVERY_S, 10 * self.cost):
+            return
+        t = time.monotonic()
+        self.ctx.checkpoint(*make())
+        self.last = time.monotonic()
+        self.cost = self.last - t
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -650,9 +674,7 @@ def load_partial_extraction(store, key: str) -> ExtractionResult | None:
     import json
 
     meta = json.loads(str(arrays["meta_json"][0]))
-    n = int(part[1]["n_rows"])
-    rows = {k: v[:n] for k, v in arrays.items() if k not in ("meta_json", "recon_IHW3")}
-    rows["recon_IHW3"] = arrays["recon_IHW3"]
+    rows = {k: v for k, v in arrays.items() if k != "meta_json"}
     return ExtractionResult(rows, meta)
 
 
@@ -677,15 +699,6 @@ def _meta_arrays(image_set: data.ImageSet, i: np.ndarray) -> tuple[np.ndarray, n
     planted = m["planted"][i].astype(np.int8) if "planted" in m else np.full(len(i), -1, np.int8)
     count = m["count"][i].astype(np.int64) if "count" in m else np.full(len(i), -1, np.int64)
     return planted, count
-
-
-def _ranks(scores: np.ndarray, labels: np.ndarray, chosen: np.ndarray) -> np.ndarray:
-    out = np.empty(len(chosen), np.int64)
-    for k, i in enumerate(chosen):
-        same = labels == labels[i]
-        out[k] = int(((scores > scores[i]) & same).sum() + ((scores == scores[i]) & same
-                                                              & (np.arange(len(scores)) < i)).sum())
-    return out
 
 
 def _gen_kwargs(adapter: IARAdapter, cfg: ExtractionConfig) -> dict:
@@ -743,7 +756,8 @@ def _job_fn(adapter: IARAdapter, image_set: data.ImageSet, heldout_set: data.Ima
             chosen = np.array([pos[c] for c in cfg.candidate_ids], np.int64)
         else:
             chosen = select_candidates(scores_tr, image_set.labels, cfg.candidates_per_class)
-        ranks = _ranks(scores_tr, image_set.labels, chosen)
+        ranks = class_ranks(scores_tr, image_set.labels)[chosen] if cfg.candidate_ids is None \
+            else np.full(len(chosen), -1, np.int64)
         sets, set_of, idx, split, score, rank = [image_set], [np.zeros(len(chosen), np.int64)], [chosen], \
             [np.full(len(chosen), "train")], [scores_tr[chosen]], [ranks]
         if heldout_set is not None and len(heldout_set):
@@ -755,7 +769,7 @@ def _job_fn(adapter: IARAdapter, image_set: data.ImageSet, heldout_set: data.Ima
             idx.append(np.arange(n_ho))
             split.append(np.full(n_ho, "heldout"))
             score.append(acc_ho[:, gi])
-            rank.append(_ranks(acc_ho[:, gi], heldout_set.labels, np.arange(n_ho)))
+            rank.append(class_ranks(acc_ho[:, gi], heldout_set.labels))
         plan = _Plan(sets, np.concatenate(set_of), np.concatenate(idx), np.concatenate(split),
                      np.concatenate(score).astype(np.float32), np.concatenate(rank), prefixes, measures)
         t_score = time.perf_counter() - t0
@@ -784,7 +798,7 @@ def _job_fn(adapter: IARAdapter, image_set: data.ImageSet, heldout_set: data.Ima
             recon_IHW3[:n_done] = arrays["recon_IHW3"][:n_done]
             start, bs, events = n_done, int(meta["batch_size"]), list(meta.get("oom_events", []))
         gen_kw = _gen_kwargs(adapter, cfg)
-        last = [time.monotonic()]
+        ckpt = _Checkpointer(ctx)
         t_gen0 = time.perf_counter()
         meta_base = {}  # filled below; the partial state carries it for load_partial_extraction
 
@@ -823,15 +837,18 @@ def _job_fn(adapter: IARAdapter, image_set: data.ImageSet, heldout_set: data.Ima
                 for m, s in sims.items():
                     rows[f"sim_{m}"][r] = s
             ctx.progress(0.1 + 0.9 * j / I, f"attacked {j}/{I} images x {P} prefix(es)")
-            if time.monotonic() - last[0] > CHECKPOINT_EVERY_S and j < I:
-                part = {k: v for k, v in rows.items()}
-                part["recon_IHW3"] = recon_IHW3
-                part["meta_json"] = np.array([json.dumps(store_mod.to_jsonable(
-                    {**meta_base, "partial": True}, "meta", allow_nan=True))])
-                ctx.checkpoint(part, {"n_items": j, "n_rows": j * P, "batch_size": bs_now[0], "oom_events": events})
-                last[0] = time.monotonic()
+            if j < I:
+                ckpt.maybe(lambda: partial_state(j))
 
         bs_now = [bs]
+
+        def partial_state(j: int) -> tuple[dict, dict]:
+            """The finished rows (items [0, j)) and what resuming needs; meta_json serves the live gallery."""
+            part = {k: v[: j * P] for k, v in rows.items()}
+            part["recon_IHW3"] = recon_IHW3[:j]
+            part["meta_json"] = np.array([json.dumps(store_mod.to_jsonable(
+                {**meta_base, "partial": True}, "meta", allow_nan=True))])
+            return part, {"n_items": j, "n_rows": j * P, "batch_size": bs_now[0], "oom_events": events}
 
         def tracked(i: int, j: int) -> None:
             bs_now[0] = j - i

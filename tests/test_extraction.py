@@ -264,6 +264,9 @@ def test_candidates_are_top_k_per_class_by_score():
     labels = np.array([0, 0, 0, 1, 1, 1])
     np.testing.assert_array_equal(extraction.select_candidates(scores, labels, 2), [1, 2, 3, 5])
     np.testing.assert_array_equal(extraction.select_candidates(np.ones(4), np.zeros(4, int), 2), [0, 1])
+    np.testing.assert_array_equal(extraction.class_ranks(scores, labels), [2, 0, 1, 0, 2, 1])
+    labels_mixed = np.array([1, 0, 1, 0, 1, 0])  # classes interleaved: output grouped by class, best first
+    np.testing.assert_array_equal(extraction.select_candidates(scores, labels_mixed, 1), [1, 2])
 
 
 def test_config_names_and_prefixes(world):
