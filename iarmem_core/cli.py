@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "identify": ("iarmem_core.cli", "_identify_args", "_identify_run"),
     "extract": ("iarmem_core.extraction", "add_arguments", "run_cli"),
     "intervene": ("iarmem_core.intervention", "add_arguments", "run_cli"),
+    "sample": ("iarmem_core.intervention", "add_sample_arguments", "run_sample_cli"),
 }
 HELP = {
     "unitmem": "localize memorization: streaming UnitMem per block and scale / position",
@@ -26,6 +27,7 @@ HELP = {
     "identify": "say what a checkpoint file is (family, component, likely registry model)",
     "extract": "training-data extraction attack: candidates, greedy generation from a prefix, similarity counts",
     "intervene": "edit the top-k% UnitMem units: extraction and quality before/after, random control, --sweep",
+    "sample": "class-conditional samples as a PNG grid, unedited and with the top-k% units edited",
 }
 
 

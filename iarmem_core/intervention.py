@@ -640,3 +640,55 @@ def run_cli(args) -> int:
                            on_progress=cli.progress_printer("intervene"), **common)
     cli.emit(out, args.json)
     return 0
+
+
+# `python -m iarmem_core sample ...`: class-conditional samples, optionally before/after an edit, as a PNG grid
+def add_sample_arguments(p) -> None:
+    """Options of `python -m iarmem_core sample`."""
+    from iarmem_core import cli
+
+    cli.add_model_args(p)
+    cli.add_data_args(p)
+    p.add_argument("--store", help="result store folder (UnitMem results for --top-percent)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--labels", default="0,1,2,3,4,5,6,7,8,9", help="class labels, comma separated")
+    p.add_argument("--top-percent", type=float, default=0.0, help="also sample with the top k%% units edited")
+    p.add_argument("--factor", type=float, default=0.5)
+    p.add_argument("--op", default="fc1_scale", choices=hooks.EDIT_OPS)
+    p.add_argument("--random-units", action="store_true", help="edit random units of the same size instead")
+    p.add_argument("--unitmem-augs", type=int, default=10)
+    p.add_argument("--sampling", default="", help="overrides of the published settings, e.g. 'cfg=2,top_k=50'")
+    p.add_argument("--out", default="samples.png", help="PNG: row 1 unedited, row 2 edited (when editing)")
+
+
+def run_sample_cli(args) -> int:
+    """Samples at --seed, unedited and (with --top-percent) edited, written as one PNG grid."""
+    from PIL import Image
+
+    from iarmem_core import cli, unitmem
+
+    model = cli.load_model(args)
+    labels = [int(v) for v in args.labels.split(",")]
+    sampling = {}
+    for kv in filter(None, args.sampling.split(",")):
+        k, v = (t.strip() for t in kv.split("="))
+        sampling[k] = int(v) if v.lstrip("-").isdigit() else float(v)
+    edit = None
+    if args.top_percent > 0:
+        image_set = cli.load_data(args, model.image_size)
+        um = unitmem.run_unitmem(model, image_set, unitmem.UnitMemConfig(n_augs=args.unitmem_augs, seed=args.seed),
+                                 store=cli.get_store(args), on_progress=cli.progress_printer("unitmem"))
+        units = select_units(um, args.top_percent)
+        if args.random_units:
+            units = random_control(units, model.n_units, seed=args.seed)
+        edit = make_edit(units, args.op, args.factor)
+    rows = [generate_images(model, labels, None, seed=args.seed, sampling=sampling)]
+    if edit is not None:
+        rows.append(generate_images(model, labels, edit, seed=args.seed, sampling=sampling))
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # [3, rows*H, B*W]
+    Image.fromarray((grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(args.out)
+    out = {"out": str(args.out), "labels": labels, "seed": args.seed,
+           "sampling": sampling_kwargs(model, sampling), "edit": edit.to_dict() if edit else None,
+           "mean_abs_change": float((rows[1] - rows[0]).abs().mean()) if edit is not None else None}
+    cli.emit(out, args.json)
+    return 0
