@@ -578,7 +578,9 @@ class ExtractionResult:
             meta["thresholds"] = [
                 {**r, "threshold": float(threshold), "source": "user"} if r["measure"] == meta["similarity"] else r
                 for r in meta["thresholds"]]
-        return ExtractionResult(self.arrays, meta)
+        out = ExtractionResult(self.arrays, meta)
+        out.meta["threshold"] = out.thresholds()[meta["prefix_tokens"][0]]
+        return out
 
     def count(self, threshold: float | None = None, similarity: str | None = None,
               prefix: int | None = None) -> dict:
@@ -976,7 +978,10 @@ def finalize(res: ExtractionResult, store, similarity: str | None = None,
     sim = similarity if similarity is not None else meta.get("similarity", "auto")
     meta["similarity"] = resolve_similarity(canonical_measure(sim), meta["measures"], auto)
     out = ExtractionResult(res.arrays, meta)
-    return out if threshold is None else out.with_decision(threshold=threshold)
+    if threshold is not None:
+        out = out.with_decision(threshold=threshold)
+    out.meta["threshold"] = out.thresholds()[meta["prefix_tokens"][0]]  # the decision's, at the first prefix
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
