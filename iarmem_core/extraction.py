@@ -684,23 +684,66 @@ def load_partial_extraction(store, key: str) -> ExtractionResult | None:
 # 5. The job
 @dataclass
 class _Plan:
-    """Everything the job iterates over: items (candidate images) of one or two image sets."""
+    """The items to attack, candidates first and then held-out images, with their per-item table columns."""
 
-    sets: list[data.ImageSet]
-    set_of: np.ndarray  # [I] which set the item comes from
-    idx: np.ndarray  # [I] index in that set
-    split: np.ndarray  # [I] "train" / "heldout"
-    score: np.ndarray  # [I]
-    rank: np.ndarray  # [I] rank within its class by score (0 = highest), -1 for explicit ids
-    prefixes: list[int]
-    measures: list[str]
+    sets: list[data.ImageSet]  # [train selection] or [train selection, held-out set]
+    set_of: np.ndarray  # [I] which set an item comes from
+    idx: np.ndarray  # [I] its index in that set
+    columns: dict[str, np.ndarray]  # [I] each: image_id, label, score, split, rank, item, planted, count
+    score_meta: dict
+
+    def batch(self, i: int, j: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [j-i, 3, size, size] and labels of items [i, j) (train items come before held-out ones)."""
+        xs, ys = [], []
+        for si, s_ in enumerate(self.sets):
+            k = self.idx[i:j][self.set_of[i:j] == si]
+            if len(k):
+                xs.append(s_.images(k, size=size))
+                ys.append(s_.labels_tensor(k))
+        return torch.cat(xs), torch.cat(ys)
 
 
-def _meta_arrays(image_set: data.ImageSet, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _item_columns(image_set: data.ImageSet, idx: np.ndarray, scores: np.ndarray, ranks: np.ndarray,
+                  split: str) -> dict[str, np.ndarray]:
     m = image_set.meta
-    planted = m["planted"][i].astype(np.int8) if "planted" in m else np.full(len(i), -1, np.int8)
-    count = m["count"][i].astype(np.int64) if "count" in m else np.full(len(i), -1, np.int64)
-    return planted, count
+    return {"image_id": np.array([image_set.ids[i] for i in idx], dtype=str), "label": image_set.labels[idx],
+            "score": scores.astype(np.float32), "split": np.full(len(idx), split, dtype="<U7"), "rank": ranks,
+            "item": idx.astype(np.int64),
+            "planted": m["planted"][idx].astype(np.int8) if "planted" in m else np.full(len(idx), -1, np.int8),
+            "count": m["count"][idx].astype(np.int64) if "count" in m else np.full(len(idx), -1, np.int64)}
+
+
+def _make_plan(adapter: IARAdapter, image_set: data.ImageSet, heldout_set: data.ImageSet | None,
+               cfg: ExtractionConfig, store, progress: Callable[[str], Callable[[float, str], None]]) -> _Plan:
+    """Score the images (reusing UnitMem / memscore results) and choose the candidates."""
+    bs = max(cfg.batch_size, 32)
+    acc_tr, smeta = memorization_scores(adapter, image_set, store=store, batch_size=bs, on_progress=progress("train"))
+    gi = smeta["groups"].index(smeta["score_group"])
+    scores_tr = acc_tr[:, gi]
+    if cfg.candidate_ids is not None:
+        pos = {k: i for i, k in enumerate(image_set.ids)}
+        missing = [c for c in cfg.candidate_ids if c not in pos]
+        if missing:
+            raise ValueError(f"candidate ids not in the data selection {image_set.name}: {missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''}")
+        chosen = np.array([pos[c] for c in cfg.candidate_ids], np.int64)
+        ranks = np.full(len(chosen), -1, np.int64)
+    else:
+        chosen = select_candidates(scores_tr, image_set.labels, cfg.candidates_per_class)
+        ranks = class_ranks(scores_tr, image_set.labels)[chosen]
+    sets, set_of, idx = [image_set], [np.zeros(len(chosen), np.int64)], [chosen]
+    cols = [_item_columns(image_set, chosen, scores_tr[chosen], ranks, "train")]
+    if heldout_set is not None and len(heldout_set):
+        acc_ho, _ = memorization_scores(adapter, heldout_set, store=store, batch_size=bs,
+                                        on_progress=progress("held-out"))
+        all_ho = np.arange(len(heldout_set))
+        sets.append(heldout_set)
+        set_of.append(np.ones(len(all_ho), np.int64))
+        idx.append(all_ho)
+        cols.append(_item_columns(heldout_set, all_ho, acc_ho[:, gi], class_ranks(acc_ho[:, gi], heldout_set.labels),
+                                  "heldout"))
+    columns = {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}
+    return _Plan(sets, np.concatenate(set_of), np.concatenate(idx), columns, smeta)
 
 
 def _gen_kwargs(adapter: IARAdapter, cfg: ExtractionConfig) -> dict:
@@ -732,169 +775,104 @@ def attack_batch(adapter: IARAdapter, images_B3HW: torch.Tensor, labels_B: torch
 
 
 def _job_fn(adapter: IARAdapter, image_set: data.ImageSet, heldout_set: data.ImageSet | None,
-            cfg: ExtractionConfig, edit: UnitEdit | None, sscd_path, store: store_mod.ResultStore,
-            progress_outer: Callable[[float, str], None] | None = None):
+            cfg: ExtractionConfig, edit: UnitEdit | None, sscd_path):
     prefixes = resolve_prefixes(adapter, cfg)
     measures, skipped = available_measures(adapter, cfg, sscd_path)
 
     def fn(ctx) -> tuple[dict, dict]:
         import json
 
+        # -- 1. scores and candidates (sub-jobs in the same store, each resumable on its own): 10% of the bar
         t0 = time.perf_counter()
-        # -- 1. scores and candidates (sub-jobs in the same store; each resumes on its own)
-        def score_progress(what):
-            return lambda f, msg: ctx.progress(0.1 * f, f"{what}: {msg}")
-
-        acc_tr, smeta = memorization_scores(adapter, image_set, store=ctx.store, batch_size=max(cfg.batch_size, 32),
-                                            on_progress=score_progress("train"))
-        gi = smeta["groups"].index(smeta["score_group"])
-        scores_tr = acc_tr[:, gi]
-        if cfg.candidate_ids is not None:
-            pos = {k: i for i, k in enumerate(image_set.ids)}
-            missing = [c for c in cfg.candidate_ids if c not in pos]
-            if missing:
-                raise ValueError(f"candidate ids not in the data selection {image_set.name}: {missing[:5]}"
-                                 f"{' ...' if len(missing) > 5 else ''}")
-            chosen = np.array([pos[c] for c in cfg.candidate_ids], np.int64)
-        else:
-            chosen = select_candidates(scores_tr, image_set.labels, cfg.candidates_per_class)
-        ranks = class_ranks(scores_tr, image_set.labels)[chosen] if cfg.candidate_ids is None \
-            else np.full(len(chosen), -1, np.int64)
-        sets, set_of, idx, split, score, rank = [image_set], [np.zeros(len(chosen), np.int64)], [chosen], \
-            [np.full(len(chosen), "train")], [scores_tr[chosen]], [ranks]
-        if heldout_set is not None and len(heldout_set):
-            acc_ho, _ = memorization_scores(adapter, heldout_set, store=ctx.store,
-                                            batch_size=max(cfg.batch_size, 32), on_progress=score_progress("held-out"))
-            n_ho = len(heldout_set)
-            sets.append(heldout_set)
-            set_of.append(np.ones(n_ho, np.int64))
-            idx.append(np.arange(n_ho))
-            split.append(np.full(n_ho, "heldout"))
-            score.append(acc_ho[:, gi])
-            rank.append(class_ranks(acc_ho[:, gi], heldout_set.labels))
-        plan = _Plan(sets, np.concatenate(set_of), np.concatenate(idx), np.concatenate(split),
-                     np.concatenate(score).astype(np.float32), np.concatenate(rank), prefixes, measures)
+        plan = _make_plan(adapter, image_set, heldout_set, cfg, ctx.store,
+                          lambda what: lambda f, msg: ctx.progress(0.1 * f, f"{what}: {msg}"))
         t_score = time.perf_counter() - t0
 
-        # -- 2. generation, batched over candidates; every prefix for each batch
+        # -- 2. the table: row r = item * P + prefix index; per-item columns repeat over the prefixes
         I, P, n_tok = len(plan.idx), len(prefixes), adapter.n_tokens
         side = min(adapter.image_size, cfg.gallery_size)
         R = I * P
-        rows = {
-            "image_id": np.empty(R, dtype=f"<U{max(len(i) for s_ in plan.sets for i in s_.ids)}"),
-            "label": np.zeros(R, np.int64), "score": np.zeros(R, np.float32), "prefix_tokens": np.zeros(R, np.int64),
-            "split": np.empty(R, dtype="<U7"), "rank": np.zeros(R, np.int64), "item": np.zeros(R, np.int64),
-            "item_row": np.zeros(R, np.int64), "planted": np.zeros(R, np.int8), "count": np.zeros(R, np.int64),
+        rows = {k: np.repeat(v, P) for k, v in plan.columns.items()}
+        rows.update({
+            "prefix_tokens": np.tile(np.asarray(prefixes, np.int64), I), "item_row": np.repeat(np.arange(I), P),
             "gen_tokens_RN": np.zeros((R, n_tok), np.int32), "true_tokens_RN": np.zeros((R, n_tok), np.int32),
             "generated_RHW3": np.zeros((R, side, side, 3), np.uint8),
             **{f"sim_{m}": np.full(R, np.nan, np.float32) for m in measures},
-        }
+        })
         recon_IHW3 = np.zeros((I, side, side, 3), np.uint8)
-        start, events = 0, []
-        bs = cfg.batch_size
+        results_keys = ["gen_tokens_RN", "true_tokens_RN", "generated_RHW3"] + [f"sim_{m}" for m in measures]
+        start, events, bs_now = 0, [], [cfg.batch_size]
         if ctx.resume_state is not None:
-            arrays, meta = ctx.resume_state
-            n_done = int(meta["n_items"])
-            for k in rows:
-                rows[k][: n_done * P] = arrays[k][: n_done * P]
-            recon_IHW3[:n_done] = arrays["recon_IHW3"][:n_done]
-            start, bs, events = n_done, int(meta["batch_size"]), list(meta.get("oom_events", []))
-        gen_kw = _gen_kwargs(adapter, cfg)
-        ckpt = _Checkpointer(ctx)
-        t_gen0 = time.perf_counter()
-        meta_base = {}  # filled below; the partial state carries it for load_partial_extraction
+            arrays, st_meta = ctx.resume_state
+            start = int(st_meta["n_items"])
+            for k in results_keys:
+                rows[k][: start * P] = arrays[k][: start * P]
+            recon_IHW3[:start] = arrays["recon_IHW3"][:start]
+            bs_now[0], events = int(st_meta["batch_size"]), list(st_meta.get("oom_events", []))
 
-        def work(i: int, j: int) -> None:
-            ctx.check()
-            sel = np.arange(i, j)
-            x_parts, y_parts = [], []
-            for si in (0, 1):
-                m_ = sel[plan.set_of[sel] == si]
-                if len(m_):
-                    x_parts.append(plan.sets[si].images(plan.idx[m_], size=adapter.image_size))
-                    y_parts.append(plan.sets[si].labels_tensor(plan.idx[m_]))
-            # items are ordered train first, then held-out, so the concatenation keeps the item order
-            x, y = torch.cat(x_parts), torch.cat(y_parts)
-            true_BN, recon, results = attack_batch(adapter, x, y, prefixes, measures, gen_kw,
-                                                   seed=cfg.seed + 1_000_003 * i, edit=edit, sscd_path=sscd_path)
-            # write only once the whole batch succeeded (an OOM retry must not leave half rows)
-            recon_IHW3[i:j] = _to_uint8(recon, side)
-            for pi, (gen_BN, img, sims) in enumerate(results):
-                r = sel * P + pi
-                for si in (0, 1):
-                    m_ = plan.set_of[sel] == si
-                    if m_.any():
-                        s_ = plan.sets[si]
-                        it = plan.idx[sel[m_]]
-                        rows["image_id"][r[m_]] = [s_.ids[k] for k in it]
-                        rows["label"][r[m_]] = s_.labels[it]
-                        pl, ct = _meta_arrays(s_, it)
-                        rows["planted"][r[m_]], rows["count"][r[m_]] = pl, ct
-                rows["score"][r], rows["prefix_tokens"][r] = plan.score[sel], prefixes[pi]
-                rows["split"][r], rows["rank"][r], rows["item"][r] = plan.split[sel], plan.rank[sel], plan.idx[sel]
-                rows["item_row"][r] = sel
-                rows["gen_tokens_RN"][r] = gen_BN.cpu().numpy()
-                rows["true_tokens_RN"][r] = true_BN.cpu().numpy()
-                rows["generated_RHW3"][r] = _to_uint8(img, side)
-                for m, s in sims.items():
-                    rows[f"sim_{m}"][r] = s
-            ctx.progress(0.1 + 0.9 * j / I, f"attacked {j}/{I} images x {P} prefix(es)")
-            if j < I:
-                ckpt.maybe(lambda: partial_state(j))
-
-        bs_now = [bs]
+        planted_counts = {}
+        if "planted" in image_set.meta and "count" in image_set.meta:
+            c_pl = image_set.meta["count"][image_set.meta["planted"].astype(bool)]
+            planted_counts = {str(int(c)): int((c_pl == c).sum()) for c in np.unique(c_pl)}
+        thr_rows, cal_auto = resolve_thresholds(adapter.spec.name, adapter.identity, measures, prefixes, ctx.store)
+        meta = {
+            "measures": measures, "skipped_measures": skipped, "prefix_tokens": prefixes,
+            "thresholds": thr_rows, "calibrated_measure": cal_auto,
+            "similarity": resolve_similarity(cfg.similarity, measures, cal_auto),
+            "planted_counts_in_data": planted_counts, "model": adapter.describe(),
+        }
 
         def partial_state(j: int) -> tuple[dict, dict]:
             """The finished rows (items [0, j)) and what resuming needs; meta_json serves the live gallery."""
             part = {k: v[: j * P] for k, v in rows.items()}
             part["recon_IHW3"] = recon_IHW3[:j]
-            part["meta_json"] = np.array([json.dumps(store_mod.to_jsonable(
-                {**meta_base, "partial": True}, "meta", allow_nan=True))])
+            part["meta_json"] = np.array([json.dumps(store_mod.to_jsonable({**meta, "partial": True}, "meta",
+                                                                           allow_nan=True))])
             return part, {"n_items": j, "n_rows": j * P, "batch_size": bs_now[0], "oom_events": events}
 
-        def tracked(i: int, j: int) -> None:
-            bs_now[0] = j - i
-            work(i, j)
+        # -- 3. generation, batched over items, every prefix per batch; rows are written once a batch succeeded
+        gen_kw = _gen_kwargs(adapter, cfg)
+        ckpt = _Checkpointer(ctx)
+        t_gen0 = time.perf_counter()
 
-        planted_counts = {}
-        if "planted" in image_set.meta and "count" in image_set.meta:
-            pl = image_set.meta["planted"].astype(bool)
-            for c in np.unique(image_set.meta["count"][pl]):
-                planted_counts[str(int(c))] = int((image_set.meta["count"][pl] == c).sum())
-        thr_rows, cal_auto = resolve_thresholds(adapter.spec.name, adapter.identity, measures, prefixes, ctx.store)
-        meta_base.update({
-            "measures": measures, "skipped_measures": skipped, "prefix_tokens": prefixes,
-            "thresholds": thr_rows, "calibrated_measure": cal_auto,
-            "similarity": resolve_similarity(cfg.similarity, measures, cal_auto),
-            "planted_counts_in_data": planted_counts,
-        })
-        adaptive_batches(I, bs, tracked, start=start, events=events, what="generation batch")
+        def work(i: int, j: int) -> None:
+            ctx.check()
+            bs_now[0] = j - i
+            x, y = plan.batch(i, j, adapter.image_size)
+            true_BN, recon, results = attack_batch(adapter, x, y, prefixes, measures, gen_kw,
+                                                   seed=cfg.seed + 1_000_003 * i, edit=edit, sscd_path=sscd_path)
+            recon_IHW3[i:j] = _to_uint8(recon, side)
+            for pi, (gen_BN, img, sims) in enumerate(results):
+                r = np.arange(i, j) * P + pi
+                rows["gen_tokens_RN"][r] = gen_BN.cpu().numpy()
+                rows["true_tokens_RN"][r] = true_BN.cpu().numpy()
+                rows["generated_RHW3"][r] = _to_uint8(img, side)
+                for m, sc in sims.items():
+                    rows[f"sim_{m}"][r] = sc
+            ctx.progress(0.1 + 0.9 * j / I, f"attacked {j}/{I} images x {P} prefix(es)")
+            if j < I:
+                ckpt.maybe(lambda: partial_state(j))
+
+        adaptive_batches(I, bs_now[0], work, start=start, events=events, what="generation batch")
         t_gen = time.perf_counter() - t_gen0
-        n_new = I - start
-        meta = {
-            **meta_base,
-            "config": cfg.to_dict(), "model": adapter.describe(), "data": data.data_fingerprint(image_set),
+        meta.update({
+            "config": cfg.to_dict(), "data": data.data_fingerprint(image_set),
             "heldout_data": data.data_fingerprint(heldout_set) if heldout_set is not None else None,
             "edit": edit.to_dict() if edit is not None else None,
             "edit_applies_to": "generation only (candidates are scored with the unedited model)",
             "sscd_file": str(sscd_path) if sscd_path is not None else None,
             "score": {"definition": "teacher-forced top-1 accuracy, true class, no CFG",
-                      "group": smeta["score_group"], "source": smeta["source"]},
+                      "group": plan.score_meta["score_group"], "source": plan.score_meta["source"]},
             "generation": {**gen_kw, "kv_cache": True, "greedy": cfg.top_k == 1,
                            "seed_rule": "seed + 1000003 * first item of the batch + prefix (sampling only)"},
             "compared_with": "the tokenizer's reconstruction decode(tokenize(x)) of the candidate",
             "decision": "similarity strictly above the threshold",
-            "oom_events": events,
+            "oom_events": events, "n_items": I,
             "timings": {"scoring_s": round(t_score, 3), "generation_s": round(t_gen, 3),
-                        "items_per_s": round(n_new / t_gen, 3) if t_gen > 0 and n_new else None,
+                        "items_per_s": round((I - start) / t_gen, 3) if t_gen > 0 and I > start else None,
                         "resumed_at_item": int(start)},
-            "n_items": I,
-        }
-        out = dict(rows)
-        out["recon_IHW3"] = recon_IHW3
-        if progress_outer is not None:
-            progress_outer(1.0, "done")
-        return out, meta
+        })
+        return {**rows, "recon_IHW3": recon_IHW3}, meta
 
     return fn
 
@@ -938,7 +916,7 @@ def run_extraction(adapter: IARAdapter, image_set: data.ImageSet, cfg: Extractio
     """
     st, cfg, edit, heldout_set = _prepare(adapter, image_set, cfg, edit, heldout_set, store)
     spec = job_spec(adapter, image_set, cfg, edit, heldout_set, sscd_path)
-    fn = _job_fn(adapter, image_set, heldout_set, cfg, edit, sscd_path, st)
+    fn = _job_fn(adapter, image_set, heldout_set, cfg, edit, sscd_path)
     arrays, meta = jobs.run_job(KIND, spec, fn, store=st, version=VERSION, force=force, on_progress=on_progress)
     meta = dict(meta)
     meta["store_key"] = st.key(KIND, spec, VERSION)
@@ -952,7 +930,7 @@ def start_extraction(adapter: IARAdapter, image_set: data.ImageSet, cfg: Extract
     `load_partial_extraction(store, handle.key)` while it runs."""
     st, cfg, edit, heldout_set = _prepare(adapter, image_set, cfg, edit, heldout_set, store)
     spec = job_spec(adapter, image_set, cfg, edit, heldout_set, sscd_path)
-    fn = _job_fn(adapter, image_set, heldout_set, cfg, edit, sscd_path, st)
+    fn = _job_fn(adapter, image_set, heldout_set, cfg, edit, sscd_path)
     return jobs.start_job(KIND, spec, fn, store=st, version=VERSION, force=force, on_progress=on_progress)
 
 
