@@ -62,7 +62,7 @@ from iarmem_core.hooks import UnitEdit
 KIND = "extraction"
 SCORE_KIND = "memscore"
 CALIBRATION_KIND = "extraction-calibration"
-VERSION = "1"  # bump when the algorithm's output changes (it goes into the store key)
+VERSION = "2"  # bump when the algorithm's output changes (it goes into the store key)
 CHECKPOINT_EVERY_S = 5.0  # partial results are saved this often, so the app's gallery fills while it runs
 TAIL_TOKENS = 99  # next-token models rank by the last 99 image tokens (METHOD.md section 3)
 PAPER_PREFIX = 30  # 30 tokens: 4 scales of VAR-256, 30 tokens of RAR (Kowalczuk et al.)
@@ -790,12 +790,13 @@ def _job_fn(adapter: IARAdapter, image_set: data.ImageSet, heldout_set: data.Ima
 
         # -- 2. the table: row r = item * P + prefix index; per-item columns repeat over the prefixes
         I, P, n_tok = len(plan.idx), len(prefixes), adapter.n_tokens
+        tok_dtype = np.int16 if adapter.vocab_size <= np.iinfo(np.int16).max else np.int32
         side = min(adapter.image_size, cfg.gallery_size)
         R = I * P
         rows = {k: np.repeat(v, P) for k, v in plan.columns.items()}
         rows.update({
             "prefix_tokens": np.tile(np.asarray(prefixes, np.int64), I), "item_row": np.repeat(np.arange(I), P),
-            "gen_tokens_RN": np.zeros((R, n_tok), np.int32), "true_tokens_RN": np.zeros((R, n_tok), np.int32),
+            "gen_tokens_RN": np.zeros((R, n_tok), tok_dtype), "true_tokens_RN": np.zeros((R, n_tok), tok_dtype),
             "generated_RHW3": np.zeros((R, side, side, 3), np.uint8),
             **{f"sim_{m}": np.full(R, np.nan, np.float32) for m in measures},
         })

@@ -47,7 +47,7 @@ RANKINGS = ("global", "per_block", "per_group")
 DEFAULT_TOP_PERCENTS = (0, 1, 5, 10, 20)
 SAMPLING_KEYS = ("cfg", "top_k", "top_p", "temperature")
 FAMILY_SAMPLING_KEYS = {"rar": ("cfg_power",), "llamagen": ("cfg_interval",), "var": ()}
-N_KEEP_SAMPLES = 64  # samples kept with a quality result for the app's gallery
+N_KEEP_SAMPLES = 16  # samples kept with a quality result (a glimpse; sample_pair makes more in-process)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -305,7 +305,7 @@ def _quality_fn(adapter, edit, n_samples, feature_space, reference_set, seed, sa
         }
         keep = samples[:N_KEEP_SAMPLES]
         arrays = {"samples_BHW3": (keep.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(),
-                  "sample_labels": labels[:N_KEEP_SAMPLES].numpy(), "features_ND": feats.numpy()}
+                  "sample_labels": labels[:N_KEEP_SAMPLES].numpy()}
         return arrays, meta
 
     return fn
