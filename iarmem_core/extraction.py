@@ -65,7 +65,9 @@ CALIBRATION_KIND = "extraction-calibration"
 VERSION = "2"  # bump when the algorithm's output changes (it goes into the store key)
 CHECKPOINT_EVERY_S = 5.0  # partial results are saved this often, so the app's gallery fills while it runs
 TAIL_TOKENS = 99  # next-token models rank by the last 99 image tokens (METHOD.md section 3)
-PAPER_PREFIX = 30  # 30 tokens: 4 scales of VAR-256, 30 tokens of RAR (Kowalczuk et al.)
+PAPER_PREFIX = 30  # 30 tokens: 4 scales of VAR-256, 30 of RAR's 256 tokens (Kowalczuk et al.)
+PAPER_PREFIX_SCALES = 4
+PAPER_NEXT_TOKEN_N = 256
 MEASURES = ("sscd", "token_match", "ssim", "feature_cosine")
 SSCD_THRESHOLD = 0.75
 MIN_SSIM_SIZE = 11  # SSIM's Gaussian window is 11x11
@@ -331,12 +333,13 @@ class ExtractionConfig:
 
 
 def default_prefix(adapter: IARAdapter) -> int:
-    """The paper's 30 tokens: VAR the largest whole-scale prefix <= 30 that leaves a scale to generate;
-    next-token min(30, N // 2)."""
+    """The paper's prefix, carried over by its meaning: VAR 4 whole scales (30 tokens of VAR-256; fewer when
+    the model has at most 4 scales), next-token models the same fraction of the image as 30 of RAR's 256
+    tokens (30 for 16x16 grids, 8 for 8x8)."""
     if len(adapter.token_grids) > 1:
-        ok = [p for p in adapter.prefix_choices if 0 < p <= PAPER_PREFIX]
-        return max(ok) if ok else 0
-    return min(PAPER_PREFIX, adapter.n_tokens // 2)
+        n_scales = min(PAPER_PREFIX_SCALES, len(adapter.token_grids) - 1)
+        return adapter.scale_slices[n_scales - 1].stop
+    return max(1, round(PAPER_PREFIX * adapter.n_tokens / PAPER_NEXT_TOKEN_N))
 
 
 def resolve_prefixes(adapter: IARAdapter, cfg: ExtractionConfig) -> list[int]:
@@ -1028,7 +1031,7 @@ def add_arguments(p) -> None:
     p.add_argument("--candidates-per-class", type=int, default=5, help="top-k images per class by score")
     p.add_argument("--ids", help="explicit candidate image ids, comma separated (instead of top-k per class)")
     p.add_argument("--prefix", help="prefix lengths in tokens, comma separated (VAR: whole scales); "
-                                    "default: the paper's 30 tokens (4 scales of VAR-256)")
+                                    "default: the paper's (VAR 4 scales; next-token 30/256 of the tokens)")
     p.add_argument("--similarity", default="auto", help="auto, sscd, token_match, ssim, feature_cosine")
     p.add_argument("--threshold", type=float, help="decision threshold (default: calibrated / published)")
     p.add_argument("--sscd", help="path of sscd_disc_mixup.torchscript.pt (SSCD similarity, threshold 0.75)")

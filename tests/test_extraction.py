@@ -254,9 +254,11 @@ def test_next_token_score_is_the_last_99_tokens_and_var_the_last_scale(world):
     assert extraction.score_definition(g) == "last99"
     np.testing.assert_allclose(acc[:, names.index("last99")], [1.0, 0.0])
     np.testing.assert_allclose(acc[:, names.index("16x16")], [99 / 256, 157 / 256])
-    assert extraction.default_prefix(g) == 30
+    assert extraction.default_prefix(g) == 30  # the paper's 30 of 256 tokens
     m = world[0]
-    assert extraction.score_definition(m) == "4x4" and extraction.default_prefix(m) == 14
+    assert extraction.score_definition(m) == "4x4" and extraction.default_prefix(m) == 14  # 3 of 4 scales
+    rar = load_adapter("test-rar", device="cpu")
+    assert extraction.default_prefix(rar) == 4  # 30/256 of 36 tokens
 
 
 def test_candidates_are_top_k_per_class_by_score():
