@@ -23,13 +23,17 @@
    token_match.
 
 Threshold calibration of the offline measures (`calibrate`): the attack is run on *held-out* images the
-model never saw, at the same prefix; each measure's threshold is the lowest value that at most
-``max_false_rate`` (default 1%) of those held-out generations exceed (`metrics.calibrate_threshold`). On the
-demo the calibration images are the held-out images *not* in the evaluation held-out sample (the two are
-disjoint, `demo_heldout_sets`), so the reported held-out false rate is measured on other images than the
-threshold was set on. Thresholds depend on the model and the prefix; every result records, per measure
-and prefix, the threshold and where it came from (user, published, calibrated with the store key of the
-calibration, built-in demo calibration, or an uncalibrated default).
+model never saw, at the same prefixes; the threshold of each (measure, prefix) is the lowest value that at
+most ``max_false_rate`` of those held-out generations exceed (`metrics.calibrate_threshold`). The default,
+``max_false_rate=0``, is the highest similarity any calibration image reached: for a new held-out image the
+chance to exceed the maximum of n exchangeable ones is 1/(n+1) (0.12% for the demo's 800). A 1% quantile
+proved too permissive on demo-rar: it let in unique training images reproduced only half-way (token match
+0.46-0.52, SSIM 0.72-0.90; copies score >= 0.58 and > 0.95). On the demo the calibration images are the
+held-out images *not* in the evaluation held-out sample (the two are disjoint, `demo_heldout_sets`), so the
+reported held-out false rate is measured on other images than the threshold was set on. Thresholds depend
+on the model and the prefix; every result records, per measure and prefix, the threshold and where it came
+from (user, published, calibrated with the store key of the calibration, built-in demo calibration, or an
+uncalibrated default).
 
 The decision is never baked into the stored result: the table keeps the scores, and
 `ExtractionResult.count(threshold, similarity)` recounts instantly (the app's threshold slider).
@@ -71,7 +75,7 @@ PAPER_NEXT_TOKEN_N = 256
 MEASURES = ("sscd", "token_match", "ssim", "feature_cosine")
 SSCD_THRESHOLD = 0.75
 MIN_SSIM_SIZE = 11  # SSIM's Gaussian window is 11x11
-DEFAULT_MAX_FALSE_RATE = 0.01
+DEFAULT_MAX_FALSE_RATE = 0.0  # the highest score of any calibration held-out image (see the docstring)
 
 # Built-in thresholds of the shipped demo models, from `calibrate` (see the module docstring):
 # model name -> {"weights": identity["transformer"] they were calibrated for, "measure": the auto measure,
@@ -1007,8 +1011,12 @@ def calibrate(adapter: IARAdapter, calibration_set: data.ImageSet, cfg: Extracti
 
     ranked = sorted((r for r in table if str(r["prefix_tokens"]) == p0), key=rank_key)
     measure = ranked[0]["measure"] if ranked and pos is not None else "token_match"
-    how = (f"lowest threshold exceeded by at most {max_false_rate:.0%} of {len(calibration_set)} held-out "
-           f"images ({calibration_set.name}) attacked with the same prefix")
+    if max_false_rate == 0:
+        how = (f"the highest score of {len(calibration_set)} held-out images ({calibration_set.name}) attacked "
+               f"with the same prefix")
+    else:
+        how = (f"lowest threshold exceeded by at most {max_false_rate:.1%} of {len(calibration_set)} held-out "
+               f"images ({calibration_set.name}) attacked with the same prefix")
     spec = {"model": adapter.identity, "negatives": neg.meta["store_key"],
             "positives": pos.meta["store_key"] if pos is not None else None, "max_false_rate": max_false_rate}
     meta = {"thresholds": thresholds, "measure": measure, "how": how, "table": table,
