@@ -13,6 +13,7 @@ Variants (--variants, comma separated):
   last_scale   VAR: rank by the last scale's UnitMem (the scale the candidates are scored on)
   zero         zero the units instead of halving their fc1 rows
   factor0.25   fc1 rows x 0.25
+  a+b          both, e.g. last_scale+zero
 
     python bench/intervention.py --model demo-var
     python bench/intervention.py --model demo-rar --variants default,zero --top-percents 5,10
@@ -37,7 +38,18 @@ VARIANTS = {
     "last_scale": {"combine": -1},
     "zero": {"op": "zero"},
     "factor0.25": {"factor": 0.25},
+    "factor0": {"factor": 0.0},
 }
+
+
+def variant(name: str) -> dict:
+    """The options of a variant name; 'a+b' merges a and b."""
+    out: dict = {}
+    for part in name.split("+"):
+        if part not in VARIANTS:
+            raise SystemExit(f"unknown variant {part!r}; known: {', '.join(VARIANTS)}")
+        out.update(VARIANTS[part])
+    return out
 
 
 def main() -> None:
@@ -70,8 +82,8 @@ def main() -> None:
     before = extraction.run_extraction(m, sel, ecfg, store=st)
     out = {"model": args.model, "extraction_before": before.summary(), "variants": {}}
     for name in args.variants.split(","):
-        v = dict(VARIANTS[name])
-        if name == "last_scale" and len(m.token_grids) == 1:
+        v = variant(name)
+        if v.get("combine") == -1 and len(m.token_grids) == 1:
             continue  # next-token models have one scale group
         ucfg = unitmem.UnitMemConfig(n_augs=v.pop("n_augs", 10), seed=args.seed,
                                      group_kinds=v.pop("group_kinds", ("scale",)))
