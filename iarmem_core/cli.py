@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "extract": ("iarmem_core.extraction", "add_arguments", "run_cli"),
     "intervene": ("iarmem_core.intervention", "add_arguments", "run_cli"),
     "sample": ("iarmem_core.intervention", "add_sample_arguments", "run_sample_cli"),
+    "train-demo": ("iarmem_core.demo_train", "add_arguments", "run"),
 }
 HELP = {
     "unitmem": "localize memorization: streaming UnitMem per block and scale / position",
@@ -28,6 +29,7 @@ HELP = {
     "extract": "training-data extraction attack: candidates, greedy generation from a prefix, similarity counts",
     "intervene": "edit the top-k% UnitMem units: extraction and quality before/after, random control, --sweep",
     "sample": "class-conditional samples as a PNG grid, unedited and with the top-k% units edited",
+    "train-demo": "re-create the demo assets (feature net, demo-var, demo-rar) on CPU from the bundled data",
 }
 
 

@@ -217,3 +217,38 @@ register(ModelSpec(
     sampling={"cfg": 4.0, "top_k": 0, "top_p": 1.0, "temperature": 1.0},
     description="tiny LlamaGen of the golden data",
 ))
+
+# ---------------------------------------------------------------------------------------------------
+# 4. The demo world: small models of the real architectures trained on the bundled Fashion-MNIST subset
+# with planted duplicates (assets/demo_data), by `python -m iarmem_core train-demo` (iarmem_core/demo_train.py).
+# 32x32 images, 8x8 token grids, 6 blocks of width 128 (512 units each): small enough for a CPU laptop,
+# deep enough for a block x scale picture. Sampling settings were chosen on the trained models for class
+# accuracy and Frechet distance in the bundled feature space (see the model cards in assets/demo-*/).
+DEMO_PATCH_NUMS = (1, 2, 3, 4, 6, 8)
+register(ModelSpec(
+    name="demo-var", family="var", image_size=32, num_classes=10, kind="demo",
+    tokenizer=dict(vocab_size=512, z_channels=32, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, share_quant_resi=4,
+                   quant_resi=0.5, v_patch_nums=DEMO_PATCH_NUMS, using_znorm=False, quant_conv_ks=3),
+    transformer=dict(num_classes=10, depth=6, embed_dim=128, num_heads=4, mlp_ratio=4.0, norm_eps=1e-6,
+                     shared_aln=False, attn_l2_norm=True, patch_nums=DEMO_PATCH_NUMS, cond_drop_rate=0.1),
+    bundled={"tokenizer": "assets/demo-var/tokenizer.safetensors",
+             "transformer": "assets/demo-var/transformer.safetensors"},
+    sampling={"cfg": 3.0, "top_k": 0, "top_p": 0.8, "temperature": 1.0},
+    description="demo VAR: Fashion-MNIST 32 px, scales 1,2,3,4,6,8 (130 tokens), 6 blocks x 512 units, "
+                "planted duplicates at 4x/16x/64x",
+    train_augmentation="flip",
+))
+register(ModelSpec(
+    name="demo-rar", family="rar", image_size=32, num_classes=10, kind="demo",
+    tokenizer=dict(channel_mult=(1, 1, 2), num_resolutions=3, dropout=0.0, hidden_channels=32, num_channels=3,
+                   num_res_blocks=1, resolution=32, z_channels=32, num_embeddings=512, embedding_dim=32),
+    transformer=dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512,
+                     image_seq_len=64, condition_num_classes=10, codebook_size=512, dropout=0.0, attn_drop=0.0,
+                     class_label_dropout=0.1),
+    bundled={"tokenizer": "assets/demo-rar/tokenizer.safetensors",
+             "transformer": "assets/demo-rar/transformer.safetensors"},
+    sampling={"temperature": 1.0, "cfg": 5.0, "cfg_power": 1.0, "top_k": 0, "top_p": 0.95},
+    description="demo RAR: Fashion-MNIST 32 px, 8x8 raster tokens, 6 blocks x 512 units, planted duplicates "
+                "at 4x/16x/64x (trained in raster order)",
+    train_augmentation="flip",
+))
