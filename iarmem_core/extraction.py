@@ -81,7 +81,30 @@ DEFAULT_MAX_FALSE_RATE = 0.0  # the highest score of any calibration held-out im
 # model name -> {"weights": identity["transformer"] they were calibrated for, "measure": the auto measure,
 # "thresholds": {measure: {str(prefix): threshold}}, "how": ...}. Filled from
 # `python -m iarmem_core extract --model demo-var --calibrate --json`.
-DEMO_CALIBRATION: dict[str, dict] = {}
+_DEMO_CALIBRATION_HOW = ("the highest score of 800 held-out images (the demo held-out split minus the 200 evaluation "
+                         "images, seed 0) attacked with the same prefix, rounded up to 4 decimals")
+DEMO_CALIBRATION: dict[str, dict] = {
+    "demo-var": {
+        "weights": "transformer.safetensors:c19bee693785ae1a",
+        "measure": "token_match",
+        "thresholds": {
+            "token_match": {"1": 0.4807, "5": 0.5681, "14": 0.5604, "30": 0.6601, "66": 0.7188},
+            "ssim": {"1": 0.9514, "5": 0.9514, "14": 0.9655, "30": 0.9835, "66": 0.9796},
+            "feature_cosine": {"1": 0.997, "5": 0.9985, "14": 0.9984, "30": 0.9992, "66": 0.9997},
+        },
+        "how": _DEMO_CALIBRATION_HOW,
+    },
+    "demo-rar": {
+        "weights": "transformer.safetensors:35e0d6f79905e4d2",
+        "measure": "token_match",
+        "thresholds": {
+            "token_match": {"4": 0.5334, "8": 0.5715, "16": 0.5625, "24": 0.65, "32": 0.8438},
+            "ssim": {"4": 0.9354, "8": 0.9486, "16": 0.9658, "24": 0.9863, "32": 0.9938},
+            "feature_cosine": {"4": 0.9986, "8": 0.9987, "16": 0.9982, "24": 0.9995, "32": 0.9999},
+        },
+        "how": _DEMO_CALIBRATION_HOW,
+    },
+}
 
 
 def canonical_measure(name: str) -> str:
