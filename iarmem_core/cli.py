@@ -17,12 +17,18 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "unitmem": ("iarmem_core.cli", "_unitmem_args", "_unitmem_run"),
     "models": ("iarmem_core.cli", "_models_args", "_models_run"),
     "identify": ("iarmem_core.cli", "_identify_args", "_identify_run"),
+    "extract": ("iarmem_core.extraction", "add_arguments", "run_cli"),
+    "intervene": ("iarmem_core.intervention", "add_arguments", "run_cli"),
+    "sample": ("iarmem_core.intervention", "add_sample_arguments", "run_sample_cli"),
     "train-demo": ("iarmem_core.demo_train", "add_arguments", "run"),
 }
 HELP = {
     "unitmem": "localize memorization: streaming UnitMem per block and scale / position",
     "models": "list the registry (released, demo and test configs)",
     "identify": "say what a checkpoint file is (family, component, likely registry model)",
+    "extract": "training-data extraction attack: candidates, greedy generation from a prefix, similarity counts",
+    "intervene": "edit the top-k% UnitMem units: extraction and quality before/after, random control, --sweep",
+    "sample": "class-conditional samples as a PNG grid, unedited and with the top-k% units edited",
     "train-demo": "re-create the demo assets (feature net, demo-var, demo-rar) on CPU from the bundled data",
 }
 

@@ -1,0 +1,112 @@
+"""Privacy vs quality of unit edits on a model (issue 7): the sweep and its ablations, as one JSON object.
+
+For each variant (how units are localized and edited) and each k: the extraction count after editing the
+top-k% UnitMem units and after editing random units of the same size and blocks, with FD and class
+accuracy of samples. Every number is a stored job, so a rerun only computes what is missing.
+
+Variants (--variants, comma separated):
+  default      UnitMem with the model's training augmentation (10 views), global ranking, max over
+               scales, fc1 rows x 0.5 (the paper's edit)
+  no_aug       UnitMem on the images alone (1 view)
+  per_block    the top k% of every block
+  per_group    k% in total, taken in turn from each scale's (VAR) / row's (next-token) own ranking
+  last_scale   VAR: rank by the last scale's UnitMem (the scale the candidates are scored on)
+  zero         zero the units instead of halving their fc1 rows
+  factor0.25   fc1 rows x 0.25
+  a+b          both, e.g. last_scale+zero
+
+    python bench/intervention.py --model demo-var
+    python bench/intervention.py --model demo-rar --variants default,zero --top-percents 5,10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = {
+    "default": {},
+    "no_aug": {"n_augs": 1},
+    "per_block": {"ranking": "per_block"},
+    "per_group": {"ranking": "per_group", "group_kinds": ("scale", "row")},
+    "last_scale": {"combine": -1},
+    "zero": {"op": "zero"},
+    "factor0.25": {"factor": 0.25},
+    "factor0": {"factor": 0.0},
+}
+
+
+def variant(name: str) -> dict:
+    """The options of a variant name; 'a+b' merges a and b."""
+    out: dict = {}
+    for part in name.split("+"):
+        if part not in VARIANTS:
+            raise SystemExit(f"unknown variant {part!r}; known: {', '.join(VARIANTS)}")
+        out.update(VARIANTS[part])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="demo-var")
+    ap.add_argument("--variants", default="default,no_aug,per_block,per_group,last_scale,zero")
+    ap.add_argument("--top-percents", default="0,1,5,10,20")
+    ap.add_argument("--n", type=int, default=500, help="data selection D' (demo: all planted + stratified)")
+    ap.add_argument("--n-samples", type=int, default=1000)
+    ap.add_argument("--candidates-per-class", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--store", help="result store (default $IARMEM_STORE or ./store)")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+
+    import torch
+
+    from iarmem_core import data, extraction, intervention, unitmem
+    from iarmem_core.adapters import load_adapter
+    from iarmem_core.store import ResultStore, get_store
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    st = ResultStore(args.store) if args.store else get_store()
+    m = load_adapter(args.model)
+    sel = data.select_demo(n=args.n, seed=args.seed)
+    ks = [float(k) for k in args.top_percents.split(",")]
+    ecfg = extraction.ExtractionConfig(candidates_per_class=args.candidates_per_class, seed=args.seed)
+    t0 = time.time()
+    before = extraction.run_extraction(m, sel, ecfg, store=st)
+    out = {"model": args.model, "extraction_before": before.summary(), "variants": {}}
+    for name in args.variants.split(","):
+        v = variant(name)
+        if v.get("combine") == -1 and len(m.token_grids) == 1:
+            continue  # next-token models have one scale group
+        ucfg = unitmem.UnitMemConfig(n_augs=v.pop("n_augs", 10), seed=args.seed,
+                                     group_kinds=v.pop("group_kinds", ("scale",)))
+        tu = time.time()
+        um = unitmem.run_unitmem(m, sel, ucfg, store=st)
+        combine = v.pop("combine", "max")
+        if combine == -1:
+            combine = len(um.meta["scale_groups"]) - 1
+        df = intervention.run_sweep(m, um, sel, top_percents=ks, combine=combine, extraction_cfg=ecfg,
+                                    n_samples=args.n_samples, seed=args.seed, store=st, **v)
+        rows = df[["top_percent", "selection", "n_units", "extracted", "extracted_planted",
+                   "recall_planted_max_count", "fd", "class_acc"]].to_dict(orient="records")
+        out["variants"][name] = {"unitmem": {**ucfg.to_dict(), "store_key": um.meta["store_key"]},
+                                 "edit": {"ranking": v.get("ranking", "global"), "combine": combine,
+                                          "op": v.get("op", "fc1_scale"), "factor": v.get("factor", 0.5)},
+                                 "sweep_key": df.attrs["store_key"], "rows": rows,
+                                 "seconds": round(time.time() - tu, 1)}
+    out["similarity"] = before.summary()["similarity"]
+    out["threshold"] = before.summary()["threshold"]
+    out["fd_metric"] = "FD[demo-fashion-cnn]"
+    out["wall_s"] = round(time.time() - t0, 1)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
