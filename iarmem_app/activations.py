@@ -1,0 +1,71 @@
+"""Per-image unit activations of one position group, for the memorization page's distribution plot.
+
+UnitMem keeps only each unit's running max, mean and top images (it never stores images x units). To draw
+a unit's distribution over the images, this job runs one teacher-forced pass over the selection (the
+un-augmented view 0 of each image) and keeps mu(x) = mean over the group's positions of |a_u| for every
+block and unit of one group: float16 [blocks, N, U]. A job in the store like UnitMem (no streamlit here).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from iarmem_core import data, hooks, jobs
+from iarmem_core.adapters.base import IARAdapter
+
+KIND = "unit-acts"
+
+
+def job_spec(adapter: IARAdapter, image_set: data.ImageSet, group_name: str, batch_size: int = 32) -> dict:
+    return {"model": adapter.identity, "data": data.data_fingerprint(image_set), "group": group_name,
+            "view": "original", "batch_size": batch_size, "dtype": str(adapter.dtype)}
+
+
+def _group_index(adapter: IARAdapter, group_name: str) -> torch.Tensor:
+    for g in adapter.position_groups(kinds=("scale", "row", "position")):
+        if g.name == group_name:
+            return g.index
+    raise KeyError(f"{adapter.spec.name} has no position group {group_name!r}")
+
+
+@torch.no_grad()
+def group_activations(adapter: IARAdapter, images_B3HW: torch.Tensor, labels_B: torch.Tensor,
+                      index: torch.Tensor) -> torch.Tensor:
+    """mu [blocks, B, U]: mean over the rows predicting a token in `index` of |unit activation|."""
+    member = torch.zeros(adapter.n_tokens, dtype=torch.bool)
+    member[index] = True
+    out: dict[int, torch.Tensor] = {}
+
+    def on_units(block: int, acts_BTU: torch.Tensor, info: hooks.CallInfo | None) -> None:
+        ti = info.target_index.cpu() if info is not None else torch.arange(acts_BTU.shape[1])
+        rows = (ti >= 0) & member[ti.clamp(min=0)]
+        out[block] = acts_BTU[:, rows.to(acts_BTU.device)].abs().mean(1).float().cpu()
+
+    tokens = adapter.tokenize(images_B3HW)
+    with hooks.capture(adapter.transformer, on_units):
+        adapter.teacher_forced_logits(tokens, labels_B.to(adapter.device))
+    return torch.stack([out[b] for b in sorted(out)])
+
+
+def make_job(adapter: IARAdapter, image_set: data.ImageSet, group_name: str, batch_size: int = 32):
+    index = _group_index(adapter, group_name)
+
+    def fn(ctx) -> tuple[dict[str, np.ndarray], dict]:
+        n = len(image_set)
+        parts = []
+        for s in range(0, n, batch_size):
+            ctx.check()
+            idx = np.arange(s, min(n, s + batch_size))
+            x = image_set.images(idx, size=adapter.image_size)
+            parts.append(group_activations(adapter, x, image_set.labels_tensor(idx), index))
+            ctx.progress(min(n, s + batch_size) / n, f"{min(n, s + batch_size)}/{n} images")
+        mu_LNU = torch.cat(parts, dim=1).numpy().astype(np.float16)
+        return {"mu_LNU": mu_LNU}, {"group": group_name, "image_ids": list(image_set.ids)}
+
+    return fn
+
+
+def start(adapter: IARAdapter, image_set: data.ImageSet, group_name: str, store) -> jobs.JobHandle:
+    return jobs.start_job(KIND, job_spec(adapter, image_set, group_name), make_job(adapter, image_set, group_name),
+                          store=store)

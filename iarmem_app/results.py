@@ -1,0 +1,173 @@
+"""Results for the app: the user's store first, then the shipped read-only store; jobs started and polled.
+
+A stored result never changes under its key, so loaded results are cached per key for every session.
+Heavy work is a job of iarmem_core.jobs: starting one twice (a rerun, a second tab) returns the running
+job, and the page polls its status file in a fragment until it is done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from iarmem_app import config
+from iarmem_core import jobs, unitmem
+from iarmem_core import store as store_mod
+from iarmem_core.store import ResultStore
+
+ACTIVE = ("queued", "running")
+
+
+class ReadOnlyStore(ResultStore):
+    """A ResultStore that only reads: creates no folders, cleans nothing, takes no locks."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().absolute()
+
+    def exists(self, key: str) -> bool:
+        return (self.root / "results").is_dir() and super().exists(key)
+
+    def list(self, kind: str | None = None) -> list[dict]:
+        """Rows like ResultStore.list, read from the results' info.json (no manifest is written)."""
+        rows = []
+        res = self.root / "results"
+        for slot in sorted(res.iterdir()) if res.is_dir() else []:
+            if (kind is None or slot.name.rsplit("-", 1)[0] == kind) and (slot / "CURRENT").exists():
+                try:
+                    rows.append({"key": slot.name, **self._manifest_row(self._read_info(slot, slot.name, "result"))})
+                except store_mod.StoreError:
+                    continue
+        return sorted(rows, key=lambda r: r.get("created", 0), reverse=True)
+
+    def _read_slot(self, slot: Path, key: str, what: str, verify: bool, mmap: bool) -> tuple[dict, dict]:
+        # nothing ever writes here: read without taking (and so creating) the slot's lock file
+        return self._read_version(slot, key, what, self._live_version(slot, key, what), verify, mmap)
+
+    def has_partial(self, key: str) -> bool:
+        return False
+
+    def load_partial(self, key: str, verify: bool = True):
+        return None
+
+
+def user_store() -> ResultStore:
+    """The writable store ($IARMEM_STORE, else <repo>/store), shared with the CLI."""
+    return store_mod.get_store()
+
+
+@st.cache_resource
+def shipped_store() -> ReadOnlyStore:
+    return ReadOnlyStore(config.SHIPPED_STORE)
+
+
+def locate(key: str) -> ResultStore | None:
+    """The store holding a complete result under `key` (the user's first), or None."""
+    for s in (user_store(), shipped_store()):
+        if s.exists(key):
+            return s
+    return None
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def _load(root: str, key: str, version: str) -> tuple[dict[str, np.ndarray], dict]:
+    s = user_store() if Path(root) == user_store().root else shipped_store()
+    arrays, meta = s.load(key)
+    for a in arrays.values():
+        a.setflags(write=False)  # shared by every session
+    return arrays, meta
+
+
+def version(s: ResultStore, key: str) -> str:
+    """The live version of a result (a recomputation under the same key makes a new one)."""
+    try:
+        return (s.result_dir(key) / "CURRENT").read_text().strip()
+    except OSError:
+        return ""
+
+
+def load(key: str) -> tuple[dict[str, np.ndarray], dict] | None:
+    """(arrays, meta) of the result under `key` from the user's store or the shipped one; None if neither has it."""
+    s = locate(key)
+    return None if s is None else _load(str(s.root), key, version(s, key))
+
+
+def source_label(key: str) -> str:
+    s = locate(key)
+    if s is None:
+        return "not computed yet"
+    return "shipped with iarmem (assets/store)" if isinstance(s, ReadOnlyStore) else f"your store ({s.root})"
+
+
+# ---- UnitMem -------------------------------------------------------------------------------------------
+def unitmem_key(adapter, image_set, cfg: unitmem.UnitMemConfig) -> str:
+    return user_store().key(unitmem.KIND, unitmem.job_spec(adapter, image_set, cfg))
+
+
+def unitmem_result(adapter, image_set, cfg) -> tuple[str, unitmem.UnitMemResult | None]:
+    key = unitmem_key(adapter, image_set, cfg)
+    got = load(key)
+    if got is None:
+        return key, None
+    meta = dict(got[1])
+    meta["store_key"] = key
+    return key, unitmem.UnitMemResult(got[0], meta)
+
+
+# ---- jobs ----------------------------------------------------------------------------------------------
+def status(key: str) -> dict:
+    return jobs.job_status(key, user_store())
+
+
+def is_active(key: str) -> bool:
+    return status(key).get("state") in ACTIVE
+
+
+def job_panel(key: str, what: str, start: Callable[[], object], start_label: str, *, done: bool,
+              widget_key: str, allow_rerun: bool = False, live: Callable[[], None] | None = None) -> None:
+    """Start button, or a polled progress bar with a cancel button while the job `key` runs.
+
+    `start()` starts the job (jobs.start_job returns the running one if it already runs anywhere).
+    `done`: a result is available, so the button offers a recomputation only when `allow_rerun`.
+    `live()` draws partial results under the progress bar at every poll.
+    """
+    st_ = status(key)
+    if st_.get("state") in ACTIVE:
+        _poll(key, what, widget_key, live)
+        return
+    if st_.get("state") == "failed":
+        st.error(f"The {what} job stopped: {st_.get('error')}. Start it again to "
+                 f"{'resume from its checkpoint' if st_.get('resumable') else 'run it'}.")
+    elif st_.get("state") == "cancelled":
+        st.warning(f"The {what} job was cancelled at {100 * float(st_.get('progress') or 0):.0f}%. "
+                   "Starting it again resumes from its last checkpoint.")
+    if done and not allow_rerun:
+        return
+    if st.button(start_label, key=f"{widget_key}_start", type="primary"):
+        start()
+        _poll(key, what, widget_key, live)
+
+
+def _poll(key: str, what: str, widget_key: str, live: Callable[[], None] | None = None) -> None:
+    @st.fragment(run_every=1.0)
+    def poll() -> None:
+        s = status(key)
+        frac = float(s.get("progress") or 0.0)
+        st.progress(min(max(frac, 0.0), 1.0), text=f"{what}: {100 * frac:.0f}% {s.get('message') or ''}")
+        if s.get("state") == "done":
+            st.rerun(scope="app")
+        elif s.get("state") not in ACTIVE:
+            st.rerun(scope="app")  # failed or cancelled: the panel says so
+        if st.button("Cancel", key=f"{widget_key}_cancel"):
+            jobs.cancel_job(key, user_store())
+            st.toast(f"Cancelling the {what} job; it stops at its next checkpoint.")
+        if live is not None:
+            live()
+
+    poll()
+
+
+def start_unitmem(adapter, image_set, cfg) -> None:
+    unitmem.start_unitmem(adapter, image_set, cfg, store=user_store())

@@ -1,0 +1,122 @@
+"""Precompute the results the app shows first and ship them in assets/store (a read-only fallback store).
+
+For every demo model (demo-var, demo-rar; their tiny random-weight stand-ins test-var/test-rar until the demo
+models are registered) this runs the app's default analyses exactly as the app and the CLI key them:
+UnitMem on the demo selection (500 images, seed 0) with the app's overview groups; when iarmem_core.extraction
+is in the build, the extraction attack with its defaults (plus the held-out control); when
+iarmem_core.intervention is, the default edit's measurements (top 10%, factor 0.5) and the trade-off sweep.
+The results are computed in (or taken from) a working store, then copied to assets/store/results/<key>/,
+and assets/store/index.json lists them. tests/app/test_shipped_store.py fails when a shipped key no
+longer matches what the current code would compute, so rerun this script after changing a model, the data,
+the configs or the code version:
+
+    python scripts/precompute_demo_results.py                  # all demo models, working store ./store
+    python scripts/precompute_demo_results.py --models demo-var --store /tmp/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from iarmem_app import config, edits  # noqa: E402
+from iarmem_core import data, unitmem  # noqa: E402
+from iarmem_core.adapters import load_adapter  # noqa: E402
+from iarmem_core.store import ResultStore  # noqa: E402
+
+SEED = 0
+MAX_MB = 8.0  # the shipped store must stay small
+
+
+def default_keys(name: str, store: ResultStore, sweep: bool = True) -> list[dict]:
+    """The (kind, key, runner) of every result the app shows first for model `name`."""
+    adapter = load_adapter(name, device="cpu", seed=SEED)
+    sel = data.select_demo(n=config.N_IMAGES, seed=SEED)
+    cfg = config.unitmem_config(name, SEED)
+    spec = unitmem.job_spec(adapter, sel, cfg)
+    um_key = store.key(unitmem.KIND, spec)
+    out = [{"model": name, "kind": unitmem.KIND, "key": um_key,
+            "run": lambda: unitmem.run_unitmem(adapter, sel, cfg, store=store)}]
+    try:
+        extraction = importlib.import_module("iarmem_core.extraction")
+    except ImportError:
+        return out
+    ecfg = extraction.ExtractionConfig(seed=SEED)
+    ekey = extraction.extraction_key(adapter, sel, ecfg, store=store)
+    out.append({"model": name, "kind": extraction.KIND, "key": ekey,
+                "run": lambda: extraction.run_extraction(adapter, sel, ecfg, store=store)})
+    if not sweep or edits.core() is None:
+        return out
+    intervention = edits.core()
+
+    def um_result():
+        return unitmem.run_unitmem(adapter, sel, cfg, store=store)
+
+    # the intervention page's first view: the default edit's numbers and the trade-off curve
+    kw = dict(top_percent=10.0, units=None, factor=0.5, op="fc1_scale", ranking="global", seed=SEED)
+    res0 = unitmem.UnitMemResult({}, {"store_key": um_key})
+    out.append({"model": name, "kind": edits.MEASURE_KIND,
+                "key": store.key(edits.MEASURE_KIND, edits.measure_spec(adapter, res0, sel, **kw)),
+                "run": lambda: edits.start_measure(adapter, um_result(), sel, store, **kw).wait()})
+    args = edits.sweep_args(adapter, res0, sel, factor=0.5, op="fc1_scale", ranking="global", seed=SEED)
+    out.append({"model": name, "kind": intervention.SWEEP_KIND,
+                "key": store.key(intervention.SWEEP_KIND, intervention.sweep_spec(adapter, res0, sel, **args),
+                                 intervention.VERSION),
+                "run": lambda: intervention.run_sweep(adapter, um_result(), sel, store=store, **args)})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="*", default=None, help="default: the app's demo models")
+    p.add_argument("--store", default=str(REPO / "store"), help="working store (results are reused from it)")
+    p.add_argument("--out", default=str(config.SHIPPED_STORE))
+    p.add_argument("--no-sweep", action="store_true", help="skip the intervention measurements (slow on CPU)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    models = args.models or config.quick_models()
+    work = ResultStore(args.store)
+    out = Path(args.out)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    index = []
+    for name in models:
+        for item in default_keys(name, work, sweep=not args.no_sweep):
+            t0 = time.time()
+            if not work.exists(item["key"]):
+                print(f"[{name}] computing {item['kind']} {item['key']} ...", file=sys.stderr, flush=True)
+                item["run"]()
+            src, dst = work.result_dir(item["key"]), out / "results" / item["key"]
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst)
+            for lock in dst.rglob(".lock"):
+                lock.unlink()  # the working store's writer lock; the shipped store is read-only
+            size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
+            index.append({"model": name, "kind": item["kind"], "key": item["key"], "bytes": size,
+                          "seconds": round(time.time() - t0, 1)})
+            print(f"[{name}] {item['kind']} {item['key']}: {size / 1e6:.2f} MB", file=sys.stderr)
+    keep = {e["key"] for e in index}
+    for d in (out / "results").iterdir():
+        if d.name not in keep:
+            shutil.rmtree(d)  # results of older code or models: stale
+    total = sum(e["bytes"] for e in index) / 1e6
+    (out / "index.json").write_text(json.dumps({"seed": SEED, "n_images": config.N_IMAGES, "entries": index},
+                                               indent=1) + "\n")
+    print(json.dumps({"models": models, "entries": len(index), "total_mb": round(total, 2)}))
+    if total > MAX_MB:
+        print(f"warning: the shipped store is {total:.1f} MB (> {MAX_MB} MB); keep the repository small",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

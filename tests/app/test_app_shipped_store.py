@@ -1,0 +1,67 @@
+"""The shipped results (assets/store) are the ones the current code computes for the app's first view."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from iarmem_app import config
+from iarmem_app.results import ReadOnlyStore
+from iarmem_core import data, unitmem
+from iarmem_core.adapters import load_adapter
+
+STALE = "assets/store is stale: run python scripts/precompute_demo_results.py and commit assets/store"
+
+
+def test_index_lists_every_demo_model_and_stays_small():
+    index = json.loads((config.SHIPPED_STORE / "index.json").read_text())
+    models = {e["model"] for e in index["entries"] if e["kind"] == unitmem.KIND}
+    assert set(config.quick_models()) <= models, STALE
+    total = sum(f.stat().st_size for f in config.SHIPPED_STORE.rglob("*") if f.is_file())
+    assert total < 8e6, f"the shipped store is {total / 1e6:.1f} MB; keep it to a few MB"
+    on_disk = {d.name for d in (config.SHIPPED_STORE / "results").iterdir()}
+    assert on_disk == {e["key"] for e in index["entries"]}, "assets/store/results holds entries not in index.json"
+
+
+@pytest.mark.parametrize("name", config.quick_models())
+def test_shipped_unitmem_key_matches_the_current_code(name):
+    adapter = load_adapter(name, device="cpu")
+    sel = data.select_demo(n=config.N_IMAGES, seed=0)
+    cfg = config.unitmem_config(name, 0)
+    st_ = ReadOnlyStore(config.SHIPPED_STORE)
+    key = st_.key(unitmem.KIND, unitmem.job_spec(adapter, sel, cfg))
+    assert st_.exists(key), f"{name}: no shipped UnitMem result under {key}. {STALE}"
+    arrays, meta = st_.load(key)  # verifies every file's sha256
+    assert meta["image_ids"] == list(sel.ids)
+    assert arrays["unitmem_LGU"].shape[0] == adapter.n_blocks and arrays["unitmem_LGU"].shape[2] == adapter.n_units
+    assert [g["name"] for g in meta["groups"]] == [g.name for g in adapter.position_groups(cfg.group_kinds)]
+
+
+@pytest.mark.parametrize("name", config.quick_models())
+def test_shipped_extraction_key_matches_the_current_code(name):
+    extraction = pytest.importorskip("iarmem_core.extraction", reason="the attack (issue 6) is not in this build")
+    adapter = load_adapter(name, device="cpu")
+    sel = data.select_demo(n=config.N_IMAGES, seed=0)
+    st_ = ReadOnlyStore(config.SHIPPED_STORE)
+    key = extraction.extraction_key(adapter, sel, extraction.ExtractionConfig(seed=0), store=st_)
+    assert st_.exists(key), f"{name}: no shipped extraction result under {key}. {STALE}"
+    res = extraction.load_extraction(st_, key)
+    assert set(res.table["image_id"][res.table["split"] == "train"]) <= set(sel.ids)
+    assert res.count()["candidates"] == len(res.table[(res.table["split"] == "train")
+                                                      & (res.table["prefix_tokens"] == res.meta["prefix_tokens"][0])])
+
+
+def test_reading_the_shipped_store_writes_nothing(tmp_path):
+    import shutil
+
+    ro = tmp_path / "store"
+    shutil.copytree(config.SHIPPED_STORE, ro)
+    for p in ro.rglob("*"):
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    ro.chmod(0o555)
+    before = sorted(str(p) for p in ro.rglob("*"))
+    st_ = ReadOnlyStore(ro)
+    for e in json.loads((ro / "index.json").read_text())["entries"]:
+        assert st_.exists(e["key"]) and st_.load(e["key"])[1]
+    assert [r["key"] for r in st_.list()] and sorted(str(p) for p in ro.rglob("*")) == before
