@@ -178,9 +178,11 @@ def main() -> None:
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         _, n_def, _, augs_cpu = _entry(name)
         augs = args.augs if (on_gpu or augs_cpu is None or args.augs != 10) else augs_cpu
-        common = ["--augs", str(augs), "--batch", str(args.batch), "--reps", str(args.reps),
-                  "--device", args.device, "--threads", str(args.threads)]
         n_small = args.n_small or n_def
+        # both data sizes run full batches, so the peak compares the accumulator, not the batch's activations
+        batch = min(args.batch, n_small)
+        common = ["--augs", str(augs), "--batch", str(batch), "--reps", str(args.reps),
+                  "--device", args.device, "--threads", str(args.threads)]
         rec = _sub(["--_worker", f"time:{name}", "--_n", str(n_small), *common])
         small = _sub(["--_worker", f"mem:{name}", "--_n", str(n_small), *common])
         large = _sub(["--_worker", f"mem:{name}", "--_n", str(10 * n_small), *common])

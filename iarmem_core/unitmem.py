@@ -123,6 +123,35 @@ class _GroupPlan:
         w = rows / torch.where(cnt > 0, cnt, torch.ones_like(cnt))
         return w.to(device, dtype)
 
+    def reducer(self, target_index_T: torch.Tensor, device: torch.device, dtype: torch.dtype) -> _GroupReducer:
+        """The group means of this call's rows, split into one-row groups (a gather) and the rest (a matmul).
+
+        Per-position groups are most of the groups of a detailed pass; as columns of a dense [T, G] matmul
+        they cost as much as the transformer's own MLPs on a small model. A gather costs next to nothing.
+        """
+        w = self.weights(target_index_T, torch.device("cpu"), torch.float32)
+        nz = w > 0
+        single = nz.sum(0) == 1
+        single_g = torch.nonzero(single).flatten()
+        multi_g = torch.nonzero(nz.any(0) & ~single).flatten()
+        return _GroupReducer(single_g.to(device), nz[:, single_g].float().argmax(0).to(device), multi_g.to(device),
+                             w[:, multi_g].T.contiguous().to(device, dtype))
+
+
+@dataclass
+class _GroupReducer:
+    single_g: torch.Tensor  # [Gs] groups with exactly one row in this call
+    single_row: torch.Tensor  # [Gs] that row
+    multi_g: torch.Tensor  # [Gm] groups with several rows
+    w_multi_GT: torch.Tensor  # [Gm, T] their averaging weights
+
+    def add_into(self, out_BGU: torch.Tensor, abs_BTU: torch.Tensor) -> None:
+        """out[:, g, :] += mean over the rows of group g of abs_BTU (groups absent from the call: nothing)."""
+        if self.single_g.numel():
+            out_BGU.index_add_(1, self.single_g, abs_BTU.index_select(1, self.single_row).to(out_BGU.dtype))
+        if self.multi_g.numel():
+            out_BGU.index_add_(1, self.multi_g, torch.matmul(self.w_multi_GT, abs_BTU).to(out_BGU.dtype))
+
 
 def plan_groups(adapter: IARAdapter, cfg: UnitMemConfig) -> _GroupPlan:
     groups = adapter.position_groups(kinds=cfg.group_kinds, scales=None)
@@ -216,16 +245,16 @@ class UnitMemPass:
         block_pos = {b: i for i, b in enumerate(self.blocks)}
         acc_dtype = torch.float32
         mu_LBGU = torch.zeros((L, B, G, U), device=ad.device, dtype=acc_dtype)
-        w_cache: dict[tuple, torch.Tensor] = {}
+        r_cache: dict[bytes, _GroupReducer] = {}
 
         def on_units(block: int, acts_BTU: torch.Tensor, info: hooks.CallInfo | None) -> None:
             ti = info.target_index if info is not None else torch.arange(acts_BTU.shape[1])
             key = ti.cpu().numpy().tobytes()
-            w = w_cache.get(key)
-            if w is None:
-                w = w_cache[key] = self.plan.weights(ti, acts_BTU.device, acts_BTU.dtype)
-            # mean over the rows of each group of |a|: [B, T, U] x [T, G] -> [B, G, U]
-            mu_LBGU[block_pos[block]] += torch.einsum("btu,tg->bgu", acts_BTU.abs(), w).to(acc_dtype)
+            r = r_cache.get(key)
+            if r is None:
+                r = r_cache[key] = self.plan.reducer(ti, acts_BTU.device, acts_BTU.dtype)
+            # mean over the rows of each group of |a|: [B, T, U] -> [B, G, U]
+            r.add_into(mu_LBGU[block_pos[block]], acts_BTU.abs())
 
         labels_B = labels_B.to(ad.device)
         autocast = torch.autocast(ad.device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16" else _null()
