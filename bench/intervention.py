@@ -15,6 +15,10 @@ Variants (--variants, comma separated):
   factor0.25   fc1 rows x 0.25
   a+b          both, e.g. last_scale+zero
 
+--oracle adds the ground-truth diagnostic (demo): the top-k% units by how much more they fire for the
+planted images than for the rest (`intervention.target_selectivity`), edited x0.5 and zeroed, with the
+extraction count after each: how far any ranking of single units could get on this model.
+
     python bench/intervention.py --model demo-var
     python bench/intervention.py --model demo-rar --variants default,zero --top-percents 5,10
 """
@@ -63,6 +67,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--store", help="result store (default $IARMEM_STORE or ./store)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--oracle", action="store_true", help="add the ground-truth (planted) unit diagnostic")
     args = ap.parse_args()
 
     import torch
@@ -101,6 +106,22 @@ def main() -> None:
                                           "op": v.get("op", "fc1_scale"), "factor": v.get("factor", 0.5)},
                                  "sweep_key": df.attrs["store_key"], "rows": rows,
                                  "seconds": round(time.time() - tu, 1)}
+    if args.oracle:
+        counts = [c or 1 for c in sel.meta["count"]]
+        target = [c >= 16 for c in counts]  # the planted images the attack extracts (16x and 64x)
+        to = time.time()
+        sel_LU = intervention.target_selectivity(m, sel, target)
+        blocks = [s.block for s in m.unit_sites()]
+        rows = []
+        for k in (k for k in ks if k > 0):
+            units = intervention.top_units(sel_LU, k, blocks)
+            for op, factor in (("fc1_scale", 0.5), ("zero", 0.0)):
+                e = intervention.make_edit(units, op=op, factor=factor)
+                c = extraction.run_extraction(m, sel, ecfg, store=st, edit=e).count()
+                rows.append({"top_percent": k, "op": op, "factor": factor, "n_units": e.n_units,
+                             "extracted": c["extracted"], "extracted_planted": c.get("extracted_planted")})
+        out["oracle"] = {"target": "planted images with count >= 16", "rows": rows,
+                         "seconds": round(time.time() - to, 1)}
     out["similarity"] = before.summary()["similarity"]
     out["threshold"] = before.summary()["threshold"]
     out["fd_metric"] = "FD[demo-fashion-cnn]"

@@ -165,6 +165,47 @@ def random_control(units: Mapping[int, Sequence[int]], n_units_per_block: int, s
     return out
 
 
+@torch.no_grad()
+def target_selectivity(adapter: IARAdapter, image_set: data.ImageSet, target_N: Sequence[bool],
+                       batch_size: int = 32) -> np.ndarray:
+    """[L, U] how much more each unit fires for the target images than for the rest: (m_t - m_r) / (m_t + m_r).
+
+    m = the mean over images of the unit's mean |activation| over all token positions, teacher-forced, one
+    view per image. This is a diagnostic that needs ground truth (the demo's planted images): the units an
+    oracle would edit. If editing even these barely changes extraction, the memorization is spread over many
+    units in this model, and no ranking of single units can remove it with a small edit.
+    """
+    target = np.asarray(target_N, dtype=bool)
+    if target.shape != (len(image_set),) or not target.any() or target.all():
+        raise ValueError(f"target_N must mark some but not all of the {len(image_set)} images")
+    blocks = [s.block for s in adapter.unit_sites()]
+    pos = {b: i for i, b in enumerate(blocks)}
+    sum_t = torch.zeros(len(blocks), adapter.unit_sites()[0].n_units, dtype=torch.float64)
+    sum_r = torch.zeros_like(sum_t)
+    for s in range(0, len(image_set), batch_size):
+        idx = list(range(s, min(len(image_set), s + batch_size)))
+        t_B = torch.as_tensor(target[idx])
+        tokens = adapter.tokenize(image_set.images(idx, adapter.image_size).to(adapter.device))
+
+        def on_units(block: int, acts_BTU: torch.Tensor, info, t_B=t_B) -> None:
+            m_BU = acts_BTU.abs().mean(1).double().cpu()
+            sum_t[pos[block]] += m_BU[t_B].sum(0)
+            sum_r[pos[block]] += m_BU[~t_B].sum(0)
+
+        with hooks.capture(adapter.transformer, on_units):
+            adapter.teacher_forced_logits(tokens, image_set.labels_tensor(idx).to(adapter.device))
+    m_t, m_r = sum_t / target.sum(), sum_r / (~target).sum()
+    den = m_t + m_r
+    return torch.where(den > 0, (m_t - m_r) / torch.where(den > 0, den, 1.0), 0.0).float().numpy()
+
+
+def top_units(scores_LU: np.ndarray, top_percent: float, blocks: Sequence[int]) -> dict[int, tuple[int, ...]]:
+    """{block: units} of the top `top_percent`% of all units by an [L, U] score (global ranking)."""
+    L, U = scores_LU.shape
+    flat = _top(np.asarray(scores_LU, dtype=np.float64).reshape(-1), n_selected(top_percent, L * U))
+    return units_from_pairs((int(blocks[i // U]), int(i % U)) for i in flat)
+
+
 def make_edit(units: Mapping[int, Sequence[int]], op: str = "fc1_scale", factor: float = 0.5,
               cfg_half: str = "both") -> UnitEdit:
     """The edit value for `hooks.edit`: fc1 rows x factor (paper), "zero", or "out_scale"."""

@@ -181,3 +181,29 @@ def test_sweep_rows_and_k0_equals_the_unedited_model(var, space, tmp_path):
     assert r["fd_after"] == k50.fd.iloc[0] and r["random_control"]["fd_after"] == k50.fd.iloc[1]
     rc_per_block = {b: len(u) for b, u in r["random_control"]["edit"]["units"].items()}
     assert rc_per_block == r["units_per_block"] and sum(rc_per_block.values()) == r["n_units"] == 256
+
+
+# ---------------------------------------------------------------------------------------------------
+# ground-truth diagnostic
+def test_target_selectivity_known_answers(var):
+    base = data.load_demo("heldout").subset(range(6))
+    twice = base.subset([0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5])
+    # the same images on both sides: no unit fires more for the targets
+    same = intervention.target_selectivity(var, twice, [True] * 6 + [False] * 6, batch_size=5)
+    assert np.abs(same).max() < 1e-6
+    # swapping targets and the rest flips the sign of every score
+    t = [True, True, False, False, False, False]
+    s = intervention.target_selectivity(var, base, t)
+    s_swapped = intervention.target_selectivity(var, base, [not x for x in t])
+    assert s.shape == (var.n_blocks, var.unit_sites()[0].n_units) and np.abs(s).max() > 0.05
+    np.testing.assert_allclose(s, -s_swapped, atol=1e-6)
+    # the top units are the highest-scoring ones, k% of all units
+    blocks = [u.block for u in var.unit_sites()]
+    units = intervention.top_units(s, 10, blocks)
+    chosen = np.zeros_like(s, bool)
+    for b, us in units.items():
+        chosen[blocks.index(b), list(us)] = True
+    assert chosen.sum() == intervention.n_selected(10, s.size)
+    assert s[chosen].min() >= s[~chosen].max()
+    with pytest.raises(ValueError, match="some but not all"):
+        intervention.target_selectivity(var, base, [True] * 6)
