@@ -47,9 +47,11 @@ def _card(adapter, mchoice) -> None:
     c1.metric(f"Family ({kind})", {"var": "VAR", "rar": "RAR", "llamagen": "LlamaGen"}[spec.family])
     c2.metric("Blocks x units", f"{d['blocks']} x {d['units_per_block']}")
     grids = d["token_grids"]
+    h_last, w_last = grids[-1]
     c3.metric("Token maps" if len(grids) > 1 else "Token grid",
-              ", ".join(f"{h}x{w}" for h, w in grids) if len(grids) <= 6 else f"{len(grids)} scales",
-              help=f"{d['n_tokens']} tokens per image, vocabulary {d['vocab_size']}")
+              f"{len(grids)} scales, {d['n_tokens']} tokens" if len(grids) > 1 else f"{h_last}x{w_last}",
+              help=(f"scales {', '.join(f'{h}x{w}' for h, w in grids)}; " if len(grids) > 1 else "")
+              + f"{d['n_tokens']} tokens per image, vocabulary {d['vocab_size']}")
     c4.metric("Parameters", f"{(d['transformer_params'] + d['tokenizer_params']) / 1e6:.2f} M",
               help=f"transformer {d['transformer_params']:,}, tokenizer {d['tokenizer_params']:,}")
     st.caption(f"{spec.description or spec.name}. Image size {d['image_size']} px, {d['num_classes']} classes, "
