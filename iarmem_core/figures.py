@@ -267,6 +267,20 @@ def token_map_image(ids_hw: np.ndarray, vocab_size: int) -> np.ndarray:
 
 
 # ---- export --------------------------------------------------------------------------------------------
+def find_chrome() -> str | None:
+    """The Chrome/Chromium that kaleido would drive ($BROWSER_PATH, PATH, the usual places), or None.
+
+    Never downloads one (kaleido can, but iarmem runs offline)."""
+    try:
+        from choreographer.browsers.chromium import Chromium  # kaleido's browser driver
+    except ImportError:
+        return None
+    try:
+        return Chromium.find_browser(skip_local=False)
+    except Exception:  # a broken installation is as good as none
+        return None
+
+
 def png_renderer_missing(chart) -> str | None:
     """None when `to_png(chart)` can render, else what to install."""
     import importlib.util
@@ -274,6 +288,9 @@ def png_renderer_missing(chart) -> str | None:
     if isinstance(chart, go.Figure):
         if importlib.util.find_spec("kaleido") is None:
             return "PNG export needs kaleido and a local Chrome/Chromium; the chart toolbar's camera saves a PNG too"
+        if find_chrome() is None:
+            return ("PNG export of this chart needs a local Chrome or Chromium (e.g. apt-get install chromium, or "
+                    "BROWSER_PATH=/path/to/chrome); the chart toolbar's camera saves a PNG too")
         return None
     if importlib.util.find_spec("vl_convert") is None:
         return "PNG export of this chart needs vl-convert-python"

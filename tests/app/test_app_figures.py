@@ -65,6 +65,15 @@ def test_png_export_of_both_chart_kinds():
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_png_button_says_what_is_missing_without_a_browser(monkeypatch):
+    """kaleido without any Chrome/Chromium: the PNG button is disabled with the fix, never an empty file."""
+    if figures.png_renderer_missing(go.Figure()) is not None and figures.find_chrome() is not None:
+        pytest.skip("kaleido is not installed")
+    monkeypatch.setattr(figures, "find_chrome", lambda: None)
+    msg = figures.png_renderer_missing(go.Figure())
+    assert msg is not None and "Chromium" in msg and "camera" in msg
+
+
 def _result(um_LGU: np.ndarray) -> UnitMemResult:
     L, G, U = um_LGU.shape
     return UnitMemResult({"unitmem_LGU": um_LGU}, {"blocks": list(range(L)), "scale_groups": list(range(G)),
