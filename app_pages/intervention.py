@@ -136,14 +136,16 @@ def main() -> None:
 def _metric_row(d: dict, label: str) -> None:
     rc = d.get("random_control") or {}
     c = st.columns(3)
-    c[0].metric(f"Extracted {label}", d.get("extracted_after"), delta=_delta(d.get("extracted_after"),
-                d.get("extracted_before")), delta_color="inverse", help=f"before the edit: {d.get('extracted_before')}")
-    c[1].metric("Frechet distance", _fmt(d.get("fd_after")), delta=_delta(d.get("fd_after"), d.get("fd_before")),
-                delta_color="inverse", help=f"before: {_fmt(d.get('fd_before'))}; {d.get('fd_metric', '')}, "
-                                             f"{d.get('n_samples', '?')} samples (lower = better)")
+    c[0].metric(f"Extracted {label}", d.get("extracted_after"),
+                help=f"before the edit: {d.get('extracted_before')}",
+                **_delta(d.get("extracted_after"), d.get("extracted_before"), "inverse"))
+    c[1].metric("Frechet distance", _fmt(d.get("fd_after")),
+                help=f"before: {_fmt(d.get('fd_before'))}; {d.get('fd_metric', '')}, "
+                     f"{d.get('n_samples', '?')} samples (lower = better)",
+                **_delta(d.get("fd_after"), d.get("fd_before"), "inverse"))
     c[2].metric("Class accuracy", _fmt(d.get("class_acc_after")),
-                delta=_delta(d.get("class_acc_after"), d.get("class_acc_before")),
-                help=f"before: {_fmt(d.get('class_acc_before'))}")
+                help=f"before: {_fmt(d.get('class_acc_before'))}",
+                **_delta(d.get("class_acc_after"), d.get("class_acc_before")))
     if rc:
         st.markdown(f"**Random-units control** ({rc.get('n_units', d.get('n_units'))} random units, same edit): "
                     f"extracted {rc.get('extracted_after')}, Frechet distance {_fmt(rc.get('fd_after'))}, "
@@ -154,11 +156,14 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{float(v):.3g}"
 
 
-def _delta(after, before) -> str | None:
-    """after - before, signed, 3 significant digits (st.metric colours it)."""
+def _delta(after, before, color: str = "normal") -> dict:
+    """st.metric's delta arguments: after - before, signed, 3 significant digits; no change: grey, no arrow."""
     if after is None or before is None:
-        return None
-    return f"{float(after) - float(before):+.3g}"
+        return {}
+    diff = float(after) - float(before)
+    if diff == 0:
+        return {"delta": "no change", "delta_arrow": "off", "delta_color": "off"}
+    return {"delta": f"{diff:+.3g}", "delta_color": color}
 
 
 def _numbers(mod, adapter, image_set, res, mchoice, dchoice, units, top) -> None:
