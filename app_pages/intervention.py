@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from iarmem_app import config, edits, loaders, results, state, ui
-from iarmem_core import figures
+from iarmem_core import figures, intervention
 
 OPS = {"fc1_scale": "scale the fc1 weight rows (paper)", "zero": "zero the unit",
        "out_scale": "scale the unit's output"}
@@ -121,16 +121,10 @@ def main() -> None:
 
     # 3. numbers before/after and the trade-off curve (jobs) -------------------------------------------------
     st.subheader("Privacy and quality, before and after")
-    mod = edits.core()
-    if mod is None:
-        st.info("Quality (Frechet distance, class accuracy) and extraction counts before and after the edit, and "
-                "the trade-off curve with the random-units control, come with iarmem_core.intervention "
-                "(issue 7), which is not in this build yet.")
-        return
     picked = state.get("iv_mode") == "picked units"
-    _numbers(mod, adapter, image_set, res, mchoice, dchoice, units if picked else None,
+    _numbers(adapter, image_set, res, mchoice, dchoice, units if picked else None,
              None if picked else float(state.get("iv_top")))
-    _curve(mod, adapter, image_set, res, mchoice, dchoice)
+    _curve(adapter, image_set, res, mchoice, dchoice)
 
 
 def _metric_row(d: dict, label: str) -> None:
@@ -166,7 +160,7 @@ def _delta(after, before, color: str = "normal") -> dict:
     return {"delta": f"{diff:+.3g}", "delta_color": color}
 
 
-def _numbers(mod, adapter, image_set, res, mchoice, dchoice, units, top) -> None:
+def _numbers(adapter, image_set, res, mchoice, dchoice, units, top) -> None:
     """Extraction, FD and class accuracy before and after the current edit (and its random control): a job."""
     kw = dict(top_percent=top, units=units, factor=float(state.get("iv_factor")), op=state.get("iv_op"),
               ranking=state.get("iv_ranking"), seed=int(mchoice.seed))
@@ -183,18 +177,19 @@ def _numbers(mod, adapter, image_set, res, mchoice, dchoice, units, top) -> None
                f"--json`")
 
 
-def _curve(mod, adapter, image_set, res, mchoice, dchoice) -> None:
+def _curve(adapter, image_set, res, mchoice, dchoice) -> None:
     """The trade-off curve: extraction vs quality over k%, UnitMem-selected vs random units (a job)."""
     st.subheader("The trade-off: privacy against quality")
     args = edits.sweep_args(adapter, res, image_set, factor=float(state.get("iv_factor")), op=state.get("iv_op"),
                             ranking=state.get("iv_ranking"), seed=int(mchoice.seed))
     store = results.user_store()
-    key = store.key(mod.SWEEP_KIND, mod.sweep_spec(adapter, res, image_set, **args), mod.VERSION)
+    key = store.key(intervention.SWEEP_KIND, intervention.sweep_spec(adapter, res, image_set, **args),
+                    intervention.VERSION)
     got = results.load(key)
     cli = (f"python -m iarmem_core intervene {mchoice.cli_args()} {dchoice.cli_args()} --sweep "
            f"--top-percents {','.join(str(k) for k in edits.SWEEP_PERCENTS)} --factor {state.get('iv_factor')} "
            f"--op {state.get('iv_op')} --ranking {state.get('iv_ranking')} --json")
-    results.job_panel(key, "edit sweep", lambda: mod.start_sweep(adapter, res, image_set, store=store, **args),
+    results.job_panel(key, "edit sweep", lambda: intervention.start_sweep(adapter, res, image_set, store=store, **args),
                       "Run the sweep (job)", done=got is not None, widget_key="sweep")
     if got is None:
         st.caption(f"Edits the top {', '.join(f'{k}%' for k in edits.SWEEP_PERCENTS)} and as many random units, and "

@@ -58,7 +58,7 @@ def _card(adapter, mchoice) -> None:
                f"weights: {', '.join(f'{k} {v}' for k, v in d['weights'].items() if k != 'name')}, on {d['device']}.")
     if spec.kind == "test":
         st.warning(f"{spec.name} is a tiny test configuration with random weights: it has memorized nothing. "
-                   "It stands in until the trained demo models (demo-var, demo-rar) are in this build.")
+                   "The trained demo models are demo-var and demo-rar.")
     elif spec.kind == "released" and "random" in " ".join(map(str, d["weights"].values())):
         st.warning(f"{spec.name} has random weights: give its official checkpoints in the sidebar "
                    f"({spec.files.get('transformer', '?')}, {spec.files.get('tokenizer', '?')}).")

@@ -13,8 +13,6 @@ REPO = Path(__file__).resolve().parent.parent
 SHIPPED_STORE = REPO / "assets" / "store"  # precomputed results, read-only (scripts/precompute_demo_results.py)
 N_IMAGES = 500  # the data selection D' of the app and the CLI default (--n 500)
 DEMO_MODELS = ("demo-var", "demo-rar")
-# Until the trained demo models are registered the app falls back to the tiny random-weight test configs.
-FALLBACK_MODELS = ("test-var", "test-rar")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -28,10 +26,8 @@ def allowed_roots() -> list[Path]:
 
 
 def quick_models() -> list[str]:
-    """The models offered first in the sidebar (the bundled demos, or their stand-ins)."""
-    known = set(list_models())
-    demos = [m for m in DEMO_MODELS if m in known]
-    return demos or [m for m in FALLBACK_MODELS if m in known]
+    """The models offered first in the sidebar: the bundled demos."""
+    return list(DEMO_MODELS)
 
 
 def default_model() -> str:

@@ -1,10 +1,9 @@
 """Precompute the results the app shows first and ship them in assets/store (a read-only fallback store).
 
-For every demo model (demo-var, demo-rar; their tiny random-weight stand-ins test-var/test-rar until the demo
-models are registered) this runs the app's default analyses exactly as the app and the CLI key them:
-UnitMem on the demo selection (500 images, seed 0) with the app's overview groups; when iarmem_core.extraction
-is in the build, the extraction attack with its defaults (plus the held-out control); when
-iarmem_core.intervention is, the default edit's measurements (top 10%, factor 0.5) and the trade-off sweep.
+For every demo model (demo-var, demo-rar) this runs the app's default analyses exactly as the app and the CLI
+key them: UnitMem on the demo selection (500 images, seed 0) with the app's overview groups, the extraction
+attack with its defaults (plus the held-out control), the default edit's measurements (top 10%, factor 0.5)
+and the trade-off sweep.
 The results are computed in (or taken from) a working store, then copied to assets/store/results/<key>/,
 and assets/store/index.json lists them. tests/app/test_shipped_store.py fails when a shipped key no
 longer matches what the current code would compute, so rerun this script after changing a model, the data,
@@ -17,7 +16,6 @@ the configs or the code version:
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import shutil
 import sys
@@ -30,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from iarmem_app import config, edits  # noqa: E402
-from iarmem_core import data, unitmem  # noqa: E402
+from iarmem_core import data, extraction, intervention, unitmem  # noqa: E402
 from iarmem_core.adapters import load_adapter  # noqa: E402
 from iarmem_core.store import ResultStore  # noqa: E402
 
@@ -47,17 +45,12 @@ def default_keys(name: str, store: ResultStore, sweep: bool = True) -> list[dict
     um_key = store.key(unitmem.KIND, spec)
     out = [{"model": name, "kind": unitmem.KIND, "key": um_key,
             "run": lambda: unitmem.run_unitmem(adapter, sel, cfg, store=store)}]
-    try:
-        extraction = importlib.import_module("iarmem_core.extraction")
-    except ImportError:
-        return out
     ecfg = extraction.ExtractionConfig(seed=SEED)
     ekey = extraction.extraction_key(adapter, sel, ecfg, store=store)
     out.append({"model": name, "kind": extraction.KIND, "key": ekey,
                 "run": lambda: extraction.run_extraction(adapter, sel, ecfg, store=store)})
-    if not sweep or edits.core() is None:
+    if not sweep:
         return out
-    intervention = edits.core()
 
     def um_result():
         return unitmem.run_unitmem(adapter, sel, cfg, store=store)

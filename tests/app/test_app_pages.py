@@ -215,7 +215,7 @@ def test_heavy_work_is_one_job_shared_by_sessions(app, shipped):
 
 
 def test_extraction_counts_follow_the_threshold(app, shipped):
-    extraction = pytest.importorskip("iarmem_core.extraction", reason="the attack (issue 6) is not in this build")
+    from iarmem_core import extraction
     name, *_ = shipped
     adapter = load_adapter(name, device="cpu")
     sel = data.select_demo(n=config.N_IMAGES, seed=0)

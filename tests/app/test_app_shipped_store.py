@@ -40,7 +40,7 @@ def test_shipped_unitmem_key_matches_the_current_code(name):
 
 @pytest.mark.parametrize("name", config.quick_models())
 def test_shipped_extraction_key_matches_the_current_code(name):
-    extraction = pytest.importorskip("iarmem_core.extraction", reason="the attack (issue 6) is not in this build")
+    from iarmem_core import extraction
     adapter = load_adapter(name, device="cpu")
     sel = data.select_demo(n=config.N_IMAGES, seed=0)
     st_ = ReadOnlyStore(config.SHIPPED_STORE)
