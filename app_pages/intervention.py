@@ -109,7 +109,7 @@ def main() -> None:
             (f"|difference| (max {vmax:.2f})", figures.colormap(diff, figures.DIFFERENCE, vmax=max(vmax, 0.05)))]
     for title, imgs in rows:
         st.markdown(f"**{title}**")
-        ui.images(imgs, [names[y] for y in labels], min_side=128, columns=max(8, len(labels)))
+        ui.images(imgs, [names[y] for y in labels], columns=max(8, len(labels)))
     changed = float(np.mean(np.abs(after - before)))
     what = (f"{edit.n_units} units, {OPS[edit.op]}" + (f" x {edit.factor:g}" if edit.op != "zero" else "")) if on \
         else "the edit is off"

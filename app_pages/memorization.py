@@ -176,7 +176,7 @@ def main() -> None:
     imgs = figures.to_uint8(image_set.images(tops))
     caps = [("fires most: " if k == 0 else f"#{k + 1}: ") + _image_caption(meta, i, f", mu {m:.3f}")
             for k, (i, m) in enumerate(zip(tops, mus))]
-    ui.images(imgs, caps, min_side=160, columns=5)
+    ui.images(imgs, caps, columns=5)
     b1, b2, b3 = st.columns(3)
     b1.page_link("app_pages/model.py", label="Tokens of this image", icon=":material/image:",
                  query_params={"image": meta["image_ids"][img_i]})

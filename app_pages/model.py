@@ -98,7 +98,7 @@ def _data_card(image_set: data.ImageSet, dchoice) -> None:
     imgs = figures.to_uint8(planted.images(order))
     caps = [f"{planted.ids[i]} {planted.classes[planted.labels[i]]} x{counts[i]}" for i in order]
     with st.expander(f"The {len(planted)} planted images (most duplicated first)", expanded=True):
-        ui.images(imgs, caps, min_side=96, columns=6)
+        ui.images(imgs, caps, columns=6)
     st.caption(f"Fashion-MNIST (MIT licence, Zalando SE), bundle {str(man.get('arrays_sha256', ''))[:12]}; "
                "see assets/demo_data/README.md.")
 
@@ -158,9 +158,9 @@ def _how_it_sees(adapter, image_set, mchoice) -> None:
         for c, m, (h, w) in zip(cols, maps, grids):  # equal columns: every map is drawn at the same width
             c.image(m, caption=f"{h}x{w}", width="stretch", output_format="PNG")
         st.markdown("**Progressive reconstruction**: the image decoded from the first k scales:")
-        ui.images(prog, [f"up to {h}x{w}" for h, w in grids], min_side=96)
+        ui.images(prog, [f"up to {h}x{w}" for h, w in grids])
         orig = figures.to_uint8(x)
-        ui.images(np.concatenate([orig, prog[-1:]]), ["original", "reconstruction (all scales)"], min_side=160,
+        ui.images(np.concatenate([orig, prog[-1:]]), ["original", "reconstruction (all scales)"],
                   columns=4)
     else:
         (h, w), = grids

@@ -87,10 +87,9 @@ def altair(chart, df: pd.DataFrame, name: str, key: str, cli: str | None = None)
     downloads(chart, df, name, cli, key)
 
 
-def images(imgs_BHW3: np.ndarray, captions: list[str], min_side: int = 128, columns: int | None = None) -> None:
-    """A row (or rows) of small images at their own size, drawn column-wide (pixelated: tokens stay crisp).
-
-    `min_side` is kept for callers; the browser does the scaling, so nothing is re-encoded larger."""
+def images(imgs_BHW3: np.ndarray, captions: list[str], columns: int | None = None) -> None:
+    """A row (or rows) of small images sent at their own size and drawn column-wide by the browser
+    (pixelated: tokens stay crisp; nothing is re-encoded larger)."""
     n = len(imgs_BHW3)
     if n == 0:
         return

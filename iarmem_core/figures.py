@@ -248,12 +248,6 @@ def to_uint8(images_B3HW) -> np.ndarray:
     return (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def upscale(img_HW3: np.ndarray, min_side: int = 128) -> np.ndarray:
-    """Nearest-neighbour upscale of a small image so that tokens stay crisp on a projector."""
-    f = max(1, int(np.ceil(min_side / max(img_HW3.shape[:2]))))
-    return np.repeat(np.repeat(img_HW3, f, axis=0), f, axis=1)
-
-
 def difference_maps(before_B3HW, after_B3HW) -> np.ndarray:
     """Mean over channels of |after - before|, [B, H, W] in [0, 1]."""
     b = np.asarray(before_B3HW.detach().cpu() if hasattr(before_B3HW, "detach") else before_B3HW, np.float32)

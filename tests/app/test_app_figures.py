@@ -42,7 +42,6 @@ def test_colormap_ends_and_difference_maps():
     assert d.shape == (2, 4, 4) and d[0].max() == 0 and d[1, 0, 0] == pytest.approx(0.5) and d[1].sum() == 0.5
     img = figures.to_uint8(b)
     assert img.shape == (2, 4, 4, 3) and img[1, 0, 0, 0] == 128
-    assert figures.upscale(img[0], 128).shape == (128, 128, 3)
 
 
 def test_tradeoff_curve_has_both_selections():
