@@ -47,10 +47,11 @@ from torch import nn
 from iarmem_core import data
 from iarmem_core.adapters import adapter_class
 from iarmem_core.adapters.base import IARAdapter
+from iarmem_core.metrics.spaces import DEMO_FEATURE_NET_FILE
 from iarmem_core.registry import ASSETS, ModelSpec, get_spec
 
 CARD_FORMAT = "iarmem-demo-model-card"
-FEATURE_NET_FILE = "demo-fashion-cnn.safetensors"  # the file iarmem_core.metrics reads from assets/
+FEATURE_NET_FILE = DEMO_FEATURE_NET_FILE  # the file iarmem_core.metrics reads from assets/
 Log = Callable[[str], None]
 
 
@@ -466,16 +467,6 @@ def train_transformer(spec: ModelSpec, cfg: TransformerTrainConfig, tok: nn.Modu
 
 # ---------------------------------------------------------------------------------------------------
 # 5. Measurements (the numbers of bench/demo_memorization.py and the model cards)
-def sampling_kwargs(spec: ModelSpec) -> dict:
-    """`generate` keyword arguments of the spec's sampling settings (family keywords included); top_k
-    defaults to 0 (no filter), since `generate` itself defaults to greedy."""
-    s = {"top_k": 0, **spec.sampling}
-    kw = {k: s[k] for k in ("cfg", "top_k", "top_p", "temperature") if k in s}
-    if spec.family == "rar" and "cfg_power" in s:
-        kw["cfg_power"] = s["cfg_power"]
-    return kw
-
-
 @torch.no_grad()
 def copy_threshold(adapter: IARAdapter, train_B3HW: torch.Tensor, max_false_rate: float = 0.01,
                    n_query: int = 500, seed: int = 0) -> dict:
@@ -560,9 +551,10 @@ def sample_quality(adapter: IARAdapter, feature_net: nn.Module | None, heldout_B
                    sampling: dict | None = None) -> dict:
     """Class-conditional samples with the spec's CFG settings: class accuracy of the feature net on them,
     and the Frechet distance of their features to the held-out images' (demo-fashion-cnn space)."""
+    from iarmem_core.intervention import sampling_kwargs
     from iarmem_core.metrics import class_accuracy, frechet_distance
 
-    kw = sampling_kwargs(adapter.spec) if sampling is None else dict(sampling)
+    kw = sampling_kwargs(adapter) if sampling is None else dict(sampling)
     labels = torch.arange(adapter.num_classes).repeat_interleave(samples_per_class)
     imgs = []
     for i, y in enumerate(labels.split(batch_size)):

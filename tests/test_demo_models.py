@@ -9,7 +9,7 @@ from functools import cache
 import pytest
 import torch
 
-from iarmem_core import data
+from iarmem_core import data, intervention
 from iarmem_core import demo_train as dt
 from iarmem_core.adapters import load_adapter
 from iarmem_core.metrics import class_accuracy, ssim
@@ -107,5 +107,5 @@ def test_class_conditional_samples_are_recognised(name):
     m = model(name)
     fnet = dt.load_demo_feature_net()
     labels = torch.arange(10).repeat_interleave(2)
-    x = m.decode(m.generate(labels, seed=0, **dt.sampling_kwargs(m.spec)))
+    x = m.decode(m.generate(labels, seed=0, **intervention.sampling_kwargs(m)))
     assert class_accuracy(fnet, x, labels) >= 0.7
