@@ -14,6 +14,17 @@ GOLDEN = Path(os.environ.get("IARMEM_GOLDEN", ROOT.parent / "shared" / "golden")
 torch.set_num_threads(2)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, whose OpenMP sync cost explodes on a busy machine.
+
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`; the thread count is restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def golden_dir(family: str) -> Path:
     d = GOLDEN / family
     if not (d / "golden.pt").exists():

@@ -18,9 +18,7 @@ from iarmem_core.registry import ASSETS, get_spec, list_models
 DEMOS = ["demo-var", "demo-rar"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)  # small models: a second thread only adds OpenMP sync on a busy machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @cache

@@ -24,13 +24,7 @@ from iarmem_core.store import ResultStore
 PREFIX = 14  # test-var scales (1, 2, 3, 4): the first three scales, 14 tokens
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models gain nothing from two threads, and on a busy machine OpenMP sync makes them 100x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _key(x_3HW: torch.Tensor) -> str:

@@ -12,13 +12,7 @@ from iarmem_core import data, extraction, hooks, intervention, metrics, unitmem
 from iarmem_core.adapters import load_adapter
 from iarmem_core.store import ResultStore
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: OpenMP sync on a busy 2-core machine costs more than it gains
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,7 @@ from iarmem_core.models.llamagen import Transformer, precompute_freqs_cis_2d, to
 from iarmem_core.models.vq import VQModel
 from iarmem_core.registry import get_spec, list_models
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, whose OpenMP sync cost explodes on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -12,16 +12,7 @@ from iarmem_core.adapters.llamagen import LlamaGenAdapter
 from iarmem_core.checkpoints import CheckpointError
 from iarmem_core.registry import get_spec
 
-pytestmark = pytest.mark.golden
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, whose OpenMP sync cost explodes on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.golden, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture
