@@ -463,7 +463,8 @@ def demo_manifest(bundle_dir: str | os.PathLike | None = None) -> dict:
 # building the bundle from Debian's dataset-fashion-mnist
 
 
-def _read_idx(path: Path, offset: int) -> np.ndarray:
+def read_idx(path: Path, offset: int) -> np.ndarray:
+    """The uint8 payload of a gzipped IDX file (Fashion-MNIST's format) after its `offset`-byte header."""
     with gzip.open(path, "rb") as f:
         return np.frombuffer(f.read(), np.uint8, offset=offset)
 
@@ -588,10 +589,10 @@ def build_demo_bundle(
             f"(apt-get install dataset-fashion-mnist) or pass source_dir= a folder holding the four "
             f"idx .gz files."
         )
-    tr_x = _read_idx(src / SOURCE_FILES["train_images"], 16).reshape(-1, 28, 28)
-    tr_y = _read_idx(src / SOURCE_FILES["train_labels"], 8)
-    te_x = _read_idx(src / SOURCE_FILES["test_images"], 16).reshape(-1, 28, 28)
-    te_y = _read_idx(src / SOURCE_FILES["test_labels"], 8)
+    tr_x = read_idx(src / SOURCE_FILES["train_images"], 16).reshape(-1, 28, 28)
+    tr_y = read_idx(src / SOURCE_FILES["train_labels"], 8)
+    te_x = read_idx(src / SOURCE_FILES["test_images"], 16).reshape(-1, 28, 28)
+    te_y = read_idx(src / SOURCE_FILES["test_labels"], 8)
     n_classes = len(FASHION_CLASSES)
 
     rng = np.random.default_rng(seed)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import hashlib
 import json
 import math
@@ -651,11 +650,6 @@ def measure_demo_model(adapter: IARAdapter, feature_net: nn.Module | None, prefi
 
 # ---------------------------------------------------------------------------------------------------
 # 6. The feature network
-def _read_idx_gz(path: Path, offset: int) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        return np.frombuffer(f.read(), np.uint8, offset=offset)
-
-
 def train_features(out_dir: Path, cfg: FeatureNetTrainConfig, seed: int, log: Log = _stderr_log,
                    bundle_dir: str | os.PathLike | None = None) -> dict:
     """Train and save the FeatureNet (`out_dir`/demo-fashion-cnn.safetensors + .json); returns its card."""
@@ -670,8 +664,8 @@ def train_features(out_dir: Path, cfg: FeatureNetTrainConfig, seed: int, log: Lo
     use_debian = cfg.source == "debian" or (cfg.source == "auto" and all(
         (src / n).exists() for n in (data.SOURCE_FILES["train_images"], data.SOURCE_FILES["train_labels"])))
     if use_debian:
-        x = _read_idx_gz(src / data.SOURCE_FILES["train_images"], 16).reshape(-1, 28, 28)
-        y = _read_idx_gz(src / data.SOURCE_FILES["train_labels"], 8).astype(np.int64)
+        x = data.read_idx(src / data.SOURCE_FILES["train_images"], 16).reshape(-1, 28, 28)
+        y = data.read_idx(src / data.SOURCE_FILES["train_labels"], 8).astype(np.int64)
         source = f"Fashion-MNIST full train file ({src / data.SOURCE_FILES['train_images']}, Debian)"
     else:
         x, y = bundle.images_N28[:n_tr], bundle.labels[:n_tr]
