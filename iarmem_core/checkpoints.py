@@ -105,6 +105,11 @@ def read_state_dict(path: str | os.PathLike, component: str | None = None,
             raise CheckpointError(
                 f"{p}: the file is truncated ({size} bytes; its zip directory is missing). Download or copy it again."
             )
+        if head[:2] != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive, or (legacy) a pickle
+            raise CheckpointError(
+                f"{p}: not a PyTorch checkpoint: it is neither a zip archive nor a pickle (it starts with {head!r}). "
+                f"Check that the path names the weights file (e.g. var_d16.pth) and not a page or a text file."
+            )
         try:
             # Training checkpoints (LlamaGen's vq_train.py / train_c2i.py) also pickle the argparse Namespace
             # under "args": a plain attribute bag, safe to rebuild (its values still pass the weights-only

@@ -7,7 +7,7 @@ import torch
 
 from iarmem_core.adapters import load_adapter
 from iarmem_core.adapters.var import VARAdapter
-from iarmem_core.checkpoints import CheckpointError
+from iarmem_core.checkpoints import CheckpointError, read_state_dict
 from iarmem_core.registry import get_spec
 
 
@@ -158,3 +158,10 @@ def test_safetensors_round_trip_and_seeds(tmp_path):
     # the same seed gives the same random weights
     d = load_adapter("test-var-shared-aln", device="cpu", seed=7)
     assert torch.equal(a.teacher_forced_logits(toks, [0, 3]), d.teacher_forced_logits(toks, [0, 3]))
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_as_such(tmp_path):
+    p = tmp_path / "var_d16.pth"
+    p.write_text("<html>404 Not Found</html>\n")  # e.g. an error page saved under the checkpoint's name
+    with pytest.raises(CheckpointError, match=r"var_d16\.pth: not a PyTorch checkpoint: it is neither a zip"):
+        read_state_dict(p)
