@@ -144,6 +144,12 @@ def _metric_row(d: dict, label: str) -> None:
         st.markdown(f"**Random-units control** ({rc.get('n_units', d.get('n_units'))} random units, same edit): "
                     f"extracted {rc.get('extracted_after')}, Frechet distance {_fmt(rc.get('fd_after'))}, "
                     f"class accuracy {_fmt(rc.get('class_acc_after'))}.")
+        if rc.get("draws", 1) > 1:
+            st.markdown(f"Over {rc['draws']} random draws of the same size: extracted "
+                        f"{_fmt(rc.get('extracted_after_mean'))} on average (from {rc.get('extracted_after_min')} "
+                        f"to {rc.get('extracted_after_max')}); p = {rc['p_value']:.2g}, the chance that a random "
+                        f"draw removes at least as much as the top units (smallest possible: "
+                        f"{1 / (rc['draws'] + 1):.2g}).")
 
 
 def _fmt(v) -> str:
@@ -201,7 +207,9 @@ def _curve(adapter, image_set, res, mchoice, dchoice) -> None:
     x = "fd" if df["fd"].notna().any() else "class_acc"
     title = f"{mchoice.name}: images extracted vs sample quality as more units are edited"
     ui.plotly(figures.tradeoff_curve(df, title, x=x), df, title, key="iv_curve", cli=cli)
-    st.caption(f"{meta.get('how', '')}. Result {key}, {results.source_label(key)}.")
+    draws = int(df["random_draws"].max()) if "random_draws" in df else 1
+    bars = f" Bars on the random points: the range over {draws} random draws." if draws > 1 else ""
+    st.caption(f"{meta.get('how', '')}.{bars} Result {key}, {results.source_label(key)}.")
 
 
 with ui.guard("The intervention page"):

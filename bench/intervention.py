@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--store", help="result store (default $IARMEM_STORE or ./store)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--oracle", action="store_true", help="add the ground-truth (planted) unit diagnostic")
+    ap.add_argument("--random-draws", type=int, help="random-control draws per k (default: the model kind's, "
+                                                     "10 on demo models)")
     args = ap.parse_args()
 
     import torch
@@ -98,9 +100,11 @@ def main() -> None:
         if combine == -1:
             combine = len(um.meta["scale_groups"]) - 1
         df = intervention.run_sweep(m, um, sel, top_percents=ks, combine=combine, extraction_cfg=ecfg,
-                                    n_samples=args.n_samples, seed=args.seed, store=st, **v)
+                                    n_samples=args.n_samples, seed=args.seed, store=st,
+                                    random_draws=args.random_draws, **v)
         rows = df[["top_percent", "selection", "n_units", "extracted", "extracted_planted",
-                   "recall_planted_max_count", "fd", "class_acc"]].to_dict(orient="records")
+                   "recall_planted_max_count", "fd", "class_acc", "random_draws", "random_extracted_mean",
+                   "random_extracted_min", "random_extracted_max", "p_value"]].to_dict(orient="records")
         out["variants"][name] = {"unitmem": {**ucfg.to_dict(), "store_key": um.meta["store_key"]},
                                  "edit": {"ranking": v.get("ranking", "global"), "combine": combine,
                                           "op": v.get("op", "fc1_scale"), "factor": v.get("factor", 0.5)},

@@ -57,7 +57,8 @@ def measure_spec(adapter, res, image_set, *, top_percent: float | None, units: d
     return {"model": adapter.identity, "data": data.data_fingerprint(image_set), "unitmem": res.meta.get("store_key"),
             "top_percent": top_percent, "units": None if units is None else {str(b): list(u) for b, u in
                                                                               sorted(units.items())},
-            "factor": float(factor), "op": op, "ranking": ranking, "seed": int(seed)}
+            "factor": float(factor), "op": op, "ranking": ranking, "seed": int(seed),
+            "random_draws": intervention.default_random_draws(adapter)}
 
 
 def start_measure(adapter, res, image_set, store, *, top_percent: float | None, units: dict | None, factor: float,

@@ -205,15 +205,22 @@ def similarity_histogram(table: pd.DataFrame, measure: str, threshold: float, ti
 def tradeoff_curve(df: pd.DataFrame, title: str, x: str = "fd", y: str = "extracted") -> go.Figure:
     """Extraction (y) against quality (x) as more units are edited; top units vs the random control.
 
-    `df` has columns top_percent, `x`, `y` and `selection` ("top units" / "random units").
+    `df` has columns top_percent, `x`, `y` and `selection` ("top units" / "random units"); with the sweep's
+    random_extracted_min / _max columns (several random draws) the random points get a bar from the fewest
+    to the most images any draw left extracted.
     """
     fig = go.Figure()
     for sel in ("top units", "random units"):
         sub = df[df["selection"] == sel].sort_values("top_percent")
         if len(sub):
+            err = None
+            if sel == "random units" and y == "extracted" and {"random_extracted_min", "random_extracted_max"} <= \
+                    set(sub.columns) and (sub.get("random_draws", pd.Series([0])) > 1).any():
+                err = {"type": "data", "symmetric": False, "array": sub["random_extracted_max"] - sub[y],
+                       "arrayminus": sub[y] - sub["random_extracted_min"], "color": SERIES[sel], "thickness": 2}
             fig.add_trace(go.Scatter(
                 x=sub[x], y=sub[y], mode="lines+markers+text", name=sel, text=[f"{p:g}%" for p in sub["top_percent"]],
-                textposition="top right", marker={"size": 14, "color": SERIES[sel]},
+                textposition="top right", marker={"size": 14, "color": SERIES[sel]}, error_y=err,
                 line={"width": 4, "color": SERIES[sel], "dash": "solid" if sel == "top units" else "dash"},
             ))
     fig.update_xaxes(title={"fd": "Frechet distance (lower = better quality)",

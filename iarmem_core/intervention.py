@@ -5,7 +5,10 @@
   ``global`` (the k% best units of the whole model, the default), ``per_block`` (k% of every block) or
   ``per_group`` (k% in total, taken in turn from each group's own ranking: VAR scales; next-token
   models the grid rows of a pass that has them). `random_control` draws the same number of units in
-  every block, uniformly and seeded: the control a careful researcher always runs.
+  every block, uniformly and seeded: the control a careful researcher always runs. One draw is one
+  sample of a random distribution (on the demo, single draws of the same size left 16 to 18 of 18 images
+  extracted), so the control is drawn several times (`random_draws`; 10 on demo and test models) and the
+  ranked edit is compared with all draws (`random_draw_stats`: mean, range, one-sided p-value).
 - Edits (`make_edit`): a `hooks.UnitEdit` value, fc1 weight rows times a factor (paper: 0.5, biases
   unchanged), zeroing, or scaling the unit's output; optionally only one half of a CFG batch. Edits are
   applied with `hooks.edit(model, spec)`, a scoped context of this thread only: a shared model object is
@@ -42,7 +45,7 @@ from iarmem_core.hooks import UnitEdit
 
 QUALITY_KIND = "quality"
 SWEEP_KIND = "intervention-sweep"
-VERSION = "1"
+VERSION = "2"  # 2: random-control draws in every row
 RANKINGS = ("global", "per_block", "per_group")
 DEFAULT_TOP_PERCENTS = (0, 1, 5, 10, 20)
 SAMPLING_KEYS = ("cfg", "top_k", "top_p", "temperature")
@@ -166,6 +169,27 @@ def random_control(units: Mapping[int, Sequence[int]], n_units_per_block: int, s
 
 
 @torch.no_grad()
+def default_random_draws(adapter: IARAdapter) -> int:
+    """Random-control draws when none are asked for: 10 on demo and test models (one extraction run takes
+    seconds there), 1 on released models (every draw is one more full extraction run)."""
+    return 10 if adapter.spec.kind in ("demo", "test") else 1
+
+
+def random_draw_stats(ranked_after: int, draws_after: Sequence[int]) -> dict:
+    """How the ranked edit's extraction count compares with `draws_after`, the counts after random draws.
+
+    p_value = (1 + #draws that left at most as many images extracted) / (draws + 1): the chance, if the ranking
+    were no better than random units, that a random draw removes at least as much (one-sided, exact for
+    exchangeable draws; its smallest value is 1 / (draws + 1), so 10 draws can show p = 0.09 at best).
+    """
+    d = np.asarray(list(draws_after), dtype=np.int64)
+    if d.size == 0:
+        raise ValueError("random_draw_stats needs at least one random draw")
+    return {"draws": int(d.size), "extracted_after_draws": [int(v) for v in d],
+            "extracted_after_mean": float(d.mean()), "extracted_after_min": int(d.min()),
+            "extracted_after_max": int(d.max()), "p_value": float((1 + (d <= ranked_after).sum()) / (d.size + 1))}
+
+
 def target_selectivity(adapter: IARAdapter, image_set: data.ImageSet, target_N: Sequence[bool],
                        batch_size: int = 32) -> np.ndarray:
     """[L, U] how much more each unit fires for the target images than for the rest: (m_t - m_r) / (m_t + m_r).
@@ -414,22 +438,29 @@ def run_intervention(adapter: IARAdapter, unitmem_result, image_set: data.ImageS
                      extraction_cfg: extraction.ExtractionConfig | None = None, store=None, on_progress=None,
                      combine: str | int = "max", cfg_half: str = "both", units: Mapping | None = None,
                      n_samples: int = 1000, feature_space=None, reference_set=None, sampling=None, seed: int = 0,
-                     heldout_set=None, sscd_path=None, with_random: bool = True) -> dict:
+                     heldout_set=None, sscd_path=None, with_random: bool = True,
+                     random_draws: int | None = None) -> dict:
     """Extraction and quality before the edit, after it, and with random units of the same size and blocks.
 
     Keys: extracted_before / _after, fd_before / _after, class_acc_before / _after, random_control
-    {extracted_after, fd_after, class_acc_after, units}, n_units, units_per_block, and how each number was
-    computed (similarity, threshold, feature space, sample count, store keys). `units` replaces the
+    {extracted_after, fd_after, class_acc_after, units, and over `random_draws` draws (seeds seed,
+    seed + 1, ...; default `default_random_draws`): extracted_after_draws / _mean / _min / _max and p_value
+    (`random_draw_stats`)}, n_units, units_per_block, and how each number was computed (similarity,
+    threshold, feature space, sample count, store keys). The random control's extracted_after, FD and class
+    accuracy are those of the first draw (quality is measured for that draw only). `units` replaces the
     UnitMem selection with an explicit {block: units}. After the edit the same candidates are attacked
     (those of the unedited model); held-out images are attacked before the edit only.
     """
     st = store if store is not None else store_mod.get_store()
     ecfg = extraction_cfg or extraction.ExtractionConfig()
+    draws = default_random_draws(adapter) if random_draws is None else int(random_draws)
+    if with_random and draws < 1:
+        raise ValueError(f"random_draws must be at least 1, got {draws}")
     sel = dict(units) if units is not None else select_units(unitmem_result, top_percent, ranking, combine)
     edit = make_edit(sel, op, factor, cfg_half)
     rnd = random_control(sel, adapter.n_units, seed=seed)
     redit = make_edit(rnd, op, factor, cfg_half)
-    steps = 6 if with_random else 4
+    steps = 5 + draws if with_random else 4
     done = [0]
 
     def sub(what: str):
@@ -478,18 +509,28 @@ def run_intervention(adapter: IARAdapter, unitmem_result, image_set: data.ImageS
                                                       sscd_path=sscd_path, on_progress=p), "extraction random")
         q2 = step(lambda p: quality(adapter, redit, on_progress=p, **qkw), "quality random")
         c2 = _counts(ra, sim, thr)
+        counts, keys = [c2["extracted"]], [ra.meta["store_key"]]
+        for i in range(1, draws):  # further draws: extraction only
+            e_i = make_edit(random_control(sel, adapter.n_units, seed=seed + i), op, factor, cfg_half)
+            r_i = step(lambda p, e_i=e_i: extraction.run_extraction(adapter, image_set, after_cfg, store=st, edit=e_i,
+                                                                    sscd_path=sscd_path, on_progress=p),
+                       f"extraction random draw {i + 1}/{draws}")
+            counts.append(_counts(r_i, sim, thr)["extracted"])
+            keys.append(r_i.meta["store_key"])
         out["random_control"] = {
             "extracted_after": c2["extracted"], "fd_after": q2["fd"], "class_acc_after": q2["class_acc"],
             "extracted_planted_after": c2["extracted_planted"],
             "recall_planted_max_count_after": c2["recall_planted_max_count"],
             "n_units": redit.n_units, "seed": seed, "edit": redit.to_dict(),
-            "store_keys": {"extraction": ra.meta["store_key"], "quality": q2["store_key"]}}
+            **random_draw_stats(c1["extracted"], counts), "draw_seeds": [seed + i for i in range(draws)],
+            "store_keys": {"extraction": ra.meta["store_key"], "quality": q2["store_key"],
+                           "extraction_draws": keys}}
     return out
 
 
 def _sweep_rows(adapter, unitmem_result, image_set, top_percents, factor, op, ranking, combine, cfg_half,
                 extraction_cfg, n_samples, feature_space, reference_set, sampling, seed, store, heldout_set,
-                sscd_path, progress) -> list[dict]:
+                sscd_path, progress, random_draws=None) -> list[dict]:
     rows = []
     ks = list(top_percents)
     for i, k in enumerate(ks):
@@ -500,10 +541,16 @@ def _sweep_rows(adapter, unitmem_result, image_set, top_percents, factor, op, ra
                              ranking=ranking, combine=combine, cfg_half=cfg_half, extraction_cfg=extraction_cfg,
                              n_samples=n_samples, feature_space=feature_space, reference_set=reference_set,
                              sampling=sampling, seed=seed, store=store, heldout_set=heldout_set,
-                             sscd_path=sscd_path, with_random=k > 0, on_progress=p)
+                             sscd_path=sscd_path, with_random=k > 0, on_progress=p, random_draws=random_draws)
+        rs = r.get("random_control") or {}
         common = {"top_percent": float(k), "n_units": r["n_units"], "similarity": r["similarity"],
                   "threshold": r["threshold"], "fd_metric": r["fd_metric"], "n_samples": r["n_samples"],
-                  "extracted_before": r["extracted_before"], "fd_before": r["fd_before"]}
+                  "extracted_before": r["extracted_before"], "fd_before": r["fd_before"],
+                  "random_draws": rs.get("draws", 0),
+                  "random_extracted_mean": rs.get("extracted_after_mean", r["extracted_after"]),
+                  "random_extracted_min": rs.get("extracted_after_min", r["extracted_after"]),
+                  "random_extracted_max": rs.get("extracted_after_max", r["extracted_after"]),
+                  "p_value": rs.get("p_value")}
         rows.append({**common, "selection": "unitmem", "extracted": r["extracted_after"],
                      "extracted_planted": r["extracted_planted_after"],
                      "recall_planted_max_count": r["recall_planted_max_count_after"], "fd": r["fd_after"],
@@ -520,8 +567,8 @@ def _sweep_rows(adapter, unitmem_result, image_set, top_percents, factor, op, ra
 
 
 def sweep_spec(adapter, unitmem_result, image_set, top_percents, factor, op, ranking, combine, cfg_half,
-               extraction_cfg, n_samples, feature_space, reference_set, sampling, seed, heldout_set, sscd_path
-               ) -> dict:
+               extraction_cfg, n_samples, feature_space, reference_set, sampling, seed, heldout_set, sscd_path,
+               random_draws=None) -> dict:
     ecfg = extraction_cfg or extraction.ExtractionConfig()
     ref = reference_set if reference_set is not None else default_reference_set(adapter)
     return {"model": adapter.identity, "dtype": str(adapter.dtype), "data": data.data_fingerprint(image_set),
@@ -530,7 +577,8 @@ def sweep_spec(adapter, unitmem_result, image_set, top_percents, factor, op, ran
             "extraction": ecfg.to_dict(), "n_samples": int(n_samples), "feature_space": _space_id(feature_space),
             "reference": data.data_fingerprint(ref), "sampling": sampling_kwargs(adapter, sampling),
             "seed": int(seed), "heldout": data.data_fingerprint(heldout_set) if heldout_set is not None else None,
-            "sscd": str(sscd_path) if sscd_path else None}
+            "sscd": str(sscd_path) if sscd_path else None,
+            "random_draws": default_random_draws(adapter) if random_draws is None else int(random_draws)}
 
 
 def _sweep_job(args: dict):
@@ -556,12 +604,14 @@ def _sweep_job(args: dict):
 
 
 def _sweep_args(adapter, unitmem_result, image_set, top_percents, factor, op, ranking, combine, cfg_half,
-                extraction_cfg, n_samples, feature_space, reference_set, sampling, seed, heldout_set, sscd_path):
+                extraction_cfg, n_samples, feature_space, reference_set, sampling, seed, heldout_set, sscd_path,
+                random_draws=None):
     return dict(adapter=adapter, unitmem_result=unitmem_result, image_set=image_set, top_percents=top_percents,
                 factor=factor, op=op, ranking=ranking, combine=combine, cfg_half=cfg_half,
                 extraction_cfg=extraction_cfg, n_samples=n_samples, feature_space=feature_space,
                 reference_set=reference_set, sampling=sampling, seed=seed, heldout_set=heldout_set,
-                sscd_path=sscd_path)
+                sscd_path=sscd_path,
+                random_draws=default_random_draws(adapter) if random_draws is None else int(random_draws))
 
 
 def run_sweep(adapter: IARAdapter, unitmem_result, image_set: data.ImageSet, *,
@@ -569,16 +619,19 @@ def run_sweep(adapter: IARAdapter, unitmem_result, image_set: data.ImageSet, *,
               ranking: str = "global", combine: str | int = "max", cfg_half: str = "both",
               extraction_cfg: extraction.ExtractionConfig | None = None, n_samples: int = 1000,
               feature_space=None, reference_set=None, sampling=None, seed: int = 0, heldout_set=None,
-              sscd_path=None, store=None, on_progress=None, force: bool = False):
+              sscd_path=None, random_draws: int | None = None, store=None, on_progress=None, force: bool = False):
     """The privacy / quality trade-off: one row per (k, selection in {unitmem, random}); a job in the store.
 
     Columns: top_percent, selection, n_units, extracted, extracted_planted, recall_planted_max_count, fd,
-    class_acc, extracted_before, fd_before, similarity, threshold, fd_metric, n_samples. k = 0 is the
-    unedited model (both selections).
+    class_acc, extracted_before, fd_before, similarity, threshold, fd_metric, n_samples, and per k the random
+    control over `random_draws` draws: random_draws, random_extracted_mean / _min / _max and p_value (see
+    `random_draw_stats`; the random row's own numbers are the first draw's). k = 0 is the unedited model
+    (both selections).
     """
     st = store if store is not None else store_mod.get_store()
     a = _sweep_args(adapter, unitmem_result, image_set, top_percents, factor, op, ranking, combine, cfg_half,
-                    extraction_cfg, n_samples, feature_space, reference_set, sampling, seed, heldout_set, sscd_path)
+                    extraction_cfg, n_samples, feature_space, reference_set, sampling, seed, heldout_set, sscd_path,
+                    random_draws)
     spec = sweep_spec(**a)
     _, meta = jobs.run_job(SWEEP_KIND, spec, _sweep_job(a), store=st, version=VERSION, force=force,
                            on_progress=on_progress)
@@ -599,11 +652,12 @@ def start_sweep(adapter: IARAdapter, unitmem_result, image_set: data.ImageSet, *
                 ranking: str = "global", combine: str | int = "max", cfg_half: str = "both",
                 extraction_cfg: extraction.ExtractionConfig | None = None, n_samples: int = 1000,
                 feature_space=None, reference_set=None, sampling=None, seed: int = 0, heldout_set=None,
-                sscd_path=None, store=None, force: bool = False) -> jobs.JobHandle:
+                sscd_path=None, random_draws: int | None = None, store=None, force: bool = False) -> jobs.JobHandle:
     """Start the sweep as a background job; `load_sweep(store, handle.key)` once done."""
     st = store if store is not None else store_mod.get_store()
     a = _sweep_args(adapter, unitmem_result, image_set, top_percents, factor, op, ranking, combine, cfg_half,
-                    extraction_cfg, n_samples, feature_space, reference_set, sampling, seed, heldout_set, sscd_path)
+                    extraction_cfg, n_samples, feature_space, reference_set, sampling, seed, heldout_set, sscd_path,
+                    random_draws)
     return jobs.start_job(SWEEP_KIND, sweep_spec(**a), _sweep_job(a), store=st, version=VERSION, force=force)
 
 
@@ -632,6 +686,9 @@ def add_arguments(p) -> None:
     p.add_argument("--units", help="explicit units instead of the ranking: 'block:unit,block:unit,...'")
     p.add_argument("--sweep", action="store_true", help="the trade-off table over --top-percents")
     p.add_argument("--top-percents", default="0,1,5,10,20")
+    p.add_argument("--random-draws", type=int, help="random-unit draws of the control (extraction after each, "
+                                                   "quality for the first; p_value compares the ranked edit with "
+                                                   "them); default 10 on demo and test models, 1 on released ones")
     p.add_argument("--n-samples", type=int, default=1000, help="samples for FD and class accuracy")
     p.add_argument("--inception", help="NVIDIA's TorchScript inception-2015-12-05.pt: real FID (else the "
                                        "bundled demo feature space, demo models only)")
@@ -665,7 +722,7 @@ def run_cli(args) -> int:
     combine = int(args.combine) if args.combine.lstrip("-").isdigit() else args.combine
     common = dict(factor=args.factor, op=args.op, ranking=args.ranking, combine=combine, cfg_half=args.cfg_half,
                   extraction_cfg=ecfg, n_samples=args.n_samples, feature_space=args.inception, reference_set=ref,
-                  seed=args.seed, sscd_path=args.sscd, store=st)
+                  seed=args.seed, sscd_path=args.sscd, store=st, random_draws=args.random_draws)
     if args.sweep:
         ks = tuple(float(v) for v in args.top_percents.split(","))
         df = run_sweep(model, um, image_set, top_percents=ks, on_progress=cli.progress_printer("sweep"),

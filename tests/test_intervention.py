@@ -81,6 +81,27 @@ def test_random_control_has_the_requested_size_and_block_distribution():
         intervention.random_control({0: tuple(range(50))}, 50, disjoint=True)
 
 
+def test_random_draw_stats_known_answers():
+    # ranked edit left 14 extracted; the random draws left 17, 16, 14, 18: one draw did as well
+    r = intervention.random_draw_stats(14, [17, 16, 14, 18])
+    assert r["draws"] == 4 and r["extracted_after_draws"] == [17, 16, 14, 18]
+    assert (r["extracted_after_min"], r["extracted_after_max"], r["extracted_after_mean"]) == (14, 18, 16.25)
+    assert r["p_value"] == pytest.approx(2 / 5)
+    assert intervention.random_draw_stats(11, [16] * 10)["p_value"] == pytest.approx(1 / 11)  # beats every draw
+    assert intervention.random_draw_stats(20, [16, 17])["p_value"] == 1.0  # worse than every draw
+    with pytest.raises(ValueError, match="at least one"):
+        intervention.random_draw_stats(3, [])
+
+
+def test_default_random_draws_depend_on_the_model_kind(var):
+    assert intervention.default_random_draws(var) == 10  # test and demo models: extraction is cheap
+    from iarmem_core.registry import get_spec
+
+    class _Released:  # only the spec is read; a released model is not built for this
+        spec = get_spec("var-d16")
+    assert intervention.default_random_draws(_Released()) == 1
+
+
 # ---------------------------------------------------------------------------------------------------
 # edits
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -160,7 +181,7 @@ def test_sweep_rows_and_k0_equals_the_unedited_model(var, space, tmp_path):
     um = unitmem.run_unitmem(var, sel, unitmem.UnitMemConfig(n_augs=2, batch_size=20), store=st)
     ecfg = extraction.ExtractionConfig(candidates_per_class=1, heldout=False, batch_size=10)
     df = intervention.run_sweep(var, um, sel, top_percents=(0, 50), extraction_cfg=ecfg, n_samples=20,
-                                feature_space=space, reference_set=ref, store=st)
+                                feature_space=space, reference_set=ref, store=st, random_draws=3)
     assert list(df.selection) == ["unitmem", "random", "unitmem", "random"]
     assert list(df.n_units) == [0, 0, var.n_blocks * var.n_units // 2, var.n_blocks * var.n_units // 2]
     k0 = df[df.top_percent == 0]
@@ -171,8 +192,17 @@ def test_sweep_rows_and_k0_equals_the_unedited_model(var, space, tmp_path):
     again = intervention.load_sweep(st, df.attrs["store_key"])
     assert again.equals(df)
     r = intervention.run_intervention(var, um, sel, top_percent=50, extraction_cfg=ecfg, n_samples=20,
-                                      feature_space=space, reference_set=ref, store=st)
+                                      feature_space=space, reference_set=ref, store=st, random_draws=3)
     assert r["fd_after"] == k50.fd.iloc[0] and r["random_control"]["fd_after"] == k50.fd.iloc[1]
+    # the random control over 3 draws: the first draw is the control's own row, the others are new units
+    rc = r["random_control"]
+    assert rc["draws"] == 3 and rc["draw_seeds"] == [0, 1, 2] and len(set(rc["store_keys"]["extraction_draws"])) == 3
+    assert rc["extracted_after_draws"][0] == rc["extracted_after"] == k50.extracted.iloc[1]
+    assert rc == {**rc, **intervention.random_draw_stats(r["extracted_after"], rc["extracted_after_draws"])}
+    assert (k50.random_draws == 3).all() and (k50.random_extracted_mean == rc["extracted_after_mean"]).all()
+    assert (k50.random_extracted_min <= k50.extracted.iloc[1]).all() and \
+        (k50.extracted.iloc[1] <= k50.random_extracted_max).all()
+    assert k50.p_value.iloc[0] == rc["p_value"] and (k0.random_draws == 0).all() and k0.p_value.isna().all()
     rc_per_block = {b: len(u) for b, u in r["random_control"]["edit"]["units"].items()}
     assert rc_per_block == r["units_per_block"] and sum(rc_per_block.values()) == r["n_units"] == 256
 

@@ -52,6 +52,18 @@ def test_tradeoff_curve_has_both_selections():
     assert list(fig.data[0].y) == [13, 2] and list(fig.data[0].text) == ["0%", "10%"]
 
 
+def test_tradeoff_curve_shows_the_range_of_the_random_draws():
+    df = pd.DataFrame({"top_percent": [0, 10, 0, 10], "fd": [1.0, 1.5, 1.0, 1.2], "extracted": [13, 9, 13, 12],
+                       "selection": ["top units", "top units", "random units", "random units"],
+                       "random_draws": [0, 5, 0, 5], "random_extracted_min": [13, 11, 13, 11],
+                       "random_extracted_max": [13, 13, 13, 13]})
+    top, rnd = figures.tradeoff_curve(df, "t").data
+    assert top.error_y.array is None  # the ranked edit is one selection
+    assert list(rnd.error_y.array) == [0, 1] and list(rnd.error_y.arrayminus) == [0, 1]  # 12 in [11, 13]
+    one = df.assign(random_draws=[0, 1, 0, 1])
+    assert figures.tradeoff_curve(one, "t").data[1].error_y.array is None  # a single draw has no range
+
+
 def test_png_export_of_both_chart_kinds():
     df = figures.heatmap_frame(np.eye(2), [0, 1], ["a", "b"])
     charts = [figures.unitmem_distributions(figures.distribution_frame(np.random.rand(2, 8), [0, 1]), "d")]
