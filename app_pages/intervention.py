@@ -24,7 +24,9 @@ model never see it.
 **What to look for.** The samples on the left and right use the **same seed**, so any difference is the
 edit's doing; the difference map shows where they differ. A good edit leaves samples nearly unchanged
 (quality) while the extraction attack recovers fewer training images (privacy). The **random-units control**
-edits as many randomly chosen units the same way: if it removes as much, the selection did not matter.
+edits as many randomly chosen units the same way: if it removes as much, the selection did not matter. One
+random draw is one sample of chance, so on the demo models the control is drawn 10 times and the top units are
+compared with all draws (the range, and the chance $p$ that a random draw removes at least as much).
 """)
 
 
