@@ -15,6 +15,9 @@ Variants (--variants, comma separated):
   factor0.25   fc1 rows x 0.25
   a+b          both, e.g. last_scale+zero
 
+The random control is drawn --random-draws times (default 10 on demo models): each row carries the draws'
+mean, min, max and the one-sided p-value of the ranked edit against them (`intervention.random_draw_stats`).
+
 --oracle adds the ground-truth diagnostic (demo): the top-k% units by how much more they fire for the
 planted images than for the rest (`intervention.target_selectivity`), edited x0.5 and zeroed, with the
 extraction count after each: how far any ranking of single units could get on this model.
