@@ -214,8 +214,8 @@ def tradeoff_curve(df: pd.DataFrame, title: str, x: str = "fd", y: str = "extrac
         sub = df[df["selection"] == sel].sort_values("top_percent")
         if len(sub):
             err = None
-            if sel == "random units" and y == "extracted" and {"random_extracted_min", "random_extracted_max"} <= \
-                    set(sub.columns) and (sub.get("random_draws", pd.Series([0])) > 1).any():
+            ranged = {"random_draws", "random_extracted_min", "random_extracted_max"} <= set(sub.columns)
+            if sel == "random units" and y == "extracted" and ranged and (sub["random_draws"] > 1).any():
                 err = {"type": "data", "symmetric": False, "array": sub["random_extracted_max"] - sub[y],
                        "arrayminus": sub[y] - sub["random_extracted_min"], "color": SERIES[sel], "thickness": 2}
             fig.add_trace(go.Scatter(

@@ -168,10 +168,11 @@ def random_control(units: Mapping[int, Sequence[int]], n_units_per_block: int, s
     return out
 
 
-@torch.no_grad()
-def default_random_draws(adapter: IARAdapter) -> int:
-    """Random-control draws when none are asked for: 10 on demo and test models (one extraction run takes
-    seconds there), 1 on released models (every draw is one more full extraction run)."""
+def default_random_draws(adapter: IARAdapter, requested: int | None = None) -> int:
+    """Random-control draws: `requested`, or when None 10 on demo and test models (one extraction run takes
+    seconds there) and 1 on released models (every draw is one more full extraction run)."""
+    if requested is not None:
+        return int(requested)
     return 10 if adapter.spec.kind in ("demo", "test") else 1
 
 
@@ -190,6 +191,7 @@ def random_draw_stats(ranked_after: int, draws_after: Sequence[int]) -> dict:
             "extracted_after_max": int(d.max()), "p_value": float((1 + (d <= ranked_after).sum()) / (d.size + 1))}
 
 
+@torch.no_grad()
 def target_selectivity(adapter: IARAdapter, image_set: data.ImageSet, target_N: Sequence[bool],
                        batch_size: int = 32) -> np.ndarray:
     """[L, U] how much more each unit fires for the target images than for the rest: (m_t - m_r) / (m_t + m_r).
@@ -453,7 +455,7 @@ def run_intervention(adapter: IARAdapter, unitmem_result, image_set: data.ImageS
     """
     st = store if store is not None else store_mod.get_store()
     ecfg = extraction_cfg or extraction.ExtractionConfig()
-    draws = default_random_draws(adapter) if random_draws is None else int(random_draws)
+    draws = default_random_draws(adapter, random_draws)
     if with_random and draws < 1:
         raise ValueError(f"random_draws must be at least 1, got {draws}")
     sel = dict(units) if units is not None else select_units(unitmem_result, top_percent, ranking, combine)
@@ -505,18 +507,19 @@ def run_intervention(adapter: IARAdapter, unitmem_result, image_set: data.ImageS
                        "unitmem": getattr(unitmem_result, "meta", {}).get("store_key") if unitmem_result else None},
     }
     if with_random:
-        ra = step(lambda p: extraction.run_extraction(adapter, image_set, after_cfg, store=st, edit=redit,
-                                                      sscd_path=sscd_path, on_progress=p), "extraction random")
+        runs = []  # draw i: random units of seed + i; draw 0 is `redit`, the only one whose quality is measured
+        for i in range(draws):
+            e_i = redit if i == 0 else make_edit(random_control(sel, adapter.n_units, seed=seed + i), op, factor,
+                                                 cfg_half)
+            runs.append(step(lambda p, e_i=e_i: extraction.run_extraction(adapter, image_set, after_cfg, store=st,
+                                                                          edit=e_i, sscd_path=sscd_path,
+                                                                          on_progress=p),
+                             f"extraction random draw {i + 1}/{draws}"))
         q2 = step(lambda p: quality(adapter, redit, on_progress=p, **qkw), "quality random")
+        ra = runs[0]
         c2 = _counts(ra, sim, thr)
-        counts, keys = [c2["extracted"]], [ra.meta["store_key"]]
-        for i in range(1, draws):  # further draws: extraction only
-            e_i = make_edit(random_control(sel, adapter.n_units, seed=seed + i), op, factor, cfg_half)
-            r_i = step(lambda p, e_i=e_i: extraction.run_extraction(adapter, image_set, after_cfg, store=st, edit=e_i,
-                                                                    sscd_path=sscd_path, on_progress=p),
-                       f"extraction random draw {i + 1}/{draws}")
-            counts.append(_counts(r_i, sim, thr)["extracted"])
-            keys.append(r_i.meta["store_key"])
+        counts = [c2["extracted"]] + [_counts(r, sim, thr)["extracted"] for r in runs[1:]]
+        keys = [r.meta["store_key"] for r in runs]
         out["random_control"] = {
             "extracted_after": c2["extracted"], "fd_after": q2["fd"], "class_acc_after": q2["class_acc"],
             "extracted_planted_after": c2["extracted_planted"],
@@ -578,7 +581,7 @@ def sweep_spec(adapter, unitmem_result, image_set, top_percents, factor, op, ran
             "reference": data.data_fingerprint(ref), "sampling": sampling_kwargs(adapter, sampling),
             "seed": int(seed), "heldout": data.data_fingerprint(heldout_set) if heldout_set is not None else None,
             "sscd": str(sscd_path) if sscd_path else None,
-            "random_draws": default_random_draws(adapter) if random_draws is None else int(random_draws)}
+            "random_draws": default_random_draws(adapter, random_draws)}
 
 
 def _sweep_job(args: dict):
@@ -611,7 +614,7 @@ def _sweep_args(adapter, unitmem_result, image_set, top_percents, factor, op, ra
                 extraction_cfg=extraction_cfg, n_samples=n_samples, feature_space=feature_space,
                 reference_set=reference_set, sampling=sampling, seed=seed, heldout_set=heldout_set,
                 sscd_path=sscd_path,
-                random_draws=default_random_draws(adapter) if random_draws is None else int(random_draws))
+                random_draws=default_random_draws(adapter, random_draws))
 
 
 def run_sweep(adapter: IARAdapter, unitmem_result, image_set: data.ImageSet, *,

@@ -95,6 +95,7 @@ def test_random_draw_stats_known_answers():
 
 def test_default_random_draws_depend_on_the_model_kind(var):
     assert intervention.default_random_draws(var) == 10  # test and demo models: extraction is cheap
+    assert intervention.default_random_draws(var, 3) == 3  # asked for: always that
     from iarmem_core.registry import get_spec
 
     class _Released:  # only the spec is read; a released model is not built for this
