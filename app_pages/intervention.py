@@ -192,7 +192,7 @@ def _curve(adapter, image_set, res, mchoice, dchoice) -> None:
                             ranking=state.get("iv_ranking"), seed=int(mchoice.seed))
     store = results.user_store()
     key = store.key(intervention.SWEEP_KIND, intervention.sweep_spec(adapter, res, image_set, **args),
-                    intervention.VERSION)
+                    intervention.SWEEP_VERSION)
     got = results.load(key)
     cli = (f"python -m iarmem_core intervene {mchoice.cli_args()} {dchoice.cli_args()} --sweep "
            f"--top-percents {','.join(str(k) for k in edits.SWEEP_PERCENTS)} --factor {state.get('iv_factor')} "

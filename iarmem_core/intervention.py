@@ -45,7 +45,8 @@ from iarmem_core.hooks import UnitEdit
 
 QUALITY_KIND = "quality"
 SWEEP_KIND = "intervention-sweep"
-VERSION = "2"  # 2: random-control draws in every row
+QUALITY_VERSION = "1"  # the quality job's code version (part of its store key)
+SWEEP_VERSION = "2"  # 2: random-control draws in every row
 RANKINGS = ("global", "per_block", "per_group")
 DEFAULT_TOP_PERCENTS = (0, 1, 5, 10, 20)
 SAMPLING_KEYS = ("cfg", "top_k", "top_p", "temperature")
@@ -421,9 +422,9 @@ def quality(adapter: IARAdapter, edit: UnitEdit | None = None, *, n_samples: int
             "n_samples": int(n_samples), "feature_space": _space_id(feature_space),
             "reference": data.data_fingerprint(ref), "seed": int(seed),
             "sampling": sampling_kwargs(adapter, sampling)}
-    _, meta = jobs.run_job(QUALITY_KIND, spec, fn, store=store, version=VERSION, force=force,
+    _, meta = jobs.run_job(QUALITY_KIND, spec, fn, store=store, version=QUALITY_VERSION, force=force,
                            on_progress=on_progress)
-    return {**meta, "store_key": store.key(QUALITY_KIND, spec, VERSION)}
+    return {**meta, "store_key": store.key(QUALITY_KIND, spec, QUALITY_VERSION)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -636,9 +637,9 @@ def run_sweep(adapter: IARAdapter, unitmem_result, image_set: data.ImageSet, *,
                     extraction_cfg, n_samples, feature_space, reference_set, sampling, seed, heldout_set, sscd_path,
                     random_draws)
     spec = sweep_spec(**a)
-    _, meta = jobs.run_job(SWEEP_KIND, spec, _sweep_job(a), store=st, version=VERSION, force=force,
+    _, meta = jobs.run_job(SWEEP_KIND, spec, _sweep_job(a), store=st, version=SWEEP_VERSION, force=force,
                            on_progress=on_progress)
-    return _frame(meta, st.key(SWEEP_KIND, spec, VERSION))
+    return _frame(meta, st.key(SWEEP_KIND, spec, SWEEP_VERSION))
 
 
 def _frame(meta: dict, key: str):
@@ -661,7 +662,7 @@ def start_sweep(adapter: IARAdapter, unitmem_result, image_set: data.ImageSet, *
     a = _sweep_args(adapter, unitmem_result, image_set, top_percents, factor, op, ranking, combine, cfg_half,
                     extraction_cfg, n_samples, feature_space, reference_set, sampling, seed, heldout_set, sscd_path,
                     random_draws)
-    return jobs.start_job(SWEEP_KIND, sweep_spec(**a), _sweep_job(a), store=st, version=VERSION, force=force)
+    return jobs.start_job(SWEEP_KIND, sweep_spec(**a), _sweep_job(a), store=st, version=SWEEP_VERSION, force=force)
 
 
 def load_sweep(store, key: str):

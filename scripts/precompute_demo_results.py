@@ -64,7 +64,7 @@ def default_keys(name: str, store: ResultStore, sweep: bool = True) -> list[dict
     args = edits.sweep_args(adapter, res0, sel, factor=0.5, op="fc1_scale", ranking="global", seed=SEED)
     out.append({"model": name, "kind": intervention.SWEEP_KIND,
                 "key": store.key(intervention.SWEEP_KIND, intervention.sweep_spec(adapter, res0, sel, **args),
-                                 intervention.VERSION),
+                                 intervention.SWEEP_VERSION),
                 "run": lambda: intervention.run_sweep(adapter, um_result(), sel, store=store, **args)})
     return out
 
