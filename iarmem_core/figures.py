@@ -225,7 +225,11 @@ def tradeoff_curve(df: pd.DataFrame, title: str, x: str = "fd", y: str = "extrac
             ))
     fig.update_xaxes(title={"fd": "Frechet distance (lower = better quality)",
                             "class_acc": "class accuracy of samples"}.get(x, x))
-    fig.update_yaxes(title={"extracted": "images extracted"}.get(y, y), rangemode="tozero")
+    tops = [df[c].max() for c in (y, "random_extracted_max") if c in df and df[c].notna().any()]
+    top = float(max(tops)) if tops else 0.0
+    # room above the highest point (or range bar) for the k% labels, which sit above the markers
+    fig.update_yaxes(title={"extracted": "images extracted"}.get(y, y), rangemode="tozero",
+                     range=[0, top * 1.15 + 1] if top > 0 else None)
     return _layout(fig, title, height=440, legend={"orientation": "h", "y": -0.25})
 
 

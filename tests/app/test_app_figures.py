@@ -57,7 +57,9 @@ def test_tradeoff_curve_shows_the_range_of_the_random_draws():
                        "selection": ["top units", "top units", "random units", "random units"],
                        "random_draws": [0, 5, 0, 5], "random_extracted_min": [13, 11, 13, 11],
                        "random_extracted_max": [13, 13, 13, 13]})
-    top, rnd = figures.tradeoff_curve(df, "t").data
+    fig = figures.tradeoff_curve(df, "t")
+    top, rnd = fig.data
+    assert fig.layout.yaxis.range[0] == 0 and fig.layout.yaxis.range[1] > 13  # room above the highest point
     assert top.error_y.array is None  # the ranked edit is one selection
     assert list(rnd.error_y.array) == [0, 1] and list(rnd.error_y.arrayminus) == [0, 1]  # 12 in [11, 13]
     one = df.assign(random_draws=[0, 1, 0, 1])
