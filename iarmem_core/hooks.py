@@ -1,27 +1,18 @@
-"""Unit hooks: one naming scheme over VAR, RAR and LlamaGen, scoped by context managers.
+"""Reading and editing units: `capture` the activations at named hook points, `edit` units with a `UnitEdit`.
 
-Every model in `iarmem_core.models` places two `HookPoint` identity modules in each MLP:
+The mechanism (named `HookPoint`s in every model, thread-local scoped hooks, which token each row
+predicts) is `iarmem_core.models.hook_points`; this module is what the analysis does with it.
 
-- ``blocks.{i}.mlp.hook_pre``:  the pre-activation (VAR/RAR: ``fc1(x)``; LlamaGen: the gate ``w1(x)``)
-- ``blocks.{i}.mlp.hook_post``: the *unit* activations, i.e. the input of the MLP output projection
-  (VAR/RAR: ``GELU(fc1 x)``; LlamaGen: ``silu(w1 x) * w3 x``), shape ``[B, T, U]``.
-
-A HookPoint has no parameters (state dicts are unchanged) and costs one ContextVar read when no hook
-is active. Active hooks live in a ContextVar, not on the module: a model object shared by several
-threads (Streamlit sessions) only ever sees the hooks of the thread that entered the ``with`` block,
-and the hooks vanish on exit, also when an exception is raised inside.
-
-Each model forward declares which *token* every sequence row predicts (`call_scope`): row t of the
-current call predicts token ``target_index[t]`` of the flattened token sequence (-1: predicts none,
-e.g. RAR's class-token row). Teacher forcing covers all rows at once; KV-cache generation covers one
-scale (VAR) or one token (next-token) per call, and with CFG the batch is ``[cond; uncond]``.
-Position groups (`IARAdapter.position_groups`) are sets of token indices in this same space.
+- ``capture(model, fn, names=UNITS)`` calls ``fn(block, acts_BTU, info)`` at every matched point;
+  names are glob patterns over the canonical names, as in TransformerLens: ``UNITS`` =
+  ``("blocks.*.mlp.hook_post",)`` (the units), ``PRE`` = the pre-activations, ``"blocks.3.mlp.hook_post"``
+  one block.
+- ``edit(model, UnitEdit(units={block: (unit, ...)}, op, factor))`` applies an edit to every forward
+  inside the block, in this thread only; a shared model object is never modified.
 """
 
 from __future__ import annotations
 
-import contextvars
-import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,148 +20,33 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = [
-    "CallInfo",
-    "HookPoint",
-    "UnitEdit",
-    "bind_hook_points",
-    "call_scope",
-    "capture",
-    "current_call",
-    "edit",
-    "hook_points",
-]
+from iarmem_core.models.hook_points import CallInfo, HookPoint, active, hook_points, match_names
 
-_owner_ids = itertools.count(1)
+__all__ = ["CFG_HALVES", "EDIT_OPS", "PRE", "UNITS", "CallInfo", "UnitEdit", "capture", "edit", "unit_names"]
 
-
-@dataclass(frozen=True)
-class CallInfo:
-    """What the current forward call covers."""
-
-    target_index: torch.Tensor  # [T] long: token index predicted by each row, -1 for none
-    cfg_doubled: bool = False  # the batch is [cond; uncond] (classifier-free guidance)
-    mode: str = "teacher"  # "teacher" (whole sequence) or "generate" (one KV-cache step)
-
-
-_CALL: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("iarmem_call", default=None)
-_ACTIVE: contextvars.ContextVar[tuple[_Hook, ...]] = contextvars.ContextVar("iarmem_hooks", default=())
-
-
-def current_call() -> CallInfo | None:
-    """The CallInfo of the forward call in progress in this thread, or None outside any model call."""
-    return _CALL.get()
-
-
-@contextmanager
-def call_scope(target_index: torch.Tensor, cfg_doubled: bool = False, mode: str = "teacher") -> Iterator[None]:
-    """Declare, for the duration of one model forward, which token each sequence row predicts."""
-    token = _CALL.set(CallInfo(target_index, cfg_doubled, mode))
-    try:
-        yield
-    finally:
-        _CALL.reset(token)
-
-
-class HookPoint(nn.Module):
-    """Identity at a capturable value. `bind_hook_points` gives it its canonical name and owner."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.hook_name = ""  # e.g. "blocks.3.mlp.hook_post", set by bind_hook_points
-        self.block = -1
-        self.kind = ""  # "pre" or "post"
-        self.owner = 0  # id of the model that owns this point
-        # Bias of the linear layer whose output this point sees (pre-activation points only), used by
-        # the fc1-row edit. Stored outside nn.Module's registry so the state dict is unchanged.
-        object.__setattr__(self, "_bias_fn", lambda: None)
-
-    def set_bias_source(self, linear: nn.Linear) -> None:
-        object.__setattr__(self, "_bias_fn", lambda: linear.bias)
-
-    def bias(self) -> torch.Tensor | None:
-        return self._bias_fn()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        active = _ACTIVE.get()
-        if not active:
-            return x
-        info = _CALL.get()
-        for hook in active:
-            if hook.owner == self.owner and hook.kind == self.kind and self.block in hook.blocks:
-                out = hook.fn(self, x, info)
-                if out is not None:
-                    x = out
-        return x
-
-    def extra_repr(self) -> str:
-        return self.hook_name
-
-
-def bind_hook_points(model: nn.Module, block_of: Callable[[str], tuple[int, str]]) -> int:
-    """Name every HookPoint of `model` canonically and stamp it with a fresh owner id.
-
-    `block_of(module_path)` maps a HookPoint's module path to (block index, "pre" | "post").
-    Returns the owner id (also stored as ``model._iarmem_owner``).
-    """
-    owner = next(_owner_ids)
-    for path, mod in model.named_modules():
-        if isinstance(mod, HookPoint):
-            block, kind = block_of(path)
-            mod.block, mod.kind, mod.owner = block, kind, owner
-            mod.hook_name = f"blocks.{block}.mlp.hook_{kind}"
-    object.__setattr__(model, "_iarmem_owner", owner)
-    return owner
-
-
-def hook_points(model: nn.Module) -> dict[str, HookPoint]:
-    """Canonical name -> HookPoint for a bound model."""
-    return {m.hook_name: m for m in model.modules() if isinstance(m, HookPoint) and m.hook_name}
-
-
-def _owner_of(model: nn.Module) -> int:
-    owner = getattr(model, "_iarmem_owner", 0)
-    if not owner:
-        raise TypeError(f"{type(model).__name__} has no bound hook points (call bind_hook_points in its __init__)")
-    return owner
-
-
-@dataclass(frozen=True)
-class _Hook:
-    owner: int
-    kind: str
-    blocks: frozenset[int]
-    fn: Callable[[HookPoint, torch.Tensor, CallInfo | None], torch.Tensor | None]
-
-
-@contextmanager
-def _activate(hooks: Sequence[_Hook]) -> Iterator[None]:
-    token = _ACTIVE.set(_ACTIVE.get() + tuple(hooks))
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
-
+UNITS = ("blocks.*.mlp.hook_post",)  # the units: input channels of the MLP output projection, [B, T, U]
+PRE = ("blocks.*.mlp.hook_pre",)  # their pre-activations (fc1 / w1 outputs)
 
 CaptureFn = Callable[[int, torch.Tensor, CallInfo | None], None]
 
 
-@contextmanager
-def capture(model: nn.Module, fn: CaptureFn, blocks: Sequence[int] | None = None, kind: str = "post") -> Iterator[None]:
-    """Call ``fn(block, acts_BTU, info)`` with the unit activations of each selected block.
+def unit_names(blocks: Sequence[int], kind: str = "post") -> tuple[str, ...]:
+    """Hook names of the units (``kind="post"``) or pre-activations (``"pre"``) of `blocks`."""
+    return tuple(f"blocks.{int(b)}.mlp.hook_{kind}" for b in blocks)
 
-    ``kind="post"`` gives the units (fc2 input), ``"pre"`` the pre-activations. The tensor is the live
-    activation: reduce it inside `fn`, do not keep it (rule 2 of ARCHITECTURE.md). With a CFG-doubled
-    batch the first half of dim 0 is the conditional half (see ``info.cfg_doubled``).
+
+@contextmanager
+def capture(model: nn.Module, fn: CaptureFn, names: Sequence[str] | str = UNITS) -> Iterator[None]:
+    """Call ``fn(block, acts_BTU, info)`` with the live value at each hook point matched by `names`.
+
+    The tensor is the live activation: reduce it inside `fn`, do not keep it (rule 2 of ARCHITECTURE.md).
+    With a CFG-doubled batch the first half of dim 0 is the conditional half (see ``info.cfg_doubled``).
     """
-    owner = _owner_of(model)
-    all_blocks = {hp.block for hp in hook_points(model).values()}
-    sel = frozenset(all_blocks if blocks is None else blocks)
 
     def _fn(hp: HookPoint, x: torch.Tensor, info: CallInfo | None) -> None:
         fn(hp.block, x, info)
 
-    with _activate([_Hook(owner, kind, sel, _fn)]):
+    with active(model, match_names(model, names), _fn):
         yield
 
 
@@ -243,7 +119,6 @@ def edit(model: nn.Module, spec: UnitEdit | None) -> Iterator[None]:
     if spec is None or spec.n_units == 0:
         yield
         return
-    owner = _owner_of(model)
     points = hook_points(model)
     idx_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
     for b in spec.units:
@@ -279,7 +154,7 @@ def edit(model: nn.Module, spec: UnitEdit | None) -> Iterator[None]:
         x[rows, ..., idx] = 0.0 if spec.op == "zero" else x[rows][..., idx] * f
         return x
 
-    blocks = frozenset(spec.units)
-    hook = _Hook(owner, "pre", blocks, _pre) if spec.op == "fc1_scale" else _Hook(owner, "post", blocks, _post)
-    with _activate([hook]):
+    kind = "pre" if spec.op == "fc1_scale" else "post"
+    names = frozenset(f"blocks.{b}.mlp.hook_{kind}" for b in spec.units)
+    with active(model, names, _pre if spec.op == "fc1_scale" else _post):
         yield

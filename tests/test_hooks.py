@@ -9,15 +9,16 @@ import torch
 from torch import nn
 
 from iarmem_core import hooks
+from iarmem_core.models import hook_points
 
 
 class ToyMLP(nn.Module):
     def __init__(self, d=4, u=6):
         super().__init__()
         self.fc1 = nn.Linear(d, u)
-        self.hook_pre = hooks.HookPoint()
+        self.hook_pre = hook_points.HookPoint()
         self.act = nn.GELU(approximate="tanh")
-        self.hook_post = hooks.HookPoint()
+        self.hook_post = hook_points.HookPoint()
         self.fc2 = nn.Linear(u, d)
         self.hook_pre.set_bias_source(self.fc1)
 
@@ -30,10 +31,10 @@ class Toy(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.blocks = nn.ModuleList([nn.ModuleDict({"mlp": ToyMLP()}) for _ in range(2)])
-        hooks.bind_hook_points(self, lambda p: (int(p.split(".")[1]), p.rsplit("_", 1)[1]))
+        hook_points.bind_hook_points(self, lambda p: (int(p.split(".")[1]), p.rsplit("_", 1)[1]))
 
     def forward(self, x):
-        with hooks.call_scope(torch.arange(x.shape[1])):
+        with hook_points.call_scope(torch.arange(x.shape[1])):
             for b in self.blocks:
                 x = x + b["mlp"](x)
         return x
@@ -41,7 +42,7 @@ class Toy(nn.Module):
 
 def test_names_and_state_dict_unchanged():
     m = Toy()
-    assert sorted(hooks.hook_points(m)) == [f"blocks.{i}.mlp.hook_{k}" for i in range(2) for k in ("post", "pre")]
+    assert sorted(hook_points.hook_points(m)) == [f"blocks.{i}.mlp.hook_{k}" for i in range(2) for k in ("post", "pre")]
     assert not any("hook" in k for k in m.state_dict())
 
 
@@ -78,14 +79,14 @@ def test_zero_and_out_scale():
     m, x = Toy(), torch.randn(2, 3, 4)
     got = {}
     with hooks.edit(m, hooks.UnitEdit(units={0: [1]}, op="zero")), \
-            hooks.capture(m, lambda b, a, i: got.setdefault(b, a.clone()), blocks=[0]):
+            hooks.capture(m, lambda b, a, i: got.setdefault(b, a.clone()), names="blocks.0.mlp.hook_post"):
         m(x)
     assert torch.all(got[0][..., 1] == 0) and torch.any(got[0][..., 0] != 0)
     got.clear()
-    with hooks.capture(m, lambda b, a, i: got.setdefault("plain", a.clone()), blocks=[0]):
+    with hooks.capture(m, lambda b, a, i: got.setdefault("plain", a.clone()), names="blocks.0.mlp.hook_post"):
         m(x)
     with hooks.edit(m, hooks.UnitEdit(units={0: [1]}, op="out_scale", factor=0.25)), \
-            hooks.capture(m, lambda b, a, i: got.setdefault("scaled", a.clone()), blocks=[0]):
+            hooks.capture(m, lambda b, a, i: got.setdefault("scaled", a.clone()), names="blocks.0.mlp.hook_post"):
         m(x)
     torch.testing.assert_close(got["scaled"][..., 1], got["plain"][..., 1] * 0.25)
 
@@ -104,7 +105,7 @@ def test_cfg_half_only_edits_that_half():
     x = torch.randn(1, 3, 4).repeat(2, 1, 1)  # [cond; uncond] with equal inputs
 
     def fwd():
-        with hooks.call_scope(torch.arange(3), cfg_doubled=True):
+        with hook_points.call_scope(torch.arange(3), cfg_doubled=True):
             h = x
             for b in m.blocks:
                 h = h + b["mlp"](h)

@@ -14,6 +14,7 @@ from iarmem_core import hooks
 from iarmem_core.adapters import load_adapter
 from iarmem_core.adapters.llamagen import LlamaGenAdapter
 from iarmem_core.conformance import run
+from iarmem_core.models import hook_points
 from iarmem_core.models import llamagen as gpt_lib
 from iarmem_core.models.llamagen import Transformer, precompute_freqs_cis_2d, top_k_top_p_filter
 from iarmem_core.models.vq import VQModel
@@ -255,7 +256,7 @@ def test_full_size_gpt_b_and_vq16_match_official_keys(golden_llamagen):
         want = [(e["key"], e["shape"], e["dtype"], e["kind"]) for e in ref[key]["state_dict"]]
         assert _layout(model) == want  # same keys, shapes, dtypes, kinds, and order
         assert sum(p.numel() for p in model.parameters()) == ref[key]["num_parameters"]
-    assert len(hooks.hook_points(gpt)) == 24
+    assert len(hook_points.hook_points(gpt)) == 24
 
 
 _OFFICIAL_SIZES = {

@@ -139,7 +139,7 @@ def test_unit_hooks_are_gelu_of_fc1(m):
     toks = torch.randint(0, m.vocab_size, (2, m.n_tokens), generator=torch.Generator().manual_seed(3))
     got = {}
     with hooks.capture(m.transformer, lambda b, a, i: got.setdefault(("post", b), a.clone())), \
-            hooks.capture(m.transformer, lambda b, a, i: got.setdefault(("pre", b), a.clone()), kind="pre"):
+            hooks.capture(m.transformer, lambda b, a, i: got.setdefault(("pre", b), a.clone()), names=hooks.PRE):
         m.teacher_forced_logits(toks, LABELS[:2])
     for b in range(m.n_blocks):
         torch.testing.assert_close(got[("post", b)], torch.nn.functional.gelu(got[("pre", b)]))

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from iarmem_core import data, hooks, jobs, unitmem
+from iarmem_core import data, jobs, unitmem
 from iarmem_core.adapters import load_adapter
 from iarmem_core.adapters.base import IARAdapter, UnitSite
+from iarmem_core.models import hook_points
 from iarmem_core.registry import ModelSpec
 from iarmem_core.store import ResultStore
 
@@ -21,9 +22,9 @@ class _KnownMLP(nn.Module):
     def __init__(self, vocab: int):
         super().__init__()
         self.fc1 = nn.Linear(vocab, vocab + 2)
-        self.hook_pre = hooks.HookPoint()
+        self.hook_pre = hook_points.HookPoint()
         self.act = nn.GELU()
-        self.hook_post = hooks.HookPoint()
+        self.hook_post = hook_points.HookPoint()
         self.fc2 = nn.Linear(vocab + 2, vocab)
         with torch.no_grad():
             self.fc1.weight.zero_()
@@ -44,11 +45,11 @@ class _KnownTransformer(nn.Module):
         super().__init__()
         self.vocab, self.n_tokens = vocab, n_tokens
         self.blocks = nn.ModuleList([nn.ModuleDict({"mlp": _KnownMLP(vocab)})])
-        hooks.bind_hook_points(self, lambda p: (int(p.split(".")[1]), p.rsplit("_", 1)[1]))
+        hook_points.bind_hook_points(self, lambda p: (int(p.split(".")[1]), p.rsplit("_", 1)[1]))
 
     def forward(self, tokens_BN):
         x = nn.functional.one_hot(tokens_BN, self.vocab).float()
-        with hooks.call_scope(torch.arange(self.n_tokens)):
+        with hook_points.call_scope(torch.arange(self.n_tokens)):
             return self.blocks[0]["mlp"](x)
 
 

@@ -7,6 +7,7 @@ import torch
 
 from iarmem_core import hooks
 from iarmem_core.adapters import load_adapter
+from iarmem_core.models import hook_points
 from iarmem_core.models.var import sample_with_top_k_top_p_
 
 LABELS = torch.tensor([1, 5, 9])
@@ -133,7 +134,7 @@ def test_hooks_see_each_scale_and_the_cfg_batch(model, images):
     n_units = m.n_units
     B = LABELS.shape[0]
     ranges = [list(range(s.start, s.stop)) for s in m.scale_slices]
-    with hooks.capture(m.transformer, rec, blocks=[0]):
+    with hooks.capture(m.transformer, rec, names="blocks.0.mlp.hook_post"):
         m.generate(LABELS, cfg=1.5, top_k=1)
     assert [c[2] for c in calls] == ranges
     assert all(
@@ -141,7 +142,7 @@ def test_hooks_see_each_scale_and_the_cfg_batch(model, images):
     )
 
     calls.clear()
-    with hooks.capture(m.transformer, rec, kind="pre"):
+    with hooks.capture(m.transformer, rec, names=hooks.PRE):
         m.generate(LABELS, prefix=m.tokenize(images), n_prefix=5, cfg=0.0, top_k=1)
     per_block = [[c[2] for c in calls if c[0] == b] for b in range(m.n_blocks)]
     # the prefill covers the prefix rows and the first generated scale; then one call per scale
@@ -149,21 +150,21 @@ def test_hooks_see_each_scale_and_the_cfg_batch(model, images):
     assert all(c[1][0] == B and not c[3] for c in calls)
 
     calls.clear()
-    with hooks.capture(m.transformer, rec, blocks=[1]):
+    with hooks.capture(m.transformer, rec, names="blocks.1.mlp.hook_post"):
         m.generate(LABELS, cfg=0.0, top_k=1, kv_cache=False)
     assert [c[2] for c in calls] == [list(range(s.stop)) for s in m.scale_slices]
 
     calls.clear()
-    with hooks.capture(m.transformer, rec, blocks=[1]):
+    with hooks.capture(m.transformer, rec, names="blocks.1.mlp.hook_post"):
         m.teacher_forced_logits(m.tokenize(images), LABELS)
     assert [(c[2], c[4]) for c in calls] == [(list(range(m.n_tokens)), "teacher")]
 
 
 def test_hook_names_and_unit_sites(model):
     m = model
-    names = sorted(hooks.hook_points(m.transformer))
+    names = sorted(hook_points.hook_points(m.transformer))
     assert names == sorted(f"blocks.{i}.mlp.hook_{k}" for i in range(m.n_blocks) for k in ("pre", "post"))
-    paths = {n for n, mod in m.transformer.named_modules() if isinstance(mod, hooks.HookPoint)}
+    paths = {n for n, mod in m.transformer.named_modules() if isinstance(mod, hook_points.HookPoint)}
     assert paths == {f"blocks.{i}.ffn.hook_{k}" for i in range(m.n_blocks) for k in ("pre", "post")}
     sites = m.unit_sites()
     assert [(s.block, s.module, s.n_units, s.hook) for s in sites] == [

@@ -4,7 +4,7 @@ Token layout shared by all families: a *flat* token sequence of length N per ima
 concatenation of the scales' token maps (row-major, coarse to fine; 680 tokens for VAR-256); for the
 next-token families it is the raster-order grid. ``logits[:, n]`` of `teacher_forced_logits` predicts
 flat token n, and hooks report, for each sequence row, the flat token index it predicts
-(`iarmem_core.hooks.CallInfo.target_index`), so a position group is just a set of flat indices.
+(`iarmem_core.models.hook_points.CallInfo.target_index`), so a position group is just a set of flat indices.
 
 A family adapter (`adapters/var.py`, `adapters/rar.py`, `adapters/llamagen.py`) implements the
 abstract methods; everything else (loading, groups, prefix choices, devices) lives here.

@@ -122,7 +122,7 @@ def compute(golden_dir: Path, config: dict, golden: dict) -> dict:
             return lambda b, acts, info: caps.__setitem__(f"gpt_layer{b}_ffn_{name}_BTH", acts.clone())
 
         try:
-            with hooks.capture(gpt, put("w1_out"), kind="pre"), hooks.capture(gpt, put("w2_in"), kind="post"):
+            with hooks.capture(gpt, put("w1_out"), names=hooks.PRE), hooks.capture(gpt, put("w2_in")):
                 logits, loss = gpt(tokens[:, :-1], labels, targets=tokens)
         finally:
             for hd in handles:

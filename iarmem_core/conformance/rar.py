@@ -74,8 +74,8 @@ def compute(golden_dir: Path, config: dict, golden: dict) -> dict:
     handles = [blk.register_forward_hook(lambda _m, _i, o, i=i: block_out.__setitem__(i, o.clone()))
                for i, blk in enumerate(gen.blocks)]
     try:
-        with hooks.capture(gen, lambda b, a, _info: mlp.__setitem__((b, "fc1"), a.clone()), kind="pre"), \
-                hooks.capture(gen, lambda b, a, _info: mlp.__setitem__((b, "act"), a.clone()), kind="post"):
+        with hooks.capture(gen, lambda b, a, _info: mlp.__setitem__((b, "fc1"), a.clone()), names=hooks.PRE), \
+                hooks.capture(gen, lambda b, a, _info: mlp.__setitem__((b, "act"), a.clone())):
             logits, labels = gen.forward_fn(idx_BN, cond_B, return_labels=True)
     finally:
         for hd in handles:

@@ -113,7 +113,7 @@ def compute(golden_dir: Path, config: dict, golden: dict) -> dict:
             for bi, b in enumerate(var.blocks)
         ]
         try:
-            with hooks.capture(var, keep("fc1"), kind="pre"), hooks.capture(var, keep("act"), kind="post"):
+            with hooks.capture(var, keep("fc1"), names=hooks.PRE), hooks.capture(var, keep("act")):
                 out["var_logits_BLV"] = var(label_B, x_in)
         finally:
             for h in handles:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iarmem_core import hooks
+from iarmem_core.models import hook_points
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -212,8 +212,8 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
         self.ffn_dropout = nn.Dropout(ffn_dropout_p)
-        self.hook_pre = hooks.HookPoint()  # [B, T, hidden] gate before SiLU (w1 has no bias)
-        self.hook_post = hooks.HookPoint()  # [B, T, hidden] the units
+        self.hook_pre = hook_points.HookPoint()  # [B, T, hidden] gate before SiLU (w1 has no bias)
+        self.hook_post = hook_points.HookPoint()  # [B, T, hidden] the units
 
     def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
         gate_BTU = self.hook_pre(self.w1(x_BTC))
@@ -323,7 +323,7 @@ class Transformer(nn.Module):
         # 4. RoPE table: a plain attribute, so it stays out of the state dict (as in the official model)
         self.freqs_cis = precompute_freqs_cis_2d(grid, self.head_dim, rope_base, cls_token_num)
         self.initialize_weights()
-        hooks.bind_hook_points(self, _block_of)
+        hook_points.bind_hook_points(self, _block_of)
 
     def initialize_weights(self) -> None:
         """The official init: N(0, initializer_range) for linears and embeddings, a zero output head."""
@@ -354,7 +354,7 @@ class Transformer(nn.Module):
         # position p (0 = class token) predicts raster token p; positions >= N predict nothing
         target_T = torch.arange(start, start + T, device=h_BTC.device)
         target_T = torch.where(target_T < self.block_size, target_T, -1)
-        with hooks.call_scope(target_T, cfg_doubled, mode):
+        with hook_points.call_scope(target_T, cfg_doubled, mode):
             for i, layer in enumerate(self.layers):
                 h_BTC = layer(h_BTC, freqs_TP2, cache, i, start)
         return self.norm(h_BTC)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from iarmem_core import hooks
+from iarmem_core.models import hook_points
 
 
 def build_causal_mask(size: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -132,9 +132,9 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.hook_pre = hooks.HookPoint()  # [B, T, hidden] fc1 output (pre-activation)
+        self.hook_pre = hook_points.HookPoint()  # [B, T, hidden] fc1 output (pre-activation)
         self.act = nn.GELU()
-        self.hook_post = hooks.HookPoint()  # [B, T, hidden] units = fc2 input
+        self.hook_post = hook_points.HookPoint()  # [B, T, hidden] units = fc2 input
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden, dim)
         self.drop2 = nn.Dropout(drop)
@@ -231,7 +231,7 @@ class RAR(nn.Module):
 
         if self.cls_token.device.type != "meta":
             self.init_weights()
-        hooks.bind_hook_points(self, _block_of)
+        hook_points.bind_hook_points(self, _block_of)
 
     # ---- construction helpers ----------------------------------------------------------------------
     @classmethod
@@ -369,7 +369,7 @@ class RAR(nn.Module):
                     mode: str) -> torch.Tensor:
         if attn_mask is not None and attn_mask.dtype != x_BTC.dtype:
             attn_mask = attn_mask.to(x_BTC.dtype)
-        with hooks.call_scope(target_T, cfg_doubled, mode):
+        with hook_points.call_scope(target_T, cfg_doubled, mode):
             for i, blk in enumerate(self.blocks):
                 if self.use_checkpoint and self.training and cache is None:
                     x_BTC = checkpoint(blk, x_BTC, c_BTC, attn_mask, use_reentrant=False)

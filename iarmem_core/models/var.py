@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iarmem_core import hooks
+from iarmem_core.models import hook_points
 
 __all__ = [
     "VAR",
@@ -62,9 +62,9 @@ class FFN(nn.Module):
     def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
-        self.hook_pre = hooks.HookPoint()  # [B, T, U] pre-activation fc1(x)
+        self.hook_pre = hook_points.HookPoint()  # [B, T, U] pre-activation fc1(x)
         self.act = nn.GELU(approximate="tanh")
-        self.hook_post = hooks.HookPoint()  # [B, T, U] units GELU(fc1 x)
+        self.hook_post = hook_points.HookPoint()  # [B, T, U] units GELU(fc1 x)
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
         self.hook_pre.set_bias_source(self.fc1)
@@ -320,7 +320,7 @@ class VAR(nn.Module):
         self.head_nm = AdaLNBeforeHead(self.C, self.D, norm_eps=norm_eps)
         self.head = nn.Linear(self.C, self.V)
 
-        hooks.bind_hook_points(self, _block_of)
+        hook_points.bind_hook_points(self, _block_of)
 
     # ---- construction helpers ----------------------------------------------------------------------
     @torch.no_grad()
@@ -386,7 +386,7 @@ class VAR(nn.Module):
     ) -> torch.Tensor:
         """Run all blocks and the head: logits [B, l, V] (float32)."""
         ada = self.shared_ada_lin(cond_BD)
-        with hooks.call_scope(target_index, cfg_doubled, mode):
+        with hook_points.call_scope(target_index, cfg_doubled, mode):
             for i, b in enumerate(self.blocks):
                 x_BLC = b(x_BLC, ada, attn_bias, None if caches is None else caches[i])
         return self.head(self.head_nm(x_BLC, cond_BD)).float()
