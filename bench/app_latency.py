@@ -19,15 +19,13 @@ import os
 import platform
 import re
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from iarmem_app import browser, config
 
-from iarmem_app import browser, config  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _wait_change(page, locator, before: str, timeout_s: float = 60.0) -> None:

@@ -22,18 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from iarmem_core.adapters import load_adapter
+from iarmem_core.demo import train as dt
+from iarmem_core.registry import ASSETS
 
-from iarmem_core import demo_train as dt  # noqa: E402
-from iarmem_core.adapters import load_adapter  # noqa: E402
-from iarmem_core.registry import ASSETS  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def assets_mb() -> float:

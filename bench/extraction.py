@@ -22,12 +22,10 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def measure(model: str, batches: list[int], budget_s: float, reps: int, device: str) -> list[dict]:

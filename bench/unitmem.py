@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 MODELS = {  # bench name -> (registry name, image count small, detail groups, views per image on CPU)
     "demo-var": ("demo-var", 50, True, 10),

@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "extract": ("iarmem_core.extraction", "add_arguments", "run_cli"),
     "intervene": ("iarmem_core.intervention", "add_arguments", "run_cli"),
     "sample": ("iarmem_core.intervention", "add_sample_arguments", "run_sample_cli"),
-    "train-demo": ("iarmem_core.demo_train", "add_arguments", "run"),
+    "train-demo": ("iarmem_core.demo.train", "add_arguments", "run"),
 }
 HELP = {
     "unitmem": "localize memorization: streaming UnitMem per block and scale / position",

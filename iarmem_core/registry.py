@@ -220,7 +220,7 @@ register(ModelSpec(
 
 # ---------------------------------------------------------------------------------------------------
 # 4. The demo world: small models of the real architectures trained on the bundled Fashion-MNIST subset
-# with planted duplicates (assets/demo_data), by `python -m iarmem_core train-demo` (iarmem_core/demo_train.py).
+# with planted duplicates (assets/demo_data), by `python -m iarmem_core train-demo` (iarmem_core/demo/train.py).
 # 32x32 images, 8x8 token grids, 6 blocks of width 128 (512 units each): small enough for a CPU laptop,
 # deep enough for a block x scale picture. Sampling settings were chosen on the trained models for class
 # accuracy and Frechet distance in the bundled feature space (see the model cards in assets/demo-*/).

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from iarmem_core.data import DEBIAN_FASHION_DIR, DEMO_DIR, build_demo_bundle  # noqa: E402
+from iarmem_core.data import DEMO_DIR
+from iarmem_core.demo.bundle import DEBIAN_FASHION_DIR, build_demo_bundle
 
 
 def main() -> None:

@@ -24,13 +24,12 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from iarmem_app import config, edits
+from iarmem_core import data, extraction, intervention, unitmem
+from iarmem_core.adapters import load_adapter
+from iarmem_core.store import ResultStore
 
-from iarmem_app import config, edits  # noqa: E402
-from iarmem_core import data, extraction, intervention, unitmem  # noqa: E402
-from iarmem_core.adapters import load_adapter  # noqa: E402
-from iarmem_core.store import ResultStore  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 SEED = 0
 MAX_MB = 8.0  # the shipped store must stay small

@@ -14,3 +14,4 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 python3 -m pip install -q -r requirements-dev.txt
+python3 -m pip install -q --no-deps -e .  # the iarmem package itself (editable; console script `iarmem`)

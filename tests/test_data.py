@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from iarmem_core import data
+from iarmem_core.demo import bundle as demo_bundle
 
-DEBIAN = data.DEBIAN_FASHION_DIR
+DEBIAN = demo_bundle.DEBIAN_FASHION_DIR
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -27,7 +28,7 @@ def test_bundle_splits_counts_and_balance():
     assert len(set(train.ids) | set(held.ids)) == 5000
     # planted: one image per class at each of 4x, 16x, 64x; everything else once; held-out never trained on
     counts = planted.meta["count"]
-    for n in data.PLANTED_COUNTS:
+    for n in demo_bundle.PLANTED_COUNTS:
         assert sorted(planted.labels[counts == n].tolist()) == list(range(10))
     assert set(unique.meta["count"].tolist()) == {1} and set(held.meta["count"].tolist()) == {0}
     assert sorted(set(planted.ids) | set(unique.ids)) == sorted(train.ids)
@@ -51,10 +52,10 @@ def test_split_json_agrees_with_arrays():
 
 def test_planted_images_are_inked_and_distinct():
     train, held = data.load_demo("train"), data.load_demo("heldout")
-    b = data._load_bundle()
+    b = data.demo.load_bundle()
     imgs = b.images_N28.reshape(5000, -1).astype(np.float64)
     assert len({r.tobytes() for r in b.images_N28}) == 5000  # no pixel-identical images anywhere
-    ink = (b.images_N28[:4000] > data.INK_LEVEL).mean(axis=(1, 2))
+    ink = (b.images_N28[:4000] > demo_bundle.INK_LEVEL).mean(axis=(1, 2))
     flat = imgs - imgs.mean(1, keepdims=True)
     flat /= np.linalg.norm(flat, axis=1, keepdims=True)
     for i in np.flatnonzero(train.meta["count"] > 1):
@@ -62,7 +63,7 @@ def test_planted_images_are_inked_and_distinct():
         assert ink[i] >= np.median(ink[train.labels == c])
         corr = flat @ flat[i]
         corr[i] = -1
-        assert corr.max() < data.NEAR_DUP_CORR
+        assert corr.max() < demo_bundle.NEAR_DUP_CORR
     assert len(held) == 1000
 
 
@@ -77,12 +78,12 @@ def test_training_stream_repeats_duplicates():
 
 
 def test_rebuild_from_debian_package_equals_committed_bundle(tmp_path):
-    if not (DEBIAN / data.SOURCE_FILES["train_images"]).exists():
+    if not (DEBIAN / demo_bundle.SOURCE_FILES["train_images"]).exists():
         pytest.skip(
             f"Debian package dataset-fashion-mnist not installed ({DEBIAN} missing); "
             f"apt-get install dataset-fashion-mnist to test the rebuild"
         )
-    split = data.build_demo_bundle(tmp_path, source_dir=DEBIAN, seed=0)
+    split = demo_bundle.build_demo_bundle(tmp_path, source_dir=DEBIAN, seed=0)
     committed = json.loads((data.DEMO_DIR / "split.json").read_text())
     assert split == committed
     with np.load(tmp_path / "fashion_subset.npz") as a, np.load(data.DEMO_DIR / "fashion_subset.npz") as b:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from iarmem_core import data, intervention
-from iarmem_core import demo_train as dt
 from iarmem_core.adapters import load_adapter
+from iarmem_core.demo import train as dt
 from iarmem_core.metrics import class_accuracy, ssim
 from iarmem_core.registry import ASSETS, get_spec, list_models
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from iarmem_core import data
-from iarmem_core import demo_train as dt
 from iarmem_core.adapters import adapter_class
+from iarmem_core.demo import train as dt
 from iarmem_core.registry import get_spec
 
 

@@ -16,12 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
+from iarmem_core import jobs
+from iarmem_core.store import ResultStore
 
-from iarmem_core import jobs  # noqa: E402
-from iarmem_core.store import ResultStore  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 N_STEPS = 10
 

@@ -20,7 +20,7 @@ training images, 30 of them planted 4x/16x/64x in the training stream, 1000 held
       (`measure_demo_model`: the numbers of bench/demo_memorization.py); a model card JSON beside them.
 
 Example:
-    >>> from iarmem_core.demo_train import train_demo
+    >>> from iarmem_core.demo.train import train_demo
     >>> report = train_demo("assets", only=("var",))      # writes assets/demo-var/*
 """
 
@@ -46,6 +46,7 @@ from torch import nn
 from iarmem_core import data
 from iarmem_core.adapters import adapter_class
 from iarmem_core.adapters.base import IARAdapter
+from iarmem_core.demo import bundle as demo_bundle
 from iarmem_core.metrics.spaces import DEMO_FEATURE_NET_FILE
 from iarmem_core.registry import ASSETS, ModelSpec, get_spec
 
@@ -656,17 +657,18 @@ def train_features(out_dir: Path, cfg: FeatureNetTrainConfig, seed: int, log: Lo
     from iarmem_core.metrics import class_accuracy, fashion_to_input, save_feature_net, train_feature_net
     from iarmem_core.metrics.featurenet import prepare_images
 
-    bundle = data._load_bundle(bundle_dir)
+    bundle = data.demo.load_bundle(bundle_dir)
     n_tr = int((bundle.split == "train").sum())
     held_x = bundle.images_N28[n_tr:]
     held_y = torch.from_numpy(bundle.labels[n_tr:])
-    src = data.DEBIAN_FASHION_DIR
-    use_debian = cfg.source == "debian" or (cfg.source == "auto" and all(
-        (src / n).exists() for n in (data.SOURCE_FILES["train_images"], data.SOURCE_FILES["train_labels"])))
+    src = demo_bundle.DEBIAN_FASHION_DIR
+    files = demo_bundle.SOURCE_FILES
+    use_debian = cfg.source == "debian" or (
+        cfg.source == "auto" and all((src / files[k]).exists() for k in ("train_images", "train_labels")))
     if use_debian:
-        x = data.read_idx(src / data.SOURCE_FILES["train_images"], 16).reshape(-1, 28, 28)
-        y = data.read_idx(src / data.SOURCE_FILES["train_labels"], 8).astype(np.int64)
-        source = f"Fashion-MNIST full train file ({src / data.SOURCE_FILES['train_images']}, Debian)"
+        x = demo_bundle.read_idx(src / demo_bundle.SOURCE_FILES["train_images"], 16).reshape(-1, 28, 28)
+        y = demo_bundle.read_idx(src / demo_bundle.SOURCE_FILES["train_labels"], 8).astype(np.int64)
+        source = f"Fashion-MNIST full train file ({src / demo_bundle.SOURCE_FILES['train_images']}, Debian)"
     else:
         x, y = bundle.images_N28[:n_tr], bundle.labels[:n_tr]
         source = "bundled demo training split (assets/demo_data, 4000 images)"

@@ -1,0 +1,174 @@
+"""ImageFolder trees (ImageNet train layout): class subfolders sorted by name -> class index, a
+class-stratified sample, lazily decoded; bad files are skipped and counted."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from iarmem_core.data.imageset import ImageSet, _FolderBackend
+from iarmem_core.data.paths import resolve_inside
+from iarmem_core.data.sampling import class_quotas
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+
+
+def _check_file(path: Path, check: str) -> str | None:
+    """None if the file opens as an image (header, or full decode with check='decode'); else the reason."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            if check == "decode":
+                img.load()
+            else:
+                img.verify()  # reads the structure (PNG chunks and CRCs) without decoding pixels
+        return None
+    except Exception as e:  # every failure is a skip reason, never fatal
+        return f"not a readable image ({type(e).__name__})"
+
+
+
+def load_image_folder(
+    root: str | os.PathLike,
+    size: int,
+    fraction: float | None = None,
+    count: int | None = None,
+    per_class: int | None = None,
+    seed: int = 0,
+    allowed_roots: Sequence[str | os.PathLike] | None = None,
+    check: str = "header",
+    num_workers: int = 4,
+) -> ImageSet:
+    """An ImageFolder tree (class subfolders sorted by name -> class index) as a lazily decoded ImageSet.
+
+    Sample: `fraction` of each class (round half up, at least 1), a total `count` (spread evenly over the
+    classes), or `per_class` images per class; at most one of them; none = everything. Each class draws from a
+    seeded permutation and replaces files that fail `check` ("header": PIL opens and verifies the header;
+    "decode": full decode, slower) by the next ones, so the counts are exact while enough good files exist.
+    Skipped files are counted by reason in `.report`. Images convert to RGB, shorter side -> `size`, center
+    crop.
+    """
+    if sum(x is not None for x in (fraction, count, per_class)) > 1:
+        raise ValueError(
+            f"give at most one of fraction, count, per_class (got fraction={fraction}, count={count}, "
+            f"per_class={per_class})"
+        )
+    if fraction is not None and not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    for name, v in (("count", count), ("per_class", per_class), ("size", size)):
+        if v is not None and (int(v) != v or v < 1):
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if check not in ("header", "decode"):
+        raise ValueError(f"check must be 'header' or 'decode', got {check!r}")
+    root_p = resolve_inside(root, allowed_roots)
+    if not root_p.is_dir():
+        raise NotADirectoryError(
+            f"{root}: not a folder. Expected an ImageFolder tree: <root>/<class name>/<image files>."
+        )
+    allowed = [Path(r).expanduser().resolve() for r in allowed_roots] if allowed_roots is not None else None
+
+    skipped: Counter[str] = Counter()
+    skipped_files: list[tuple[str, str]] = []
+
+    def skip(rel: str, reason: str) -> None:
+        skipped[reason] += 1
+        if len(skipped_files) < 100:
+            skipped_files.append((rel, reason))
+
+    classes = sorted(e.name for e in os.scandir(root_p) if e.is_dir() and not e.name.startswith("."))
+    for e in os.scandir(root_p):
+        if e.is_file():
+            skip(e.name, "not inside a class folder")
+    files_by_class: list[list[str]] = []
+    n_scanned = 0
+    for c in classes:
+        files = []
+        for dirpath, dirnames, filenames in os.walk(root_p / c):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fn in sorted(filenames):
+                n_scanned += 1
+                rel = Path(dirpath, fn).relative_to(root_p).as_posix()
+                if fn.startswith("."):
+                    skip(rel, "hidden file")
+                elif not fn.lower().endswith(IMAGE_EXTENSIONS):
+                    skip(rel, f"not an image file (extension {Path(fn).suffix or 'none'})")
+                else:
+                    files.append(rel)
+        files_by_class.append(files)
+
+    rng = np.random.default_rng(seed)
+    quotas = class_quotas([len(f) for f in files_by_class], fraction, count, per_class, rng)
+    sampled = any(x is not None for x in (fraction, count, per_class))
+    chosen: list[tuple[str, int]] = []
+    shortfall = {}
+    for c, (files, q) in enumerate(zip(files_by_class, quotas)):
+        order = rng.permutation(len(files)) if q < len(files) else np.arange(len(files))
+        got = 0
+        for j in order:
+            if got == q:
+                break
+            rel = files[j]
+            path = root_p / rel
+            if allowed is not None and not any(path.resolve().is_relative_to(r) for r in allowed):
+                skip(rel, "links outside the allowed roots")
+                continue
+            reason = _check_file(path, check)
+            if reason:
+                skip(rel, reason)
+                continue
+            chosen.append((rel, c))
+            got += 1
+        wanted = per_class if per_class is not None else q  # a class smaller than per_class is short too
+        if got < wanted and sampled:
+            shortfall[classes[c]] = wanted - got
+
+    if not chosen:
+        raise FileNotFoundError(
+            f"no usable images in {root_p}: expected class subfolders holding image files "
+            f"({', '.join(IMAGE_EXTENSIONS)}), e.g. {root_p}/n01440764/n01440764_10026.JPEG as ImageNet "
+            f"train is laid out. Found {len(classes)} subfolders and {n_scanned} files"
+            + (f"; skipped: {dict(skipped)}" if skipped else "")
+            + "."
+        )
+    chosen.sort()
+    rel_paths = [r for r, _ in chosen]
+    labels = np.array([c for _, c in chosen], dtype=np.int64)
+    sample = (
+        {"fraction": fraction}
+        if fraction is not None
+        else {"count": count}
+        if count is not None
+        else {"per_class": per_class}
+        if per_class is not None
+        else {"all": True}
+    )
+    source = {
+        "source": "folder",
+        "root": str(root_p),
+        "sample": sample,
+        "seed": seed,
+        "check": check,
+        "classes_sha256": hashlib.sha256("\n".join(classes).encode()).hexdigest(),
+        "transform": "rgb-resize-shorter-bicubic-center-crop",
+    }
+    report = {
+        "classes": len(classes),
+        "scanned_files": n_scanned,
+        "candidates": sum(map(len, files_by_class)),
+        "selected": len(chosen),
+        "skipped": dict(skipped),
+        "skipped_total": sum(skipped.values()),
+        "skipped_files": skipped_files,
+        "shortfall": shortfall,
+        "empty_classes": [classes[c] for c, f in enumerate(files_by_class) if not f],
+    }
+    backend = _FolderBackend(root_p, rel_paths, size, source, num_workers)
+    meta = {"path": np.array(rel_paths)}
+    return ImageSet(backend, np.arange(len(rel_paths)), rel_paths, labels, classes, meta, "folder", report)
+
