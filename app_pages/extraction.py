@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from iarmem_app import config, loaders, results, state, ui
-from iarmem_core import extraction, figures
+from iarmem_app import loaders, results, state, ui
+from iarmem_core import extraction, figures, unitmem
+from iarmem_core.cli import commands
 
 SHOW = {"extracted": "extracted", "all": "all candidates", "planted": "planted duplicates",
         "held-out": "held-out images (never trained on)"}
@@ -41,16 +42,10 @@ def _result(key: str):
 
 def _best_unit(res_um, image_id: str) -> tuple[float, int, str, int] | None:
     """(UnitMem, block, group, unit) of the strongest unit that fires most for this image."""
-    if res_um is None or image_id not in res_um.meta["image_ids"]:
+    if res_um is None or image_id not in res_um.image_ids:
         return None
-    i = res_um.meta["image_ids"].index(image_id)
-    best = None
-    for g in res_um.meta["scale_groups"]:
-        for li, u in np.argwhere(res_um.arrays["argmax_LGU"][:, g, :] == i):
-            v = float(res_um.arrays["unitmem_LGU"][li, g, u])
-            if best is None or v > best[0]:
-                best = (v, int(res_um.meta["blocks"][li]), res_um.meta["groups"][g]["name"], int(u))
-    return best
+    rows = res_um.units_for_image(image_id)
+    return (rows[0]["unitmem"], rows[0]["block"], rows[0]["group"], rows[0]["unit"]) if rows else None
 
 
 def _gallery(res, rows: np.ndarray, measure: str, thr: float, res_um=None, columns: int = 4) -> None:
@@ -157,7 +152,7 @@ def main() -> None:
     store = results.user_store()
     key = extraction.extraction_key(adapter, image_set, cfg, store=store)
     res = _result(key)
-    cli = f"python -m iarmem_core extract {mchoice.cli_args()} {dchoice.cli_args()} --json"
+    cli = commands.extract_command(mchoice.args(), dchoice.args(), cfg)
     results.job_panel(key, "extraction attack",
                       lambda: extraction.start_extraction(adapter, image_set, cfg, store=store, force=res is not None),
                       "Run the extraction attack" if res is None else "Run the attack again (live)",
@@ -165,7 +160,7 @@ def main() -> None:
     if res is None:
         st.caption(f"The attack runs as a background job; from a terminal: `{cli}`")
         return
-    _, res_um = results.unitmem_result(adapter, image_set, config.unitmem_config(mchoice.name, mchoice.seed))
+    _, res_um = results.unitmem_result(adapter, image_set, unitmem.default_config(adapter, seed=mchoice.seed))
     _view(res, key, demo, cli, res_um, mchoice.name)
 
 

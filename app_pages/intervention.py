@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from iarmem_app import config, edits, loaders, results, state, ui
-from iarmem_core import figures, intervention
+from iarmem_app import edits, loaders, results, state, ui
+from iarmem_core import figures, intervention, unitmem
+from iarmem_core.cli import commands
 
 OPS = {"fc1_scale": "scale the fc1 weight rows (paper)", "zero": "zero the unit",
        "out_scale": "scale the unit's output"}
@@ -59,13 +60,13 @@ def _labels(adapter) -> list[int]:
 def main() -> None:
     adapter, mchoice = loaders.get_model()
     image_set, dchoice = loaders.get_data(adapter)
-    cfg = config.unitmem_config(mchoice.name, mchoice.seed)
+    cfg = unitmem.default_config(adapter, seed=mchoice.seed)
     key, res = results.unitmem_result(adapter, image_set, cfg)
     if res is None:
         st.info("The edit needs the UnitMem result (which units memorize). Compute it on the Memorization page.")
         st.page_link("app_pages/memorization.py", label="Go to the Memorization page", icon=":material/grid_on:")
         return
-    n_total = len(res.meta["blocks"]) * int(res.meta["n_units"])
+    n_total = res.n_units_total
 
     # 1. the edit ------------------------------------------------------------------------------------------
     c1, c2, c3 = st.columns([2, 2, 2])
@@ -76,9 +77,7 @@ def main() -> None:
         units = edits.select_units(res, float(state.get("iv_top")), ranking=state.get("iv_ranking"))
     else:
         picks = list(state.get("iv_units"))
-        order = np.argsort(res.arrays["unitmem_LGU"][:, list(res.meta["scale_groups"]), :].max(1).reshape(-1))[::-1]
-        U = int(res.meta["n_units"])
-        top = [f"{res.meta['blocks'][int(f) // U]}:{int(f) % U}" for f in order[:100]]
+        top = [f"{b}:{u}" for b, u in res.unit_ranking(k=100)]
         state.widget(c1.multiselect, "iv_units",
                      "Units (block:unit; the 100 with the highest UnitMem, or picked on the Memorization page)",
                        list(dict.fromkeys(picks + top)))
@@ -124,34 +123,31 @@ def main() -> None:
     # 3. numbers before/after and the trade-off curve (jobs) -------------------------------------------------
     st.subheader("Privacy and quality, before and after")
     picked = state.get("iv_mode") == "picked units"
-    _numbers(adapter, image_set, res, mchoice, dchoice, units if picked else None,
+    _numbers(adapter, image_set, res, cfg, mchoice, dchoice, units if picked else None,
              None if picked else float(state.get("iv_top")))
-    _curve(adapter, image_set, res, mchoice, dchoice)
+    _curve(adapter, image_set, res, cfg, mchoice, dchoice)
 
 
-def _metric_row(d: dict, label: str) -> None:
-    rc = d.get("random_control") or {}
+def _metric_row(d: intervention.InterventionResult, label: str) -> None:
+    rc = d.random_control
     c = st.columns(3)
-    c[0].metric(f"Extracted {label}", d.get("extracted_after"),
-                help=f"before the edit: {d.get('extracted_before')}",
-                **_delta(d.get("extracted_after"), d.get("extracted_before"), "inverse"))
-    c[1].metric("Frechet distance", _fmt(d.get("fd_after")),
-                help=f"before: {_fmt(d.get('fd_before'))}; {d.get('fd_metric', '')}, "
-                     f"{d.get('n_samples', '?')} samples (lower = better)",
-                **_delta(d.get("fd_after"), d.get("fd_before"), "inverse"))
-    c[2].metric("Class accuracy", _fmt(d.get("class_acc_after")),
-                help=f"before: {_fmt(d.get('class_acc_before'))}",
-                **_delta(d.get("class_acc_after"), d.get("class_acc_before")))
-    if rc:
-        st.markdown(f"**Random-units control** ({rc.get('n_units', d.get('n_units'))} random units, same edit): "
-                    f"extracted {rc.get('extracted_after')}, Frechet distance {_fmt(rc.get('fd_after'))}, "
-                    f"class accuracy {_fmt(rc.get('class_acc_after'))}.")
-        if rc.get("draws", 1) > 1:
-            st.markdown(f"Over {rc['draws']} random draws of the same size: extracted "
-                        f"{_fmt(rc.get('extracted_after_mean'))} on average (from {rc.get('extracted_after_min')} "
-                        f"to {rc.get('extracted_after_max')}); p = {rc['p_value']:.2g}, the chance that a random "
+    c[0].metric(f"Extracted {label}", d.extracted_after, help=f"before the edit: {d.extracted_before}",
+                **_delta(d.extracted_after, d.extracted_before, "inverse"))
+    c[1].metric("Frechet distance", _fmt(d.fd_after),
+                help=f"before: {_fmt(d.fd_before)}; {d.fd_metric}, {d.n_samples} samples (lower = better)",
+                **_delta(d.fd_after, d.fd_before, "inverse"))
+    c[2].metric("Class accuracy", _fmt(d.class_acc_after), help=f"before: {_fmt(d.class_acc_before)}",
+                **_delta(d.class_acc_after, d.class_acc_before))
+    if rc is not None:
+        st.markdown(f"**Random-units control** ({rc.n_units} random units, same edit): "
+                    f"extracted {rc.extracted_after}, Frechet distance {_fmt(rc.fd_after)}, "
+                    f"class accuracy {_fmt(rc.class_acc_after)}.")
+        if rc.draws > 1:
+            st.markdown(f"Over {rc.draws} random draws of the same size: extracted "
+                        f"{_fmt(rc.extracted_after_mean)} on average (from {rc.extracted_after_min} "
+                        f"to {rc.extracted_after_max}); p = {rc.p_value:.2g}, the chance that a random "
                         f"draw removes at least as much as the top units (smallest possible: "
-                        f"{1 / (rc['draws'] + 1):.2g}).")
+                        f"{1 / (rc.draws + 1):.2g}).")
 
 
 def _fmt(v) -> str:
@@ -168,40 +164,42 @@ def _delta(after, before, color: str = "normal") -> dict:
     return {"delta": f"{diff:+.3g}", "delta_color": color}
 
 
-def _numbers(adapter, image_set, res, mchoice, dchoice, units, top) -> None:
+def _numbers(adapter, image_set, res, cfg, mchoice, dchoice, units, top) -> None:
     """Extraction, FD and class accuracy before and after the current edit (and its random control): a job."""
     kw = dict(top_percent=top, units=units, factor=float(state.get("iv_factor")), op=state.get("iv_op"),
               ranking=state.get("iv_ranking"), seed=int(mchoice.seed))
     store = results.user_store()
-    key = store.key(edits.MEASURE_KIND, edits.measure_spec(adapter, res, image_set, **kw))
+    key = intervention.measurement_key(adapter, res, image_set, store, **kw)
     got = results.load(key)
-    results.job_panel(key, "edit measurement", lambda: edits.start_measure(adapter, res, image_set, store, **kw),
+    results.job_panel(key, "edit measurement",
+                      lambda: intervention.start_measurement(adapter, res, image_set, store, **kw),
                       "Measure privacy and quality for this edit (job)", done=got is not None, widget_key="measure")
     if got is not None:
-        _metric_row(got[1], "after the edit")
-    who = f"--top-percent {top}" if top is not None else "--units " + ",".join(state.get("iv_units"))
-    st.caption(f"From a terminal: `python -m iarmem_core intervene {mchoice.cli_args()} {dchoice.cli_args()} {who} "
-               f"--factor {state.get('iv_factor')} --op {state.get('iv_op')} --ranking {state.get('iv_ranking')} "
-               f"--json`")
+        _metric_row(intervention.measurement_from_meta(got[1]), "after the edit")
+    if units is not None and not units:
+        st.caption("Pick at least one unit to get the command that measures this edit from a terminal.")
+        return
+    cmd = commands.intervene_command(mchoice.args(), dchoice.args(), cfg, top_percent=top, units=units,
+                                     factor=kw["factor"], op=kw["op"], ranking=kw["ranking"])
+    st.caption("From a terminal:")
+    st.code(cmd, language="bash", wrap_lines=True)
 
 
-def _curve(adapter, image_set, res, mchoice, dchoice) -> None:
+def _curve(adapter, image_set, res, cfg, mchoice, dchoice) -> None:
     """The trade-off curve: extraction vs quality over k%, UnitMem-selected vs random units (a job)."""
     st.subheader("The trade-off: privacy against quality")
-    args = edits.sweep_args(adapter, res, image_set, factor=float(state.get("iv_factor")), op=state.get("iv_op"),
-                            ranking=state.get("iv_ranking"), seed=int(mchoice.seed))
+    args = {**intervention.sweep_defaults(), "factor": float(state.get("iv_factor")), "op": state.get("iv_op"),
+            "ranking": state.get("iv_ranking"), "seed": int(mchoice.seed)}
     store = results.user_store()
-    key = store.key(intervention.SWEEP_KIND, intervention.sweep_spec(adapter, res, image_set, **args),
-                    intervention.SWEEP_VERSION)
+    key = intervention.sweep_key(adapter, res, image_set, store, **args)
     got = results.load(key)
-    cli = (f"python -m iarmem_core intervene {mchoice.cli_args()} {dchoice.cli_args()} --sweep "
-           f"--top-percents {','.join(str(k) for k in edits.SWEEP_PERCENTS)} --factor {state.get('iv_factor')} "
-           f"--op {state.get('iv_op')} --ranking {state.get('iv_ranking')} --json")
+    cli = commands.intervene_command(mchoice.args(), dchoice.args(), cfg, sweep=True, factor=args["factor"],
+                                     op=args["op"], ranking=args["ranking"])
     results.job_panel(key, "edit sweep", lambda: intervention.start_sweep(adapter, res, image_set, store=store, **args),
                       "Run the sweep (job)", done=got is not None, widget_key="sweep")
     if got is None:
-        st.caption(f"Edits the top {', '.join(f'{k}%' for k in edits.SWEEP_PERCENTS)} and as many random units, and "
-                   f"measures each. From a terminal: `{cli}`")
+        st.caption(f"Edits the top {', '.join(f'{k}%' for k in intervention.DEFAULT_TOP_PERCENTS)} and as many "
+                   f"random units, and measures each. From a terminal: `{cli}`")
         return
     meta = got[1]
     df = pd.DataFrame(meta["rows"], columns=meta["columns"])

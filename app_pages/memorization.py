@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from iarmem_app import activations, config, loaders, results, state, ui
-from iarmem_core import figures
+from iarmem_app import loaders, results, state, ui
+from iarmem_core import activations, figures, unitmem
+from iarmem_core.cli import commands
 
 SUMMARIES = {"mean": "mean over units", "max": "max over units", "top1pct_mean": "mean of the top 1% units"}
 
@@ -42,10 +43,10 @@ def _on_cell() -> None:
             return
 
 
-def _image_caption(meta: dict, i: int, extra: str = "") -> str:
-    ids, planted, counts, labels = meta["image_ids"], meta.get("planted"), meta.get("counts"), meta["labels"]
+def _image_caption(res: unitmem.UnitMemResult, i: int, extra: str = "") -> str:
+    planted, counts = res.planted, res.counts
     tag = f" - planted {counts[i]}x" if planted and planted[i] else ""
-    return f"{ids[i]} (class {labels[i]}){tag}{extra}"
+    return f"{res.image_ids[i]} (class {res.labels[i]}){tag}{extra}"
 
 
 def _goto_intervention(block: int, unit: int) -> None:
@@ -61,18 +62,15 @@ def _grid(adapter, image_set, mchoice, dchoice, li: int, block: int, scale_idx: 
     if h * w == 1:
         st.info(f"Scale {h}x{w} has a single token: no grid to show. Pick a finer scale.")
         return
-    dcfg = config.unitmem_config(mchoice.name, mchoice.seed, detail=True)
+    dcfg = unitmem.default_config(adapter, detail=True, seed=mchoice.seed)
     dkey, dres = results.unitmem_result(adapter, image_set, dcfg)
-    cli = (f"python -m iarmem_core unitmem {mchoice.cli_args()} {dchoice.cli_args()}"
-           f"{config.unitmem_cli_detail(mchoice.name, detail=True)} --json")
+    cli = commands.unitmem_command(mchoice.args(), dchoice.args(), dcfg)
     if dres is None:
         st.markdown(f"**UnitMem per token position** ({h}x{w} grid) needs a pass with every position as a group.")
         results.job_panel(dkey, "UnitMem per position", lambda: results.start_unitmem(adapter, image_set, dcfg),
                           "Compute UnitMem per position (job)", done=False, widget_key="um_detail")
         return
-    groups = dres.meta["groups"]
-    pos_ids = [i for i, g in enumerate(groups) if g["kind"] == "position" and int(g["scale"]) == scale_idx]
-    grid = dres.arrays[f"block_{state.get('summary')}_LG"][li, pos_ids].reshape(h, w)
+    grid = dres.position_grid(block, scale_idx, state.get("summary"))
     gdf = figures.grid_frame(grid)
     title = f"Block {block}, scale {h}x{w}: per token position ({SUMMARIES[state.get('summary')]})"
     ui.plotly(figures.token_grid_heatmap(gdf, title), gdf, title, key="mem_grid", cli=cli)
@@ -81,10 +79,9 @@ def _grid(adapter, image_set, mchoice, dchoice, li: int, block: int, scale_idx: 
 def main() -> None:
     adapter, mchoice = loaders.get_model()
     image_set, dchoice = loaders.get_data(adapter)
-    cfg = config.unitmem_config(mchoice.name, mchoice.seed)
+    cfg = unitmem.default_config(adapter, seed=mchoice.seed)
     key, res = results.unitmem_result(adapter, image_set, cfg)
-    cli = (f"python -m iarmem_core unitmem {mchoice.cli_args()} {dchoice.cli_args()}"
-           f"{config.unitmem_cli_detail(mchoice.name)} --json")
+    cli = commands.unitmem_command(mchoice.args(), dchoice.args(), cfg)
     if res is None:
         st.info(f"No UnitMem result for **{mchoice.name}** on this data yet. It runs as a background job "
                 f"({len(image_set)} images x {cfg.n_augs} views); you can leave the page or close the tab, and "
@@ -92,23 +89,18 @@ def main() -> None:
         results.job_panel(key, "UnitMem", lambda: results.start_unitmem(adapter, image_set, cfg),
                           "Compute UnitMem", done=False, widget_key="um")
         return
-    meta, arrays = res.meta, res.arrays
-    groups = meta["groups"]
-    blocks = [int(b) for b in meta["blocks"]]
-    is_var = len(meta["token_grids"]) > 1
+    meta = res.meta
+    groups = res.groups
+    blocks = res.blocks
+    is_var = res.is_next_scale
     name_to_gid = {g["name"]: i for i, g in enumerate(groups)}
 
     # 1. the heatmap -----------------------------------------------------------------------------------
     state.widget(st.radio, "summary", "Summary over the units of a cell", list(SUMMARIES),
                  format_func=SUMMARIES.get, horizontal=True)
-    if is_var:
-        col_ids = list(meta["scale_groups"])
-        x_title = "scale (coarse -> fine)"
-    else:
-        col_ids = list(meta["scale_groups"]) + res.group_ids("row")
-        x_title = "token positions: all, then each row of the grid"
-    summ = arrays[f"block_{state.get('summary')}_LG"]
-    z = summ[:, col_ids]
+    col_ids = res.heatmap_group_ids()
+    x_title = "scale (coarse -> fine)" if is_var else "token positions: all, then each row of the grid"
+    z = res.summary(state.get("summary"))[:, col_ids]
     col_names = [groups[i]["name"] for i in col_ids]
     # the selected cell: from a click, the URL, or the hottest cell (VAR: past the 1x1 scale, whose units
     # see only the class label and so measure class selectivity)
@@ -138,63 +130,56 @@ def main() -> None:
     state.widget(c2.selectbox, "mem_group", "Group", choosable, on_change=lambda: state.set_many(mem_unit=-1))
     grid_col, units_col = st.columns([2, 3])
     scale_idx = int(groups[gid]["scale"])
-    h, w = meta["token_grids"][scale_idx]
+    h, w = res.token_grids[scale_idx]
     with grid_col:
         _grid(adapter, image_set, mchoice, dchoice, li, block, scale_idx, h, w)
-    um_U = arrays["unitmem_LGU"][li, gid]
-    order = np.argsort(um_U)[::-1]
-    top = [int(u) for u in order[:50]]
+    um_U = res.unitmem[li, gid]
+    top = res.top_units(block, gid, 50)
     unit = int(state.get("mem_unit"))
-    if unit < 0 or unit >= len(um_U):
+    if unit < 0 or unit >= res.n_units:
         unit = top[0]
         state.set_many(mem_unit=unit)
     options = top if unit in top else [unit] + top
-    argmax = arrays["argmax_LGU"][li, gid]
+    argmax = res.argmax_images(block, gid)
 
     def _fmt(u: int) -> str:
         i = int(argmax[u])
-        return f"unit {u}: UnitMem {um_U[u]:.3f}, fires most for {_image_caption(meta, i)}"
+        return f"unit {u}: UnitMem {um_U[u]:.3f}, fires most for {_image_caption(res, i)}"
 
     with units_col:
         state.widget(st.selectbox, "mem_unit", "Unit (the 50 with the highest UnitMem in this cell)", options,
                      format_func=_fmt)
-        n_planted = sum(bool(meta["planted"][int(argmax[u])]) for u in top[:10]) if meta.get("planted") else None
+        n_planted = res.planted_among_top(block, gid, 10)
         if n_planted is not None:
             st.markdown(f"Of this cell's 10 top units, **{n_planted}** fire most for a planted duplicate "
-                        f"(planted images are {100 * np.mean(meta['planted']):.0f}% of the data).")
+                        f"(planted images are {100 * np.mean(res.planted):.0f}% of the data).")
     unit = int(state.get("mem_unit"))
 
     # 3. one unit ----------------------------------------------------------------------------------------
     st.subheader(f"Unit {unit} of block {block}")
-    img_i = int(argmax[unit])
-    scale_gid_pos = list(meta["scale_groups"]).index(gid) if gid in meta["scale_groups"] else None
-    if scale_gid_pos is not None and "top_images_LKSU" in arrays:
-        tops = [int(i) for i in arrays["top_images_LKSU"][li, :, scale_gid_pos, unit]]
-        mus = [float(v) for v in arrays["top_mu_LKSU"][li, :, scale_gid_pos, unit]]
-    else:
-        tops, mus = [img_i], [float(arrays["mu_max_LGU"][li, gid, unit])]
+    info = res.unit(block, gid, unit)
+    img_i = info["argmax"]
+    tops = [i for i, _ in info["top_images"]]
     imgs = figures.to_uint8(image_set.images(tops))
-    caps = [("fires most: " if k == 0 else f"#{k + 1}: ") + _image_caption(meta, i, f", mu {m:.3f}")
-            for k, (i, m) in enumerate(zip(tops, mus))]
+    caps = [("fires most: " if k == 0 else f"#{k + 1}: ") + _image_caption(res, i, f", mu {m:.3f}")
+            for k, (i, m) in enumerate(info["top_images"])]
     ui.images(imgs, caps, columns=5)
     b1, b2, b3 = st.columns(3)
     b1.page_link("app_pages/model.py", label="Tokens of this image", icon=":material/image:",
-                 query_params={"image": meta["image_ids"][img_i]})
+                 query_params={"image": res.image_ids[img_i]})
     if b2.button("Edit this unit", icon=":material/content_cut:", key="mem_to_iv",
                  on_click=_goto_intervention, args=(block, unit)):
         st.switch_page("app_pages/intervention.py")
-    b3.metric("UnitMem", f"{um_U[unit]:.3f}", help=f"mu_max {arrays['mu_max_LGU'][li, gid, unit]:.4f}, "
-                                                   f"mu_rest {arrays['mu_rest_LGU'][li, gid, unit]:.4f}")
+    b3.metric("UnitMem", f"{info['unitmem']:.3f}", help=f"mu_max {info['mu_max']:.4f}, mu_rest {info['mu_rest']:.4f}")
 
     p1, p2 = st.columns(2)
     with p1:
-        prof_ids = list(meta["scale_groups"]) if is_var else list(meta["scale_groups"]) + res.group_ids("row")
-        prof = arrays["unitmem_LGU"][li, prof_ids, unit]
-        pdf = figures.profile_frame(prof, [groups[i]["name"] for i in prof_ids])
+        prof_ids = res.heatmap_group_ids()
+        pdf = figures.profile_frame(res.unit_profile(block, unit, prof_ids), [groups[i]["name"] for i in prof_ids])
         ptitle = f"Unit {unit} (block {block}): UnitMem per {'scale' if is_var else 'row'}"
         ui.plotly(figures.unit_profile(pdf, ptitle, highlight=gname), pdf, ptitle, key="mem_profile", cli=cli)
     with p2:
-        akey = results.user_store().key(activations.KIND, activations.job_spec(adapter, image_set, gname))
+        akey = activations.result_key(adapter, image_set, gname, results.user_store())
         got = results.load(akey)
         if got is None:
             st.markdown("**Activation distribution** over all images (one teacher-forced pass, original images):")
@@ -203,14 +188,14 @@ def main() -> None:
                               f"Compute activations for {gname}", done=False, widget_key="acts")
         else:
             mu_N = got[0]["mu_LNU"][li, :, unit].astype(np.float64)
-            adf = figures.activation_frame(mu_N, meta["image_ids"], meta.get("planted"))
+            adf = figures.activation_frame(mu_N, res.image_ids, res.planted)
             atitle = f"Unit {unit}: mean |activation| per image at {gname}"
             ui.plotly(figures.activation_histogram(adf, atitle, mu_rest=float(np.mean(mu_N))), adf, atitle,
                       key="mem_acts")
             st.caption("Original images only (UnitMem averages 10 augmented views), so the values differ slightly.")
 
     # 4. distributions per block -------------------------------------------------------------------------
-    ddf = figures.distribution_frame(arrays["unitmem_LGU"][:, gid, :], blocks)
+    ddf = figures.distribution_frame(res.unitmem[:, gid, :], blocks)
     dtitle = f"UnitMem of every unit per block, {gname}"
     ui.altair(figures.unitmem_distributions(ddf, dtitle), ddf, dtitle, key="mem_dist", cli=cli)
 

@@ -9,8 +9,8 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from iarmem_app import config, loaders, results, state, ui
-from iarmem_core import data, figures
+from iarmem_app import loaders, results, state, ui
+from iarmem_core import data, figures, unitmem
 from iarmem_core.registry import ASSETS
 
 st.title("The model: what it is and how it sees an image")
@@ -105,18 +105,12 @@ def _data_card(image_set: data.ImageSet, dchoice) -> None:
 
 def _units_for_image(adapter, image_set, mchoice, idx: int) -> None:
     """The units that fire most for this image (from the stored UnitMem result), linked to the heatmap page."""
-    cfg = config.unitmem_config(mchoice.name, mchoice.seed)
+    cfg = unitmem.default_config(adapter, seed=mchoice.seed)
     _, res = results.unitmem_result(adapter, image_set, cfg)
     if res is None:
         st.caption("Compute UnitMem on the Memorization page to see which units fire for this image.")
         return
-    groups = res.meta["groups"]
-    rows = []
-    for g in res.meta["scale_groups"]:
-        hits = np.argwhere(res.arrays["argmax_LGU"][:, g, :] == idx)
-        for li, u in hits:
-            rows.append({"block": int(res.meta["blocks"][li]), "group": groups[g]["name"], "unit": int(u),
-                         "unitmem": float(res.arrays["unitmem_LGU"][li, g, u])})
+    rows = res.units_for_image(image_set.ids[idx])
     if not rows:
         st.caption("No unit has this image as the one it fires for most.")
         return

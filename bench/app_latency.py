@@ -8,7 +8,7 @@
   the page is idle; median of `--repeats`. Target < 0.5 s. Needs iarmem_core.extraction; the attack runs
   first when no result is stored or shipped.
 
-    python bench/app_latency.py [--repeats 5]
+    python -m bench.app_latency [--repeats 5]     (from the repository root: it drives tests/support/browser.py)
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from iarmem_app import browser, config
+from iarmem_app import config
+from tests.support import browser
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from iarmem_core.metrics import class_accuracy, fashion_to_input, save_feature_net, train_feature_net
+from iarmem_core.demo.features import train_feature_net
+from iarmem_core.metrics import class_accuracy, fashion_to_input, save_feature_net
 from iarmem_core.metrics.featurenet import prepare_images
 
 DATA = Path("/usr/share/datasets/fashion-mnist")

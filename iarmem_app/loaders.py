@@ -19,6 +19,7 @@ from iarmem_app import config, state
 from iarmem_core import data
 from iarmem_core.adapters import IARAdapter, load_adapter, resolve_device
 from iarmem_core.checkpoints import CheckpointError
+from iarmem_core.cli.commands import DataArgs, ModelArgs
 from iarmem_core.registry import get_spec
 
 log = logging.getLogger("iarmem.app")
@@ -36,15 +37,9 @@ class ModelChoice:
     device: str
     seed: int
 
-    def cli_args(self) -> str:
-        out = f"--model {self.name}"
-        if self.checkpoint:
-            out += f" --checkpoint {self.checkpoint}"
-        if self.tokenizer_checkpoint:
-            out += f" --tokenizer-checkpoint {self.tokenizer_checkpoint}"
-        if self.device != "auto":
-            out += f" --device {self.device}"
-        return out + f" --seed {self.seed}"
+    def args(self) -> ModelArgs:
+        """The CLI's model options for this choice (iarmem_core.cli.commands builds the command lines)."""
+        return ModelArgs(self.name, self.checkpoint, self.tokenizer_checkpoint, self.device, self.seed)
 
 
 def _checked_path(raw: str, what: str) -> str | None:
@@ -103,8 +98,8 @@ class DataChoice:
     seed: int
     size: int
 
-    def cli_args(self) -> str:
-        return f"--data {self.source} --n {self.n}"
+    def args(self) -> DataArgs:
+        return DataArgs(self.source, self.n)
 
 
 def data_choice(adapter: IARAdapter) -> DataChoice:

@@ -21,46 +21,14 @@ from iarmem_core.store import ResultStore
 ACTIVE = ("queued", "running")
 
 
-class ReadOnlyStore(ResultStore):
-    """A ResultStore that only reads: creates no folders, cleans nothing, takes no locks."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root).expanduser().absolute()
-
-    def exists(self, key: str) -> bool:
-        return (self.root / "results").is_dir() and super().exists(key)
-
-    def list(self, kind: str | None = None) -> list[dict]:
-        """Rows like ResultStore.list, read from the results' info.json (no manifest is written)."""
-        rows = []
-        res = self.root / "results"
-        for slot in sorted(res.iterdir()) if res.is_dir() else []:
-            if (kind is None or slot.name.rsplit("-", 1)[0] == kind) and (slot / "CURRENT").exists():
-                try:
-                    rows.append({"key": slot.name, **self._manifest_row(self._read_info(slot, slot.name, "result"))})
-                except store_mod.StoreError:
-                    continue
-        return sorted(rows, key=lambda r: r.get("created", 0), reverse=True)
-
-    def _read_slot(self, slot: Path, key: str, what: str, verify: bool, mmap: bool) -> tuple[dict, dict]:
-        # nothing ever writes here: read without taking (and so creating) the slot's lock file
-        return self._read_version(slot, key, what, self._live_version(slot, key, what), verify, mmap)
-
-    def has_partial(self, key: str) -> bool:
-        return False
-
-    def load_partial(self, key: str, verify: bool = True):
-        return None
-
-
 def user_store() -> ResultStore:
     """The writable store ($IARMEM_STORE, else <repo>/store), shared with the CLI."""
     return store_mod.get_store()
 
 
 @st.cache_resource
-def shipped_store() -> ReadOnlyStore:
-    return ReadOnlyStore(config.SHIPPED_STORE)
+def shipped_store() -> ResultStore:
+    return ResultStore(config.SHIPPED_STORE, read_only=True)
 
 
 def locate(key: str) -> ResultStore | None:
@@ -98,16 +66,13 @@ def source_label(key: str) -> str:
     s = locate(key)
     if s is None:
         return "not computed yet"
-    return "shipped with iarmem (assets/store)" if isinstance(s, ReadOnlyStore) else f"your store ({s.root})"
+    return "shipped with iarmem (assets/store)" if s.read_only else f"your store ({s.root})"
 
 
 # ---- UnitMem -------------------------------------------------------------------------------------------
-def unitmem_key(adapter, image_set, cfg: unitmem.UnitMemConfig) -> str:
-    return user_store().key(unitmem.KIND, unitmem.job_spec(adapter, image_set, cfg))
-
-
 def unitmem_result(adapter, image_set, cfg) -> tuple[str, unitmem.UnitMemResult | None]:
-    key = unitmem_key(adapter, image_set, cfg)
+    """(store key, the result from the user's or the shipped store, or None)."""
+    key = unitmem.result_key(adapter, image_set, cfg, user_store())
     got = load(key)
     if got is None:
         return key, None

@@ -180,7 +180,7 @@ def identify(sd: Mapping[str, torch.Tensor]) -> dict:
     return {"family": None, "component": None, "depth": 0, "width": 0, "label": "not a VAR, RAR or LlamaGen checkpoint"}
 
 
-def _likely_models(info: dict) -> list[str]:
+def likely_models(info: dict) -> list[str]:
     from iarmem_core.registry import all_specs
 
     if info["component"] != "transformer":
@@ -224,11 +224,11 @@ def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], *, path: 
     elif spec is not None and info["component"] is not None and info["component"] != component:
         lines.append(f"This is {info['label']}; it belongs in the {info['component']} slot, not the {component} slot.")
     elif info["component"] == "transformer" and spec is not None and info["depth"] != spec.depth:
-        likely = _likely_models(info)
+        likely = likely_models(info)
         what = f"this is {' or '.join(likely)}" if likely else "no registry model has that depth"
         lines.append(f"{info['depth']} blocks found but {expected} expects {spec.depth}: {what}.")
     elif info["component"] == "transformer" and spec is not None and info["width"] and info["width"] != spec.width:
-        likely = _likely_models(info)
+        likely = likely_models(info)
         what = f"this is {' or '.join(likely)}" if likely else "no registry model has that width"
         lines.append(f"width {info['width']} found but {expected} expects {spec.width}: {what}.")
     if missing:

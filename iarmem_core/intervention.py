@@ -27,13 +27,14 @@ Example:
     >>> edit = make_edit(units, factor=0.5)
     >>> before, after = sample_pair(adapter, [0, 1, 2, 3], edit, seed=0)
     >>> out = run_intervention(adapter, unitmem_result, data.select_demo(500), top_percent=10)
-    >>> out["extracted_before"], out["extracted_after"], out["random_control"]["extracted_after"]
+    >>> out.extracted_before, out.extracted_after, out.random_control.extracted_after_mean
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -49,6 +50,13 @@ QUALITY_VERSION = "1"  # the quality job's code version (part of its store key)
 SWEEP_VERSION = "2"  # 2: random-control draws in every row
 RANKINGS = ("global", "per_block", "per_group")
 DEFAULT_TOP_PERCENTS = (0, 1, 5, 10, 20)
+# the paper's edit, and what the CLI and the app start from
+DEFAULT_TOP_PERCENT = 10.0
+DEFAULT_FACTOR = 0.5
+DEFAULT_OP = "fc1_scale"
+DEFAULT_RANKING = "global"
+DEFAULT_COMBINE = "max"
+DEFAULT_N_SAMPLES = 1000  # samples for FD and class accuracy
 SAMPLING_KEYS = ("cfg", "top_k", "top_p", "temperature")
 FAMILY_SAMPLING_KEYS = {"rar": ("cfg_power",), "llamagen": ("cfg_interval",), "var": ()}
 N_KEEP_SAMPLES = 16  # samples kept with a quality result (a glimpse; sample_pair makes more in-process)
@@ -56,23 +64,6 @@ N_KEEP_SAMPLES = 16  # samples kept with a quality result (a glimpse; sample_pai
 
 # ---------------------------------------------------------------------------------------------------
 # 1. Unit selection
-def unit_scores(unitmem_result, combine: str | int = "max") -> np.ndarray:
-    """[L, U] one score per unit: max over the scale groups, or the score at one scale group / group name."""
-    um_LGU = np.asarray(unitmem_result.unitmem)
-    scale_ids = list(unitmem_result.meta.get("scale_groups") or range(um_LGU.shape[1]))
-    if combine == "max":
-        return um_LGU[:, scale_ids, :].max(axis=1)
-    if isinstance(combine, str):
-        names = unitmem_result.group_names
-        if combine not in names:
-            raise ValueError(f"no group {combine!r}; groups: {', '.join(names[:20])}")
-        return um_LGU[:, names.index(combine), :]
-    c = int(combine)
-    if not 0 <= c < len(scale_ids):
-        raise ValueError(f"combine={c}: a scale index in 0..{len(scale_ids) - 1}, 'max', or a group name")
-    return um_LGU[:, scale_ids[c], :]
-
-
 def _rank_groups(unitmem_result) -> list[int]:
     """Groups `per_group` ranks within: the scales (VAR), else the grid rows when the pass has them."""
     meta = unitmem_result.meta
@@ -123,10 +114,10 @@ def select_units(unitmem_result, top_percent: float, ranking: str = "global", co
     excl = _exclude_mask(exclude, blocks, U)
     chosen = np.zeros((L, U), bool)
     if ranking == "global":
-        s = np.where(excl, -np.inf, unit_scores(unitmem_result, combine)).reshape(-1)
+        s = np.where(excl, -np.inf, unitmem_result.unit_scores(combine)).reshape(-1)
         chosen.reshape(-1)[_top(s, n_selected(top_percent, L * U))] = True
     elif ranking == "per_block":
-        s = np.where(excl, -np.inf, unit_scores(unitmem_result, combine))
+        s = np.where(excl, -np.inf, unitmem_result.unit_scores(combine))
         k = n_selected(top_percent, U)
         for li in range(L):
             chosen[li, _top(s[li], k)] = True
@@ -278,7 +269,7 @@ def generate_images(adapter: IARAdapter, labels: Sequence[int] | torch.Tensor, e
         if on_batch is not None:
             on_batch(i, j)
 
-    extraction.adaptive_batches(labels.shape[0], batch_size, work, events=oom_events, what="sampling batch")
+    jobs.run_batches(None, labels.shape[0], batch_size, work, events=oom_events, what="sampling batch")
     return out
 
 
@@ -306,10 +297,10 @@ def _space(feature_space, adapter: IARAdapter):
             raise ValueError(f"{adapter.spec.name}: quality needs Inception for FID; give feature_space = the "
                              f"path of {metrics.spaces.INCEPTION_FILE} (the demo feature space is a "
                              f"Fashion-MNIST CNN and would say nothing about ImageNet samples)")
-        return metrics.DemoFeatureSpace()
+        return metrics.resolve_space(None)
     if isinstance(feature_space, str) and feature_space in metrics.FEATURE_SPACES:
         raise ValueError(f"feature space {feature_space!r} needs its weights file: pass the file's path")
-    return metrics.InceptionFeatureSpace(feature_space)
+    return metrics.resolve_space("inception", feature_space)
 
 
 def _classifier(adapter: IARAdapter, space):
@@ -318,7 +309,7 @@ def _classifier(adapter: IARAdapter, space):
         return None
     from iarmem_core import metrics
 
-    s = space if isinstance(space, metrics.DemoFeatureSpace) else extraction._demo_feature_space()
+    s = space if isinstance(space, metrics.DemoFeatureSpace) else extraction.measures.demo_space()
     return None if s is None else s.net
 
 
@@ -429,6 +420,81 @@ def quality(adapter: IARAdapter, edit: UnitEdit | None = None, *, n_samples: int
 
 # ---------------------------------------------------------------------------------------------------
 # 4. One intervention, and the sweep
+@dataclass
+class RandomControl:
+    """The random-units control of one edit: the same number of units in every block, edited the same way,
+    drawn `draws` times (seeds seed, seed + 1, ...). Quality is measured for the first draw only."""
+
+    extracted_after: int  # of the first draw
+    fd_after: float | None
+    class_acc_after: float | None
+    extracted_planted_after: int | None
+    recall_planted_max_count_after: float | None
+    n_units: int
+    seed: int
+    edit: dict
+    draws: int
+    extracted_after_draws: list[int]
+    extracted_after_mean: float
+    extracted_after_min: int
+    extracted_after_max: int
+    p_value: float  # one-sided, see random_draw_stats
+    draw_seeds: list[int]
+    store_keys: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class InterventionResult:
+    """Extraction and quality before and after one edit, with its random control and how each number was
+    computed (similarity and threshold, feature space, sample count, store keys). `to_dict()` is the CLI's JSON."""
+
+    extracted_before: int
+    extracted_after: int
+    fd_before: float | None
+    fd_after: float | None
+    class_acc_before: float | None
+    class_acc_after: float | None
+    recall_planted_max_count_before: float | None
+    recall_planted_max_count_after: float | None
+    extracted_planted_before: int | None
+    extracted_planted_after: int | None
+    heldout_false_rate_before: float | None
+    candidates: int
+    similarity: str
+    threshold: float
+    fd_metric: str
+    feature_space: str
+    n_samples: int
+    n_units: int
+    units_per_block: dict[str, int]
+    top_percent: float | None
+    factor: float
+    op: str
+    ranking: str
+    combine: str | int
+    cfg_half: str
+    edit: dict
+    store_keys: dict
+    random_control: RandomControl | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["random_control"] = self.random_control.to_dict() if self.random_control is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> InterventionResult:
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        rc = d.get("random_control")
+        rnames = {f.name for f in fields(RandomControl)}
+        kw["random_control"] = RandomControl(**{k: v for k, v in rc.items() if k in rnames}) if rc else None
+        return cls(**kw)
+
+
 def _counts(res: extraction.ExtractionResult, similarity: str, threshold: float | None) -> dict:
     c = res.count(threshold=threshold, similarity=similarity)
     return {"extracted": c["extracted"], "extracted_planted": c.get("extracted_planted"),
@@ -442,15 +508,12 @@ def run_intervention(adapter: IARAdapter, unitmem_result, image_set: data.ImageS
                      combine: str | int = "max", cfg_half: str = "both", units: Mapping | None = None,
                      n_samples: int = 1000, feature_space=None, reference_set=None, sampling=None, seed: int = 0,
                      heldout_set=None, sscd_path=None, with_random: bool = True,
-                     random_draws: int | None = None) -> dict:
+                     random_draws: int | None = None) -> InterventionResult:
     """Extraction and quality before the edit, after it, and with random units of the same size and blocks.
 
-    Keys: extracted_before / _after, fd_before / _after, class_acc_before / _after, random_control
-    {extracted_after, fd_after, class_acc_after, units, and over `random_draws` draws (seeds seed,
-    seed + 1, ...; default `default_random_draws`): extracted_after_draws / _mean / _min / _max and p_value
-    (`random_draw_stats`)}, n_units, units_per_block, and how each number was computed (similarity,
-    threshold, feature space, sample count, store keys). The random control's extracted_after, FD and class
-    accuracy are those of the first draw (quality is measured for that draw only). `units` replaces the
+    The random control (`RandomControl`) is drawn `random_draws` times (seeds seed, seed + 1, ...; default
+    `default_random_draws`): extraction after each draw, its mean / min / max and the ranked edit's p_value
+    (`random_draw_stats`); its FD and class accuracy are those of the first draw. `units` replaces the
     UnitMem selection with an explicit {block: units}. After the edit the same candidates are attacked
     (those of the unedited model); held-out images are attacked before the edit only.
     """
@@ -477,8 +540,6 @@ def run_intervention(adapter: IARAdapter, unitmem_result, image_set: data.ImageS
         done[0] += 1
         return out
 
-    from dataclasses import replace
-
     before = step(lambda p: extraction.run_extraction(adapter, image_set, ecfg, store=st, heldout_set=heldout_set,
                                                       sscd_path=sscd_path, on_progress=p), "extraction before")
     after_cfg = replace(ecfg, heldout=False)
@@ -490,23 +551,22 @@ def run_intervention(adapter: IARAdapter, unitmem_result, image_set: data.ImageS
     q0 = step(lambda p: quality(adapter, None, on_progress=p, **qkw), "quality before")
     q1 = step(lambda p: quality(adapter, edit, on_progress=p, **qkw), "quality after")
     c0, c1 = _counts(before, sim, thr), _counts(after, sim, thr)
-    out = {
-        "extracted_before": c0["extracted"], "extracted_after": c1["extracted"],
-        "fd_before": q0["fd"], "fd_after": q1["fd"],
-        "class_acc_before": q0["class_acc"], "class_acc_after": q1["class_acc"],
-        "recall_planted_max_count_before": c0["recall_planted_max_count"],
-        "recall_planted_max_count_after": c1["recall_planted_max_count"],
-        "extracted_planted_before": c0["extracted_planted"], "extracted_planted_after": c1["extracted_planted"],
-        "heldout_false_rate_before": before.count(similarity=sim, threshold=thr)["heldout_false_rate"],
-        "candidates": c0["candidates"], "similarity": sim, "threshold": c0["threshold"],
-        "fd_metric": q0["fd_metric"], "feature_space": q0["feature_space"], "n_samples": q0["n_samples"],
-        "n_units": edit.n_units, "units_per_block": {str(b): len(u) for b, u in sorted(sel.items())},
-        "top_percent": top_percent, "factor": factor, "op": op, "ranking": ranking, "combine": combine,
-        "cfg_half": cfg_half, "edit": edit.to_dict(),
-        "store_keys": {"extraction_before": before.meta["store_key"], "extraction_after": after.meta["store_key"],
-                       "quality_before": q0["store_key"], "quality_after": q1["store_key"],
-                       "unitmem": getattr(unitmem_result, "meta", {}).get("store_key") if unitmem_result else None},
-    }
+    out = InterventionResult(
+        extracted_before=c0["extracted"], extracted_after=c1["extracted"],
+        fd_before=q0["fd"], fd_after=q1["fd"], class_acc_before=q0["class_acc"], class_acc_after=q1["class_acc"],
+        recall_planted_max_count_before=c0["recall_planted_max_count"],
+        recall_planted_max_count_after=c1["recall_planted_max_count"],
+        extracted_planted_before=c0["extracted_planted"], extracted_planted_after=c1["extracted_planted"],
+        heldout_false_rate_before=before.count(similarity=sim, threshold=thr)["heldout_false_rate"],
+        candidates=c0["candidates"], similarity=sim, threshold=c0["threshold"],
+        fd_metric=q0["fd_metric"], feature_space=q0["feature_space"], n_samples=q0["n_samples"],
+        n_units=edit.n_units, units_per_block={str(b): len(u) for b, u in sorted(sel.items())},
+        top_percent=top_percent, factor=factor, op=op, ranking=ranking, combine=combine,
+        cfg_half=cfg_half, edit=edit.to_dict(),
+        store_keys={"extraction_before": before.meta["store_key"], "extraction_after": after.meta["store_key"],
+                    "quality_before": q0["store_key"], "quality_after": q1["store_key"],
+                    "unitmem": getattr(unitmem_result, "meta", {}).get("store_key") if unitmem_result else None},
+    )
     if with_random:
         runs = []  # draw i: random units of seed + i; draw 0 is `redit`, the only one whose quality is measured
         for i in range(draws):
@@ -521,15 +581,59 @@ def run_intervention(adapter: IARAdapter, unitmem_result, image_set: data.ImageS
         c2 = _counts(ra, sim, thr)
         counts = [c2["extracted"]] + [_counts(r, sim, thr)["extracted"] for r in runs[1:]]
         keys = [r.meta["store_key"] for r in runs]
-        out["random_control"] = {
-            "extracted_after": c2["extracted"], "fd_after": q2["fd"], "class_acc_after": q2["class_acc"],
-            "extracted_planted_after": c2["extracted_planted"],
-            "recall_planted_max_count_after": c2["recall_planted_max_count"],
-            "n_units": redit.n_units, "seed": seed, "edit": redit.to_dict(),
-            **random_draw_stats(c1["extracted"], counts), "draw_seeds": [seed + i for i in range(draws)],
-            "store_keys": {"extraction": ra.meta["store_key"], "quality": q2["store_key"],
-                           "extraction_draws": keys}}
+        out.random_control = RandomControl(
+            extracted_after=c2["extracted"], fd_after=q2["fd"], class_acc_after=q2["class_acc"],
+            extracted_planted_after=c2["extracted_planted"],
+            recall_planted_max_count_after=c2["recall_planted_max_count"],
+            n_units=redit.n_units, seed=seed, edit=redit.to_dict(),
+            **random_draw_stats(c1["extracted"], counts), draw_seeds=[seed + i for i in range(draws)],
+            store_keys={"extraction": ra.meta["store_key"], "quality": q2["store_key"], "extraction_draws": keys})
     return out
+
+
+MEASURE_KIND = "intervention-app"  # one edit's numbers as a job (the app's "measure this edit")
+
+
+def measurement_spec(adapter: IARAdapter, unitmem_result, image_set: data.ImageSet, *, top_percent: float | None,
+                     units: Mapping | None, factor: float, op: str, ranking: str, seed: int) -> dict:
+    """Everything that determines `run_intervention` with the default extraction and quality settings."""
+    return {"model": adapter.identity, "data": data.data_fingerprint(image_set),
+            "unitmem": unitmem_result.meta.get("store_key"), "top_percent": top_percent,
+            "units": None if units is None else {str(b): list(u) for b, u in sorted(units.items())},
+            "factor": float(factor), "op": op, "ranking": ranking, "seed": int(seed),
+            "random_draws": default_random_draws(adapter)}
+
+
+def measurement_key(adapter: IARAdapter, unitmem_result, image_set: data.ImageSet, store=None, **edit) -> str:
+    st = store if store is not None else store_mod.get_store()
+    return st.key(MEASURE_KIND, measurement_spec(adapter, unitmem_result, image_set, **edit))
+
+
+def start_measurement(adapter: IARAdapter, unitmem_result, image_set: data.ImageSet, store=None, *,
+                      top_percent: float | None, units: Mapping | None, factor: float, op: str, ranking: str,
+                      seed: int) -> jobs.JobHandle:
+    """`run_intervention` for one edit (top-k% or explicit units) as a background job; the result's meta is
+    `InterventionResult.to_dict()` (read it back with `load_measurement`)."""
+    st = store if store is not None else store_mod.get_store()
+    edit = dict(top_percent=top_percent, units=units, factor=factor, op=op, ranking=ranking, seed=seed)
+    spec = measurement_spec(adapter, unitmem_result, image_set, **edit)
+
+    def fn(ctx):
+        def progress(frac: float, msg: str) -> None:
+            ctx.check()
+            ctx.progress(frac, msg)
+
+        out = run_intervention(adapter, unitmem_result, image_set, top_percent=top_percent or 0.0, units=units,
+                               factor=factor, op=op, ranking=ranking, seed=seed, store=ctx.store,
+                               on_progress=progress)
+        return {}, out.to_dict()
+
+    return jobs.start_job(MEASURE_KIND, spec, fn, store=st)
+
+
+def measurement_from_meta(meta: Mapping) -> InterventionResult:
+    """The InterventionResult stored by `start_measurement`."""
+    return InterventionResult.from_dict(dict(meta))
 
 
 def _sweep_rows(adapter, unitmem_result, image_set, top_percents, factor, op, ranking, combine, cfg_half,
@@ -546,6 +650,7 @@ def _sweep_rows(adapter, unitmem_result, image_set, top_percents, factor, op, ra
                              n_samples=n_samples, feature_space=feature_space, reference_set=reference_set,
                              sampling=sampling, seed=seed, store=store, heldout_set=heldout_set,
                              sscd_path=sscd_path, with_random=k > 0, on_progress=p, random_draws=random_draws)
+        r = r.to_dict()
         rs = r.get("random_control") or {}
         common = {"top_percent": float(k), "n_units": r["n_units"], "similarity": r["similarity"],
                   "threshold": r["threshold"], "fd_metric": r["fd_metric"], "n_samples": r["n_samples"],
@@ -651,6 +756,20 @@ def _frame(meta: dict, key: str):
     return df
 
 
+def sweep_key(adapter: IARAdapter, unitmem_result, image_set: data.ImageSet, store=None, **kw) -> str:
+    """The store key of `run_sweep` / `start_sweep` with these keywords (defaults as theirs)."""
+    st = store if store is not None else store_mod.get_store()
+    a = {**sweep_defaults(), **kw}
+    return st.key(SWEEP_KIND, sweep_spec(adapter, unitmem_result, image_set, **a), SWEEP_VERSION)
+
+
+def sweep_defaults() -> dict:
+    """The keywords of run_sweep / start_sweep at their defaults (the CLI's `intervene --sweep`)."""
+    return dict(top_percents=DEFAULT_TOP_PERCENTS, factor=DEFAULT_FACTOR, op=DEFAULT_OP, ranking=DEFAULT_RANKING,
+                combine=DEFAULT_COMBINE, cfg_half="both", extraction_cfg=None, n_samples=DEFAULT_N_SAMPLES,
+                feature_space=None, reference_set=None, sampling=None, seed=0, heldout_set=None, sscd_path=None)
+
+
 def start_sweep(adapter: IARAdapter, unitmem_result, image_set: data.ImageSet, *,
                 top_percents: Sequence[float] = DEFAULT_TOP_PERCENTS, factor: float = 0.5, op: str = "fc1_scale",
                 ranking: str = "global", combine: str | int = "max", cfg_half: str = "both",
@@ -670,127 +789,3 @@ def load_sweep(store, key: str):
     st = store if store is not None else store_mod.get_store()
     _, meta = st.load(key)
     return _frame(meta, key)
-
-
-# ---------------------------------------------------------------------------------------------------
-# 5. CLI: python -m iarmem_core intervene ...
-def add_arguments(p) -> None:
-    """Options of `python -m iarmem_core intervene`."""
-    from iarmem_core import cli
-
-    cli.add_model_args(p)
-    cli.add_data_args(p)
-    cli.add_output_args(p)
-    p.add_argument("--top-percent", type=float, default=10.0, help="edit the top k%% units by UnitMem")
-    p.add_argument("--factor", type=float, default=0.5, help="fc1 rows x factor (paper: 0.5)")
-    p.add_argument("--op", default="fc1_scale", choices=hooks.EDIT_OPS)
-    p.add_argument("--ranking", default="global", choices=RANKINGS)
-    p.add_argument("--combine", default="max", help="VAR: max over scales, or one scale index / group name")
-    p.add_argument("--cfg-half", default="both", choices=hooks.CFG_HALVES)
-    p.add_argument("--units", help="explicit units instead of the ranking: 'block:unit,block:unit,...'")
-    p.add_argument("--sweep", action="store_true", help="the trade-off table over --top-percents")
-    p.add_argument("--top-percents", default="0,1,5,10,20")
-    p.add_argument("--random-draws", type=int, help="random-unit draws of the control (extraction after each, "
-                                                   "quality for the first; p_value compares the ranked edit with "
-                                                   "them); default 10 on demo and test models, 1 on released ones")
-    p.add_argument("--n-samples", type=int, default=1000, help="samples for FD and class accuracy")
-    p.add_argument("--inception", help="NVIDIA's TorchScript inception-2015-12-05.pt: real FID (else the "
-                                       "bundled demo feature space, demo models only)")
-    p.add_argument("--reference-data", help="ImageFolder of real images for FD (default: demo held-out)")
-    p.add_argument("--unitmem-augs", type=int, default=10, help="views per image of the UnitMem pass")
-    p.add_argument("--candidates-per-class", type=int, default=5)
-    p.add_argument("--prefix", help="extraction prefix lengths, comma separated")
-    p.add_argument("--similarity", default="auto")
-    p.add_argument("--threshold", type=float)
-    p.add_argument("--sscd", help="path of sscd_disc_mixup.torchscript.pt")
-    p.add_argument("--batch-size", type=int, default=16)
-
-
-def run_cli(args) -> int:
-    """`python -m iarmem_core intervene`: one JSON object (or --sweep: the table as {"rows": [...]})."""
-    from iarmem_core import cli, unitmem
-
-    model = cli.load_model(args)
-    image_set = cli.load_data(args, model.image_size)
-    st = cli.get_store(args)
-    um = unitmem.run_unitmem(model, image_set, unitmem.UnitMemConfig(n_augs=args.unitmem_augs, seed=args.seed,
-                                                                      batch_size=args.batch_size),
-                             store=st, on_progress=cli.progress_printer("unitmem"))
-    ecfg = extraction.ExtractionConfig(
-        candidates_per_class=args.candidates_per_class, similarity=args.similarity, threshold=args.threshold,
-        prefix_tokens=tuple(int(v) for v in args.prefix.split(",")) if args.prefix else None,
-        batch_size=args.batch_size, seed=args.seed)
-    ref = None
-    if args.reference_data:
-        ref = data.load_image_folder(args.reference_data, model.image_size, count=args.n_samples, seed=args.seed)
-    combine = int(args.combine) if args.combine.lstrip("-").isdigit() else args.combine
-    common = dict(factor=args.factor, op=args.op, ranking=args.ranking, combine=combine, cfg_half=args.cfg_half,
-                  extraction_cfg=ecfg, n_samples=args.n_samples, feature_space=args.inception, reference_set=ref,
-                  seed=args.seed, sscd_path=args.sscd, store=st, random_draws=args.random_draws)
-    if args.sweep:
-        ks = tuple(float(v) for v in args.top_percents.split(","))
-        df = run_sweep(model, um, image_set, top_percents=ks, on_progress=cli.progress_printer("sweep"),
-                       force=args.force, **common)
-        out = {"store_key": df.attrs["store_key"], "how": df.attrs["how"], "columns": list(df.columns),
-               "rows": df.to_dict(orient="records")}
-        cli.emit(out, args.json)
-        return 0
-    units = None
-    if args.units:
-        units = units_from_pairs(tuple(int(v) for v in pair.split(":")) for pair in args.units.split(","))
-    out = run_intervention(model, um, image_set, top_percent=args.top_percent, units=units,
-                           on_progress=cli.progress_printer("intervene"), **common)
-    cli.emit(out, args.json)
-    return 0
-
-
-# `python -m iarmem_core sample ...`: class-conditional samples, optionally before/after an edit, as a PNG grid
-def add_sample_arguments(p) -> None:
-    """Options of `python -m iarmem_core sample`."""
-    from iarmem_core import cli
-
-    cli.add_model_args(p)
-    cli.add_data_args(p)
-    p.add_argument("--store", help="result store folder (UnitMem results for --top-percent)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--labels", default="0,1,2,3,4,5,6,7,8,9", help="class labels, comma separated")
-    p.add_argument("--top-percent", type=float, default=0.0, help="also sample with the top k%% units edited")
-    p.add_argument("--factor", type=float, default=0.5)
-    p.add_argument("--op", default="fc1_scale", choices=hooks.EDIT_OPS)
-    p.add_argument("--random-units", action="store_true", help="edit random units of the same size instead")
-    p.add_argument("--unitmem-augs", type=int, default=10)
-    p.add_argument("--sampling", default="", help="overrides of the published settings, e.g. 'cfg=2,top_k=50'")
-    p.add_argument("--out", default="samples.png", help="PNG: row 1 unedited, row 2 edited (when editing)")
-
-
-def run_sample_cli(args) -> int:
-    """Samples at --seed, unedited and (with --top-percent) edited, written as one PNG grid."""
-    from PIL import Image
-
-    from iarmem_core import cli, unitmem
-
-    model = cli.load_model(args)
-    labels = [int(v) for v in args.labels.split(",")]
-    sampling = {}
-    for kv in filter(None, args.sampling.split(",")):
-        k, v = (t.strip() for t in kv.split("="))
-        sampling[k] = int(v) if v.lstrip("-").isdigit() else float(v)
-    edit = None
-    if args.top_percent > 0:
-        image_set = cli.load_data(args, model.image_size)
-        um = unitmem.run_unitmem(model, image_set, unitmem.UnitMemConfig(n_augs=args.unitmem_augs, seed=args.seed),
-                                 store=cli.get_store(args), on_progress=cli.progress_printer("unitmem"))
-        units = select_units(um, args.top_percent)
-        if args.random_units:
-            units = random_control(units, model.n_units, seed=args.seed)
-        edit = make_edit(units, args.op, args.factor)
-    rows = [generate_images(model, labels, None, seed=args.seed, sampling=sampling)]
-    if edit is not None:
-        rows.append(generate_images(model, labels, edit, seed=args.seed, sampling=sampling))
-    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # [3, rows*H, B*W]
-    Image.fromarray((grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(args.out)
-    out = {"out": str(args.out), "labels": labels, "seed": args.seed,
-           "sampling": sampling_kwargs(model, sampling), "edit": edit.to_dict() if edit else None,
-           "mean_abs_change": float((rows[1] - rows[0]).abs().mean()) if edit is not None else None}
-    cli.emit(out, args.json)
-    return 0

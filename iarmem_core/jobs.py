@@ -18,6 +18,11 @@ process is the file `jobs/<key>.cancel`.
 States: queued, running, done, failed, cancelled. A status file left at queued/running by a dead process
 reads as failed with `interrupted: True` (and `resumable: True` when a checkpoint exists).
 
+Inside a job, `run_batches(ctx, n, batch_size, work, ...)` is the one loop over items that every job uses:
+cancel checks between batches, out-of-memory halving (the same items are retried with half the batch),
+progress, and checkpoints throttled to at most one every `CHECKPOINT_EVERY_S` seconds and never more than
+a tenth of the time; a resumed job starts at the offset its checkpoint recorded.
+
 Example:
     >>> def fn(ctx):
     ...     total = 0 if ctx.resume_state is None else int(ctx.resume_state[1]["total"])
@@ -42,6 +47,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from iarmem_core.store import HOST, ResultStore, atomic_write_json, get_store
 
@@ -52,6 +58,7 @@ STATUS_EVERY_S = (
     0.2  # progress is written to disk at most this often (the in-process handle is always current)
 )
 CANCEL_POLL_S = 0.25  # how often ctx.cancelled looks for a cancel request file from another process
+CHECKPOINT_EVERY_S = 5.0  # run_batches saves partial state at most this often (and <= 10% of the time)
 
 
 class Cancelled(Exception):
@@ -478,3 +485,85 @@ def cancel_job(key: str, store: ResultStore | None = None) -> None:
         h.cancel()
     else:
         atomic_write_json(_paths(store, key)[2], {"requested": time.time(), "by_pid": os.getpid()})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the batch loop shared by every job
+
+
+def is_oom(e: BaseException) -> bool:
+    """True for a CUDA (or CPU allocator) out-of-memory error."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+class OutOfMemory(RuntimeError):
+    """Even a batch of one does not fit; the message says what to do."""
+
+
+def run_batches(
+    ctx: JobContext | None,
+    n: int,
+    batch_size: int,
+    work: Callable[[int, int], None],
+    *,
+    start: int = 0,
+    save: Callable[[int], tuple[Mapping[str, np.ndarray], Mapping]] | None = None,
+    progress: Callable[[int], tuple[float, str]] | None = None,
+    events: list | None = None,
+    align: int = 1,
+    what: str = "batch",
+) -> int:
+    """Run ``work(i, j)`` over the items [start, n) in batches; returns the last batch size used.
+
+    - `work` must write its results only once it succeeded: on out-of-memory the same items are retried
+      with half the batch (each halving appended to `events` as {"at", "from", "to", "error"}); a batch of
+      one that still does not fit raises `OutOfMemory` with the original error.
+    - `align`: batch ends fall on multiples of `align` (the batch size is rounded up to one), so the items
+      of a batch, and with them a batch-dependent computation, are the same whatever `batch_size` is.
+    - With a job context: `ctx.check()` before every batch (a cancel stops between batches),
+      `progress(j) -> (fraction, message)` after each, and `save(j) -> (arrays, meta)` checkpoints the state
+      after item j, at most every CHECKPOINT_EVERY_S seconds and never more than 10% of the time (a large
+      state is saved less often). The last batch is never checkpointed (the result follows).
+    """
+    align = max(1, int(align))
+    bs = max(1, int(batch_size))
+    bs = -(-bs // align) * align
+    i = int(start)
+    last_save, save_cost = time.monotonic(), 0.0
+    while i < n:
+        if ctx is not None:
+            ctx.check()
+        j = min(n, i + bs)
+        if align > 1 and bs >= align:
+            j = min(n, (j // align) * align) if j % align and j < n else j
+            j = max(j, i + 1)
+        try:
+            work(i, j)
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is handled, everything else re-raised
+            if not is_oom(e):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if j - i == 1:
+                raise OutOfMemory(
+                    f"out of memory on a {what} of 1 item (item {i}): the model does not fit on this device. "
+                    f"Use a smaller model, dtype bf16, or another device (--device cpu). Original error: "
+                    f"{str(e).splitlines()[0][:200]}") from e
+            new = max(1, (j - i) // 2)
+            if events is not None:
+                events.append({"at": int(i), "from": int(j - i), "to": int(new), "error": str(e).splitlines()[0][:200]})
+            bs = new
+            continue
+        i = j
+        if ctx is not None and progress is not None:
+            ctx.progress(*progress(j))
+        if ctx is not None and save is not None and j < n:
+            if time.monotonic() - last_save >= max(CHECKPOINT_EVERY_S, 10 * save_cost):
+                t = time.monotonic()
+                ctx.checkpoint(*save(j))
+                last_save = time.monotonic()
+                save_cost = last_save - t
+    return bs

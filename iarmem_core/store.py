@@ -164,6 +164,21 @@ def file_lock(path: Path, shared: bool = False) -> Iterator[None]:
         os.close(fd)  # closing releases the flock
 
 
+@contextmanager
+def existing_file_lock(path: Path, shared: bool = True) -> Iterator[None]:
+    """A flock on `path` if that file exists and can be opened; otherwise nothing (read-only stores)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -174,18 +189,35 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class ResultStore:
-    """Results (dict of numpy arrays + JSON meta) on disk under `root`, keyed by `key(kind, spec)`."""
+class ReadOnlyStoreError(StoreError):
+    """A write was asked of a store opened read-only."""
 
-    def __init__(self, root: str | os.PathLike | None = None):
+
+class ResultStore:
+    """Results (dict of numpy arrays + JSON meta) on disk under `root`, keyed by `key(kind, spec)`.
+
+    `read_only=True` opens a store that is only read (a shipped results folder, a mounted dataset, a shared
+    folder without write permission): nothing is created, cleaned or locked (a lock file that exists is
+    still honoured, so a concurrent writer is never torn), and every write raises ReadOnlyStoreError.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, read_only: bool = False):
         self.root = Path(root) if root is not None else default_root()
         self.root = self.root.expanduser().absolute()
+        self.read_only = bool(read_only)
+        if self.read_only:
+            return
         for sub in ("results", "partial", "jobs", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._cleanup_tmp()
 
     def __repr__(self) -> str:
-        return f"ResultStore({str(self.root)!r})"
+        return f"ResultStore({str(self.root)!r}{', read_only=True' if self.read_only else ''})"
+
+    def _writable(self, what: str) -> None:
+        if self.read_only:
+            raise ReadOnlyStoreError(f"{what}: the store at {self.root} is open read-only; write to your own store "
+                                     f"($IARMEM_STORE) instead")
 
     # -- keys -----------------------------------------------------------------------------------------------
 
@@ -239,6 +271,7 @@ class ResultStore:
         `kind`/`spec`/`version` (as passed to `key`) are recorded in info.json and the manifest; when
         given, they must hash to `key`. Returns the live version folder."""
         self._check_key(key)
+        self._writable(f"saving {key}")
         if spec is not None:
             k2 = self.key(kind or key.rsplit("-", 1)[0], spec, version)
             if k2 != key:
@@ -271,6 +304,7 @@ class ResultStore:
 
     def delete(self, key: str) -> bool:
         """Remove a result (explicit user action only); True if there was one."""
+        self._writable(f"deleting {key}")
         found = self._remove_slot(self.result_dir(key))
         with self._manifest_lock():
             m = self._read_manifest_unlocked()
@@ -284,6 +318,7 @@ class ResultStore:
         self, key: str, state_arrays: Mapping[str, np.ndarray], state_meta: Mapping | None = None
     ) -> None:
         """Atomically replace the checkpoint state of the job `key`."""
+        self._writable(f"checkpointing {key}")
         self._write_slot(self.partial_dir(key), state_arrays, state_meta, {"key": key, "partial": True})
 
     def load_partial(self, key: str, verify: bool = True) -> tuple[dict[str, np.ndarray], dict] | None:
@@ -298,12 +333,26 @@ class ResultStore:
 
     def clear_partial(self, key: str) -> None:
         """Drop the checkpoint state of `key` (after its result was saved, or to start over)."""
+        self._writable(f"clearing the checkpoint of {key}")
         self._remove_slot(self.partial_dir(key))
 
     # -- manifest -------------------------------------------------------------------------------------------
 
     def list(self, kind: str | None = None) -> list[dict]:
-        """Manifest rows (key, kind, spec, created, bytes, arrays), newest first; rebuilt if out of date."""
+        """Manifest rows (key, kind, spec, created, bytes, arrays), newest first; rebuilt if out of date.
+
+        A read-only store reads the rows from the results' info.json files (nothing is written)."""
+        if self.read_only:
+            rows = []
+            res = self.root / "results"
+            for slot in sorted(res.iterdir()) if res.is_dir() else []:
+                if (kind is None or slot.name.rsplit("-", 1)[0] == kind) and (slot / "CURRENT").exists():
+                    try:
+                        info = self._read_info(slot, slot.name, "result")
+                    except StoreError:
+                        continue
+                    rows.append({"key": slot.name, **self._manifest_row(info)})
+            return sorted(rows, key=lambda r: r.get("created", 0), reverse=True)
         with self._manifest_lock():
             m = self._read_manifest_unlocked()
             live = {p.name for p in (self.root / "results").iterdir() if (p / "CURRENT").exists()}
@@ -314,6 +363,7 @@ class ResultStore:
 
     def rebuild_manifest(self) -> dict:
         """Recreate manifest.json from the results' info.json files (the results are the truth)."""
+        self._writable("rebuilding the manifest")
         with self._manifest_lock():
             return self._rebuild_manifest_unlocked()
 
@@ -470,7 +520,11 @@ class ResultStore:
 
     def _read_slot(self, slot: Path, key: str, what: str, verify: bool, mmap: bool) -> tuple[dict, dict]:
         # a shared lock keeps a concurrent writer from removing this version folder while it is read
-        with file_lock(slot / ".lock", shared=True) if slot.is_dir() else nullcontext():
+        if self.read_only:
+            lock = existing_file_lock(slot / ".lock", shared=True)
+        else:
+            lock = file_lock(slot / ".lock", shared=True) if slot.is_dir() else nullcontext()
+        with lock:
             vdir = self._live_version(slot, key, what)
             return self._read_version(slot, key, what, vdir, verify, mmap)
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ import torch
 from iarmem_core import data, hooks, jobs
 from iarmem_core import store as store_mod
 from iarmem_core.adapters.base import IARAdapter, PositionGroup
+from iarmem_core.registry import get_spec
 
 REST_MODES = ("mean", "median")
 
@@ -69,6 +70,22 @@ class UnitMemConfig:
         d.pop("max_accum_mb")  # memory/speed only: never changes a result
         d.pop("batch_size")
         return d
+
+
+def default_config(model, detail: bool = False, **overrides) -> UnitMemConfig:
+    """The default UnitMem pass of a model (a registry name, ModelSpec or adapter), shared by the CLI and the app.
+
+    Overview (the heatmap, the unit ranking, the edits): one group per scale, plus each row of the token grid
+    for next-token models (one "scale" there covers the whole image). `detail=True` adds every position as a
+    group (the token-grid view). `overrides` replace fields (n_augs, rest, seed, ...).
+    """
+    spec = getattr(model, "spec", model)
+    if isinstance(spec, str):
+        spec = get_spec(spec)
+    kinds = ("scale",) if spec.family == "var" else ("scale", "row")
+    if detail:
+        kinds = kinds + ("position",)
+    return replace(UnitMemConfig(group_kinds=kinds), **overrides)
 
 
 def unitmem_from_stats(mu_max: torch.Tensor, mu_rest: torch.Tensor) -> torch.Tensor:
@@ -349,21 +366,45 @@ def per_image_scores(correct_NT: np.ndarray, slices: Sequence[slice]) -> np.ndar
     return np.stack([correct_NT[:, s].mean(axis=1) for s in slices], axis=1)
 
 
-def iterate(n: int, batch_size: int, start: int = 0) -> Iterator[tuple[int, int]]:
-    for i in range(start, n, batch_size):
-        yield i, min(n, i + batch_size)
-
-
 @dataclass
 class UnitMemResult:
-    """A finished UnitMem result with its groups and image ids (what the app and CLI read)."""
+    """A finished UnitMem result: its arrays, its groups and image ids, and the questions the app and CLI ask.
+
+    Arrays (leading axis: blocks L; G groups, U units, K top images, S scale groups): ``unitmem_LGU``,
+    ``mu_max_LGU``, ``mu_rest_LGU``, ``argmax_LGU`` (image index), ``top_images_LKSU`` / ``top_mu_LKSU``,
+    ``correct_NT`` and ``block_{mean,max,top1pct_mean}_LG``. Ask through the methods rather than indexing
+    the arrays by name.
+    """
 
     arrays: dict[str, np.ndarray]
     meta: dict = field(default_factory=dict)
 
+    # -- identity --------------------------------------------------------------------------------------
+    @property
+    def store_key(self) -> str | None:
+        return self.meta.get("store_key")
+
     @property
     def unitmem(self) -> np.ndarray:
+        """[L, G, U] UnitMem of every unit and group."""
         return self.arrays["unitmem_LGU"]
+
+    @property
+    def blocks(self) -> list[int]:
+        return [int(b) for b in self.meta["blocks"]]
+
+    @property
+    def n_units(self) -> int:
+        """Units per block."""
+        return int(self.meta["n_units"])
+
+    @property
+    def n_units_total(self) -> int:
+        return len(self.blocks) * self.n_units
+
+    @property
+    def groups(self) -> list[dict]:
+        return list(self.meta["groups"])
 
     @property
     def group_names(self) -> list[str]:
@@ -372,11 +413,151 @@ class UnitMemResult:
     def group_ids(self, kind: str) -> list[int]:
         return [i for i, g in enumerate(self.meta["groups"]) if g["kind"] == kind]
 
+    def group_id(self, name: str) -> int:
+        names = self.group_names
+        if name not in names:
+            raise KeyError(f"no group {name!r} in this UnitMem result; groups: {', '.join(names[:12])}")
+        return names.index(name)
+
+    @property
+    def scale_group_ids(self) -> list[int]:
+        return [int(g) for g in self.meta["scale_groups"]]
+
+    @property
+    def token_grids(self) -> list[tuple[int, int]]:
+        return [tuple(int(v) for v in g) for g in self.meta["token_grids"]]
+
+    @property
+    def is_next_scale(self) -> bool:
+        """VAR (several scales) rather than a next-token model (one grid)."""
+        return len(self.meta["token_grids"]) > 1
+
+    @property
+    def image_ids(self) -> list[str]:
+        return list(self.meta["image_ids"])
+
+    @property
+    def labels(self) -> list[int]:
+        return [int(v) for v in self.meta["labels"]]
+
+    @property
+    def planted(self) -> list[bool] | None:
+        return self.meta.get("planted")
+
+    @property
+    def counts(self) -> list[int] | None:
+        return self.meta.get("counts")
+
+    def image_index(self, image_id: str) -> int:
+        """Position of `image_id` in the data selection D' (KeyError naming the selection otherwise)."""
+        try:
+            return self.meta["image_ids"].index(image_id)
+        except ValueError:
+            raise KeyError(f"image {image_id!r} is not in this UnitMem result's data selection "
+                           f"({len(self.meta['image_ids'])} images)") from None
+
+    def _li(self, block: int) -> int:
+        blocks = self.blocks
+        if int(block) not in blocks:
+            raise KeyError(f"no block {block}; blocks are {blocks[0]}..{blocks[-1]}")
+        return blocks.index(int(block))
+
+    # -- views -----------------------------------------------------------------------------------------
+    def heatmap_group_ids(self) -> list[int]:
+        """The columns of the block x group heatmap: VAR's scales; next-token: all positions, then each row."""
+        return self.scale_group_ids if self.is_next_scale else self.scale_group_ids + self.group_ids("row")
+
+    def summary(self, stat: str = "mean") -> np.ndarray:
+        """[L, G] per (block, group) summary over the block's units: mean, max or top1pct_mean."""
+        key = f"block_{stat}_LG"
+        if key not in self.arrays:
+            raise KeyError(f"unknown summary {stat!r}: mean, max or top1pct_mean")
+        return self.arrays[key]
+
+    def position_grid(self, block: int, scale: int, stat: str = "mean") -> np.ndarray:
+        """[h, w] summary per token position of one scale (needs a pass with position groups)."""
+        ids = [i for i, g in enumerate(self.meta["groups"]) if g["kind"] == "position" and int(g["scale"]) == scale]
+        h, w = self.token_grids[scale]
+        if len(ids) != h * w:
+            raise KeyError(f"this UnitMem result has no per-position groups for scale {h}x{w} "
+                           f"(run it with --detail position)")
+        return self.summary(stat)[self._li(block), ids].reshape(h, w)
+
+    def top_units(self, block: int, group: int, k: int = 50) -> list[int]:
+        """The k units of a block with the highest UnitMem in `group` (ties: lower unit first)."""
+        um = self.unitmem[self._li(block), group]
+        return [int(u) for u in np.lexsort((np.arange(um.size), -um))[:k]]
+
+    def argmax_images(self, block: int, group: int) -> np.ndarray:
+        """[U] the image index each unit of the block fires for most in `group`."""
+        return self.arrays["argmax_LGU"][self._li(block), group]
+
+    def unit(self, block: int, group: int, unit: int) -> dict:
+        """One unit in one group: unitmem, mu_max, mu_rest, argmax (image index) and, for scale groups, its
+        top images [(image index, mu), ...] (the one it fires for most first)."""
+        li = self._li(block)
+        a = self.arrays
+        out = {"block": int(block), "group": self.meta["groups"][group]["name"], "unit": int(unit),
+               "unitmem": float(self.unitmem[li, group, unit]), "mu_max": float(a["mu_max_LGU"][li, group, unit]),
+               "mu_rest": float(a["mu_rest_LGU"][li, group, unit]),
+               "argmax": int(self.arrays["argmax_LGU"][li, group, unit])}
+        scale_ids = self.scale_group_ids
+        if group in scale_ids and "top_images_LKSU" in self.arrays:
+            si = scale_ids.index(group)
+            out["top_images"] = [(int(i), float(m)) for i, m in zip(self.arrays["top_images_LKSU"][li, :, si, unit],
+                                                                    self.arrays["top_mu_LKSU"][li, :, si, unit])]
+        else:
+            out["top_images"] = [(out["argmax"], out["mu_max"])]
+        return out
+
+    def unit_profile(self, block: int, unit: int, groups: Sequence[int] | None = None) -> np.ndarray:
+        """UnitMem of one unit over `groups` (default: the heatmap's columns)."""
+        ids = list(groups) if groups is not None else self.heatmap_group_ids()
+        return self.unitmem[self._li(block), ids, unit]
+
+    def units_for_image(self, image_id: str, kinds: Sequence[str] = ("scale",)) -> list[dict]:
+        """The units whose argmax image is `image_id`, in the groups of `kinds`, by UnitMem (highest first):
+        [{"block", "group", "unit", "unitmem"}, ...]."""
+        i = self.image_index(image_id)
+        rows = []
+        for g in (gi for gi, gr in enumerate(self.meta["groups"]) if gr["kind"] in kinds):
+            for li, u in np.argwhere(self.arrays["argmax_LGU"][:, g, :] == i):
+                rows.append({"block": self.blocks[int(li)], "group": self.meta["groups"][g]["name"], "unit": int(u),
+                             "unitmem": float(self.unitmem[li, g, u])})
+        return sorted(rows, key=lambda r: (-r["unitmem"], r["block"], r["unit"]))
+
+    def unit_scores(self, combine: str | int = "max") -> np.ndarray:
+        """[L, U] one score per unit: its max over the scale groups, or its score at one scale (index) or group
+        (name). The ranking the edits use."""
+        um_LGU = np.asarray(self.unitmem)
+        scale_ids = self.scale_group_ids or list(range(um_LGU.shape[1]))
+        if combine == "max":
+            return um_LGU[:, scale_ids, :].max(axis=1)
+        if isinstance(combine, str):
+            return um_LGU[:, self.group_id(combine), :]
+        c = int(combine)
+        if not 0 <= c < len(scale_ids):
+            raise ValueError(f"combine={c}: a scale index in 0..{len(scale_ids) - 1}, 'max', or a group name")
+        return um_LGU[:, scale_ids[c], :]
+
+    def unit_ranking(self, combine: str | int = "max", k: int | None = None) -> list[tuple[int, int]]:
+        """(block, unit) pairs by `unit_scores(combine)`, highest first (ties: lower block, then lower unit)."""
+        s = self.unit_scores(combine).reshape(-1).astype(np.float64)
+        order = np.lexsort((np.arange(s.size), -s))[: (k if k is not None else s.size)]
+        U = self.n_units
+        return [(self.blocks[int(f) // U], int(f) % U) for f in order]
+
+    def planted_among_top(self, block: int, group: int, k: int = 10) -> int | None:
+        """How many of the cell's k top units fire most for a planted image (None without ground truth)."""
+        if not self.planted:
+            return None
+        arg = self.argmax_images(block, group)
+        return sum(bool(self.planted[int(arg[u])]) for u in self.top_units(block, group, k))
+
 
 # ---------------------------------------------------------------------------------------------------
 # The job: shared by the CLI and the app; results land in the store.
 KIND = "unitmem"
-CHECKPOINT_EVERY_S = 30.0
 
 
 def job_spec(adapter: IARAdapter, image_set: data.ImageSet, cfg: UnitMemConfig) -> dict:
@@ -389,8 +570,6 @@ def make_job(adapter: IARAdapter, image_set: data.ImageSet, cfg: UnitMemConfig):
     """The job function fn(ctx) -> (arrays, meta) of a UnitMem pass (resumable, cancellable)."""
 
     def fn(ctx) -> tuple[dict[str, np.ndarray], dict]:
-        import time
-
         n = len(image_set)
         # the median variant's per-image spill lives beside the store's partial state, so it survives a resume
         spill = Path(ctx.store.root) / "spill" / ctx.key if cfg.rest == "median" else None
@@ -398,17 +577,16 @@ def make_job(adapter: IARAdapter, image_set: data.ImageSet, cfg: UnitMemConfig):
         if ctx.resume_state is not None:
             arrays, meta = ctx.resume_state
             p.load_state(UnitMemState.from_arrays(arrays, int(meta["n_seen"])))
-        last = time.monotonic()
-        for start, stop in iterate(n, cfg.batch_size, p.state.n_seen):
-            ctx.check()
+
+        def work(start: int, stop: int) -> None:
             idx = np.arange(start, stop)
             x = image_set.images(idx, size=adapter.image_size)
             y = image_set.labels_tensor(idx)
             p.step(x, y, keys=[image_set.ids[i] for i in idx])
-            ctx.progress(stop / n, f"{stop}/{n} images x {cfg.n_augs} views")
-            if time.monotonic() - last > CHECKPOINT_EVERY_S and stop < n:
-                ctx.checkpoint(p.state.arrays(), {"n_seen": p.state.n_seen})
-                last = time.monotonic()
+
+        jobs.run_batches(ctx, n, cfg.batch_size, work, start=p.state.n_seen, what="UnitMem batch",
+                         progress=lambda j: (j / n, f"{j}/{n} images x {cfg.n_augs} views"),
+                         save=lambda j: (p.state.arrays(), {"n_seen": p.state.n_seen}))
         arrays = p.finish()
         p.cleanup()
         summ = block_summaries(arrays["unitmem_LGU"])
@@ -432,6 +610,18 @@ def make_job(adapter: IARAdapter, image_set: data.ImageSet, cfg: UnitMemConfig):
         return arrays, meta
 
     return fn
+
+
+def result_key(adapter: IARAdapter, image_set: data.ImageSet, cfg: UnitMemConfig, store=None) -> str:
+    """The store key of this pass (to look a result up without running anything)."""
+    st = store if store is not None else store_mod.get_store()
+    return st.key(KIND, job_spec(adapter, image_set, cfg))
+
+
+def load_result(store, key: str) -> UnitMemResult:
+    """A stored UnitMem result by key."""
+    arrays, meta = store.load(key)
+    return UnitMemResult(arrays, {**meta, "store_key": key})
 
 
 def run_unitmem(adapter: IARAdapter, image_set: data.ImageSet, cfg: UnitMemConfig, store=None,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from iarmem_app import config, edits
+from iarmem_app import config
 from iarmem_core import data, extraction, intervention, unitmem
 from iarmem_core.adapters import load_adapter
 from iarmem_core.store import ResultStore
@@ -39,9 +39,8 @@ def default_keys(name: str, store: ResultStore, sweep: bool = True) -> list[dict
     """The (kind, key, runner) of every result the app shows first for model `name`."""
     adapter = load_adapter(name, device="cpu", seed=SEED)
     sel = data.select_demo(n=config.N_IMAGES, seed=SEED)
-    cfg = config.unitmem_config(name, SEED)
-    spec = unitmem.job_spec(adapter, sel, cfg)
-    um_key = store.key(unitmem.KIND, spec)
+    cfg = unitmem.default_config(adapter, seed=SEED)
+    um_key = unitmem.result_key(adapter, sel, cfg, store)
     out = [{"model": name, "kind": unitmem.KIND, "key": um_key,
             "run": lambda: unitmem.run_unitmem(adapter, sel, cfg, store=store)}]
     ecfg = extraction.ExtractionConfig(seed=SEED)
@@ -57,13 +56,12 @@ def default_keys(name: str, store: ResultStore, sweep: bool = True) -> list[dict
     # the intervention page's first view: the default edit's numbers and the trade-off curve
     kw = dict(top_percent=10.0, units=None, factor=0.5, op="fc1_scale", ranking="global", seed=SEED)
     res0 = unitmem.UnitMemResult({}, {"store_key": um_key})
-    out.append({"model": name, "kind": edits.MEASURE_KIND,
-                "key": store.key(edits.MEASURE_KIND, edits.measure_spec(adapter, res0, sel, **kw)),
-                "run": lambda: edits.start_measure(adapter, um_result(), sel, store, **kw).wait()})
-    args = edits.sweep_args(adapter, res0, sel, factor=0.5, op="fc1_scale", ranking="global", seed=SEED)
+    out.append({"model": name, "kind": intervention.MEASURE_KIND,
+                "key": intervention.measurement_key(adapter, res0, sel, store, **kw),
+                "run": lambda: intervention.start_measurement(adapter, um_result(), sel, store, **kw).wait()})
+    args = {**intervention.sweep_defaults(), "seed": SEED}
     out.append({"model": name, "kind": intervention.SWEEP_KIND,
-                "key": store.key(intervention.SWEEP_KIND, intervention.sweep_spec(adapter, res0, sel, **args),
-                                 intervention.SWEEP_VERSION),
+                "key": intervention.sweep_key(adapter, res0, sel, store, **args),
                 "run": lambda: intervention.run_sweep(adapter, um_result(), sel, store=store, **args)})
     return out
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from iarmem_core import data, extraction, unitmem
+from iarmem_core import data, extraction, jobs, unitmem
 from iarmem_core.adapters import load_adapter
 from iarmem_core.adapters.base import IARAdapter, UnitSite
 from iarmem_core.adapters.var import VARAdapter
@@ -121,7 +121,7 @@ def test_decision_flips_with_the_threshold_without_recomputing(world, tmp_path):
 
 def test_resume_after_interruption_equals_a_clean_run(world, tmp_path, monkeypatch):
     m, train, heldout, _ = world
-    monkeypatch.setattr(extraction, "CHECKPOINT_EVERY_S", 0.0)
+    monkeypatch.setattr(jobs, "CHECKPOINT_EVERY_S", 0.0)
     cfg = _cfg(batch_size=4, prefix_tokens=(5, PREFIX))
     clean = extraction.run_extraction(m, train, cfg, heldout_set=heldout, store=ResultStore(tmp_path / "a"))
 
@@ -169,7 +169,7 @@ def test_out_of_memory_halves_the_batch_and_says_so(world, tmp_path, monkeypatch
         raise RuntimeError("CUDA error: out of memory")
 
     monkeypatch.setattr(MemorizingVAR, "generate", no_gpu)
-    with pytest.raises(extraction.OutOfMemory, match="batch of 1 .*does not fit"):
+    with pytest.raises(jobs.OutOfMemory, match="batch of 1 .*does not fit"):
         extraction.run_extraction(m, train, _cfg(batch_size=2), heldout_set=heldout, store=ResultStore(tmp_path / "c"))
 
 
@@ -181,7 +181,7 @@ def test_other_errors_are_not_mistaken_for_out_of_memory():
         raise ValueError("shape mismatch")
 
     with pytest.raises(ValueError, match="shape mismatch"):
-        extraction.adaptive_batches(10, 4, work)
+        jobs.run_batches(None, 10, 4, work)
     assert calls == [(0, 4)]
 
 

@@ -194,6 +194,8 @@ def test_sweep_rows_and_k0_equals_the_unedited_model(var, space, tmp_path):
     assert again.equals(df)
     r = intervention.run_intervention(var, um, sel, top_percent=50, extraction_cfg=ecfg, n_samples=20,
                                       feature_space=space, reference_set=ref, store=st, random_draws=3)
+    assert intervention.InterventionResult.from_dict(r.to_dict()) == r  # the stored form reads back
+    r = r.to_dict()
     assert r["fd_after"] == k50.fd.iloc[0] and r["random_control"]["fd_after"] == k50.fd.iloc[1]
     # the random control over 3 draws: the first draw is the control's own row, the others are new units
     rc = r["random_control"]

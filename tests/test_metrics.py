@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from iarmem_core.checkpoints import CheckpointError
+from iarmem_core.demo.features import train_feature_net
 from iarmem_core.metrics import (
     SIMILARITY_MEASURES,
     DemoFeatureSpace,
@@ -32,7 +33,6 @@ from iarmem_core.metrics import (
     similarity_measure,
     ssim,
     token_match_rate,
-    train_feature_net,
 )
 from iarmem_core.metrics.spaces import IMAGENET_MEAN, IMAGENET_STD
 
@@ -342,20 +342,20 @@ def test_class_accuracy_known_answer():
 # ---------------------------------------------------------------------------------------------------
 # Registry and calibration
 def test_registry_names_thresholds_and_strict_decisions(random_net):
-    assert set(SIMILARITY_MEASURES) == {"sscd", "ssim", "feature-cosine", "token-match"}
+    assert set(SIMILARITY_MEASURES) == {"sscd", "ssim", "feature_cosine", "token_match"}
     assert SIMILARITY_MEASURES["sscd"].default_threshold == 0.75
     a = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])
     b = torch.tensor([[1, 2, 3, 0], [1, 2, 0, 0]])
-    tm = similarity_measure("token-match", threshold=0.75)
+    tm = similarity_measure("token_match", threshold=0.75)
     res = tm(a, b)  # scores 0.75 and 0.5: equal to the threshold is not a copy
-    assert res.measure == "token-match" and res.similar.tolist() == [False, False]
+    assert res.measure == "token_match" and res.similar.tolist() == [False, False]
     assert tm.with_threshold(0.7)(a, b).similar.tolist() == [True, False]
-    assert similarity_measure("token-match", token_start=2, threshold=0.4)(a, b).scores.tolist() == [0.5, 0.0]
+    assert similarity_measure("token_match", token_start=2, threshold=0.4)(a, b).scores.tolist() == [0.5, 0.0]
     fc = similarity_measure("feature-cosine", feature_space=DemoFeatureSpace(random_net, device="cpu"))
-    assert fc.name == "feature-cosine[demo-fashion-cnn]" and fc.threshold_source.startswith("uncalibrated")
+    assert fc.name == "feature_cosine[demo-fashion-cnn]" and fc.threshold_source.startswith("uncalibrated")
     with pytest.raises(ValueError, match="sscd_disc_mixup.torchscript.pt"):
         similarity_measure("sscd")
-    with pytest.raises(KeyError, match="choose one of"):
+    with pytest.raises(ValueError, match="unknown similarity .*expected one of"):
         similarity_measure("lpips")
     with pytest.raises(ValueError, match="inception-2015-12-05.pt"):
         feature_space("inception-v3-fid")

@@ -98,7 +98,8 @@ def _known_images(ids):
 
 def _run_pass(adapter, images, labels, cfg, batch=5):
     p = unitmem.UnitMemPass(adapter, len(images), cfg)
-    for s, e in unitmem.iterate(len(images), batch):
+    for s in range(0, len(images), batch):
+        e = min(len(images), s + batch)
         p.step(images[s:e], labels[s:e], keys=list(range(s, e)))
     return p, p.finish()
 
@@ -165,7 +166,7 @@ def test_streaming_equals_brute_force(rest):
     cfg = unitmem.UnitMemConfig(n_augs=3, augmentation="shift", rest=rest, group_kinds=("scale", "position"),
                                 top_images=4)
     p = unitmem.UnitMemPass(ad, n, cfg)
-    for s, e in unitmem.iterate(n, 5):
+    for s, e in ((i, min(n, i + 5)) for i in range(0, n, 5)):
         p.step(images[s:e], labels[s:e], keys=keys[s:e])
     out = p.finish()
     mu = _brute_force_mu(ad, images, labels, keys, cfg, p.plan)  # [N, L, G, U]
@@ -198,14 +199,14 @@ def test_state_roundtrip_resume_equals_uninterrupted():
     images, labels, keys = ds.images(np.arange(n), size=8), ds.labels_tensor(np.arange(n)), ds.ids[:n]
     cfg = unitmem.UnitMemConfig(n_augs=2, augmentation="crop", top_images=3)
     full = unitmem.UnitMemPass(ad, n, cfg)
-    for s, e in unitmem.iterate(n, 4):
+    for s, e in ((i, min(n, i + 4)) for i in range(0, n, 4)):
         full.step(images[s:e], labels[s:e], keys[s:e])
     first = unitmem.UnitMemPass(ad, n, cfg)
     first.step(images[:4], labels[:4], keys[:4])
     saved = first.state.arrays()
     second = unitmem.UnitMemPass(ad, n, cfg)
     second.load_state(unitmem.UnitMemState.from_arrays(saved, 4))
-    for s, e in unitmem.iterate(n, 4, start=4):
+    for s, e in ((i, min(n, i + 4)) for i in range(4, n, 4)):
         second.step(images[s:e], labels[s:e], keys[s:e])
     a, b = full.finish(), second.finish()
     for k in a:
@@ -213,7 +214,7 @@ def test_state_roundtrip_resume_equals_uninterrupted():
 
 
 def test_job_cancelled_then_resumed_equals_clean_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(unitmem, "CHECKPOINT_EVERY_S", 0.0)
+    monkeypatch.setattr(jobs, "CHECKPOINT_EVERY_S", 0.0)
     monkeypatch.setattr(jobs, "CANCEL_POLL_S", 0.0)
     ad = load_adapter("test-var", seed=7)
     ds = data.select_demo(n=40, seed=3)

@@ -1,6 +1,6 @@
 """Similarity and quality metrics (METHOD.md sections 4 and 6).
 
-- `featurenet`: the bundled Fashion-MNIST CNN (train, save, load) behind the offline feature space.
+- `featurenet`: the bundled Fashion-MNIST CNN (definition, save, load) behind the offline feature space.
 - `spaces`: feature spaces with stable names: ``demo-fashion-cnn`` (bundled), ``inception-v3-fid``
   (user-supplied ``inception-2015-12-05.pt``), ``sscd-disc-mixup`` (user-supplied
   ``sscd_disc_mixup.torchscript.pt``).
@@ -24,7 +24,6 @@ from iarmem_core.metrics.featurenet import (
     load_feature_card,
     load_feature_net,
     save_feature_net,
-    train_feature_net,
 )
 from iarmem_core.metrics.quality import (
     FrechetResult,
@@ -34,13 +33,16 @@ from iarmem_core.metrics.quality import (
     frechet_result,
 )
 from iarmem_core.metrics.similarity import (
+    MEASURES,
     SIMILARITY_MEASURES,
     Calibration,
     MeasureInfo,
     SimilarityMeasure,
     SimilarityResult,
     calibrate_threshold,
+    canonical_measure,
     feature_cosine,
+    score,
     similarity_measure,
     sscd_cosine,
     ssim,
@@ -54,14 +56,16 @@ from iarmem_core.metrics.spaces import (
     SSCDFeatureSpace,
     feature_space,
     load_torchscript,
+    resolve_space,
 )
 
 __all__ = [
     "FEATURE_SPACE_NAME", "FeatureNet", "FeatureNetConfig", "fashion_to_input", "load_feature_card",
-    "load_feature_net", "save_feature_net", "train_feature_net",
+    "load_feature_net", "save_feature_net",
     "FrechetResult", "class_accuracy", "frechet_distance", "frechet_distance_images", "frechet_result",
-    "SIMILARITY_MEASURES", "Calibration", "MeasureInfo", "SimilarityMeasure", "SimilarityResult",
+    "MEASURES", "SIMILARITY_MEASURES", "Calibration", "canonical_measure", "score",
+    "MeasureInfo", "SimilarityMeasure", "SimilarityResult",
     "calibrate_threshold", "feature_cosine", "similarity_measure", "ssim", "sscd_cosine", "token_match_rate",
     "FEATURE_SPACES", "feature_space", "DemoFeatureSpace", "FeatureSpace", "InceptionFeatureSpace",
-    "SSCDFeatureSpace", "load_torchscript",
+    "SSCDFeatureSpace", "load_torchscript", "resolve_space",
 ]

@@ -7,8 +7,11 @@ An image counts as extracted when its similarity to the tokenizer's reconstructi
 |------------------|--------|-----------------------------------|---------------------------------------|
 | `sscd`           | images | 0.75, published (Kowalczuk et al.) | cosine of SSCD embeddings (user file) |
 | `ssim`           | images | uncalibrated default              | per-image SSIM, torchmetrics          |
-| `feature-cosine` | images | uncalibrated default              | cosine in a FeatureSpace (demo CNN)   |
-| `token-match`    | tokens | uncalibrated default              | fraction of equal tokens              |
+| `feature_cosine` | images | uncalibrated default              | cosine in a FeatureSpace (demo CNN)   |
+| `token_match`    | tokens | uncalibrated default              | fraction of equal tokens              |
+
+Names are spelled with underscores everywhere (results, CLI, app); `canonical_measure` also accepts the
+hyphenated spelling. `score(name, ...)` is the one dispatcher the attack uses.
 
 The offline measures' defaults are placeholders until `calibrate_threshold` has been run on pairs that
 are known copies and known non-copies (the demo's planted duplicates and held-out images); the
@@ -24,7 +27,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from iarmem_core.metrics.spaces import FeatureSpace, SSCDFeatureSpace, check_images
+from iarmem_core.metrics.spaces import FeatureSpace, SSCDFeatureSpace, check_images, resolve_space
 
 Tokens = torch.Tensor | Sequence[torch.Tensor]  # [B, N], or VAR's list of per-scale maps [B, ...]
 
@@ -77,7 +80,7 @@ def sscd_cosine(space: SSCDFeatureSpace, a_B3HW: torch.Tensor, b_B3HW: torch.Ten
 @dataclass(frozen=True)
 class MeasureInfo:
     name: str
-    fn: Callable  # the raw score function; feature-cosine and sscd take the space first: fn(space, a, b)
+    fn: Callable  # the raw score function; feature_cosine and sscd take the space first: fn(space, a, b)
     default_threshold: float
     description: str
     higher_is_more_similar: bool
@@ -97,19 +100,49 @@ SIMILARITY_MEASURES: dict[str, MeasureInfo] = {m.name: m for m in [
         "per-image SSIM in [0, 1] pixels (torchmetrics, 11x11 Gaussian window); blank backgrounds "
         "inflate it, so read it next to token match", True, "images", None, _UNCALIBRATED),
     MeasureInfo(
-        "feature-cosine", feature_cosine, 0.95,
+        "feature_cosine", feature_cosine, 0.95,
         "cosine of features in a FeatureSpace (default: the bundled demo-fashion-cnn)", True, "images",
         "feature_space", _UNCALIBRATED),
     MeasureInfo(
-        "token-match", token_match_rate, 0.9,
+        "token_match", token_match_rate, 0.9,
         "fraction of generated token positions equal to the candidate's true tokens (prefix excluded)",
         True, "tokens", None, _UNCALIBRATED),
 ]}
+MEASURES = ("sscd", "token_match", "ssim", "feature_cosine")  # the order results list them in
+assert set(MEASURES) == set(SIMILARITY_MEASURES)
+
+
+def canonical_measure(name: str, allow_auto: bool = True) -> str:
+    """'feature-cosine' / 'Feature_Cosine' -> 'feature_cosine'; 'auto' stays (if allowed); unknown names raise."""
+    n = str(name).strip().lower().replace("-", "_")
+    if (n == "auto" and allow_auto) or n in SIMILARITY_MEASURES:
+        return n
+    raise ValueError(f"unknown similarity {name!r}: expected {'auto or ' if allow_auto else ''}one of "
+                     f"{', '.join(SIMILARITY_MEASURES)}")
+
+
+@torch.no_grad()
+def score(name: str, *, images_a: torch.Tensor | None = None, images_b: torch.Tensor | None = None,
+          tokens_a: Tokens | None = None, tokens_b: Tokens | None = None, token_start: int = 0,
+          space: FeatureSpace | None = None) -> torch.Tensor:
+    """Scores [B] of measure `name` for pairs (a[i], b[i]): images in [0, 1] or tokens, as the measure needs.
+
+    `space` is the feature space of feature_cosine and sscd (`iarmem_core.metrics.resolve_space`).
+    """
+    m = SIMILARITY_MEASURES[canonical_measure(name, allow_auto=False)]
+    if m.inputs == "tokens":
+        return m.fn(tokens_a, tokens_b, start=token_start)
+    a, b = images_a.float().cpu().clamp(0, 1), images_b.float().cpu().clamp(0, 1)
+    if m.needs is None:
+        return m.fn(a, b)
+    if space is None:
+        raise ValueError(f"measure {m.name} needs a feature space (resolve_space)")
+    return m.fn(space, a, b)
 
 
 @dataclass(frozen=True)
 class SimilarityResult:
-    measure: str  # e.g. "ssim", "feature-cosine[demo-fashion-cnn]", "sscd"
+    measure: str  # e.g. "ssim", "feature_cosine[demo-fashion-cnn]", "sscd"
     scores: torch.Tensor  # [B]
     threshold: float
     similar: torch.Tensor  # bool [B]: counted as a copy / extracted
@@ -153,28 +186,25 @@ def similarity_measure(name: str, *, threshold: float | None = None, threshold_s
                        token_start: int = 0) -> SimilarityMeasure:
     """Build a registered measure; `threshold` overrides the default (e.g. with a calibrated value).
 
-    `feature-cosine` uses `feature_space` (default: the bundled demo-fashion-cnn), `sscd` needs the SSCD
-    file (path or SSCDFeatureSpace), `token-match` skips the first `token_start` tokens (the given prefix).
+    `feature_cosine` uses `feature_space` (default: the bundled demo-fashion-cnn), `sscd` needs the SSCD
+    file (path or SSCDFeatureSpace), `token_match` skips the first `token_start` tokens (the given prefix).
     """
-    if name not in SIMILARITY_MEASURES:
-        raise KeyError(f"unknown similarity measure {name!r}; choose one of {', '.join(SIMILARITY_MEASURES)}")
+    name = canonical_measure(name, allow_auto=False)
     info = SIMILARITY_MEASURES[name]
     label = name
     if name == "sscd":
         if sscd is None:
             raise ValueError("the sscd measure needs the SSCD weights file sscd_disc_mixup.torchscript.pt "
-                             "(pass sscd=path); without it use ssim, feature-cosine or token-match")
-        space = sscd if isinstance(sscd, SSCDFeatureSpace) else SSCDFeatureSpace(sscd)
+                             "(pass sscd=path); without it use ssim, feature_cosine or token_match")
+        space = sscd if isinstance(sscd, SSCDFeatureSpace) else resolve_space("sscd", sscd)
         fn = lambda a, b: sscd_cosine(space, a, b)  # noqa: E731
     elif name == "ssim":
         fn = ssim
-    elif name == "feature-cosine":
-        from iarmem_core.metrics.spaces import DemoFeatureSpace
-
-        space = feature_space if feature_space is not None else DemoFeatureSpace()
-        label = f"feature-cosine[{space.name}]"
+    elif name == "feature_cosine":
+        space = feature_space if feature_space is not None else resolve_space(None)
+        label = f"feature_cosine[{space.name}]"
         fn = lambda a, b: feature_cosine(space, a, b)  # noqa: E731
-    else:  # token-match
+    else:  # token_match
         fn = lambda a, b: token_match_rate(a, b, start=token_start)  # noqa: E731
     if threshold is None:
         thr, source = info.default_threshold, info.threshold_source

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 import warnings
 import zipfile
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -268,6 +270,42 @@ FEATURE_SPACES: dict[str, type[FeatureSpace]] = {
     InceptionFeatureSpace.name: InceptionFeatureSpace,
     SSCDFeatureSpace.name: SSCDFeatureSpace,
 }
+
+
+SPACE_ALIASES = {"demo": DemoFeatureSpace.name, "inception": InceptionFeatureSpace.name, "sscd": SSCDFeatureSpace.name}
+SPACE_CACHE_SIZE = 4  # feature spaces kept per process (each holds a network; Inception ~100 MB)
+_SPACES: OrderedDict[tuple, FeatureSpace] = OrderedDict()
+_SPACES_MU = threading.Lock()
+
+
+def resolve_space(name: str | FeatureSpace | None, path: str | os.PathLike | None = None) -> FeatureSpace:
+    """The one way to get a feature space: an instance is returned as is; None or "demo-fashion-cnn" is
+    the bundled CNN; "inception-v3-fid" / "sscd-disc-mixup" (or "inception" / "sscd") need `path`.
+
+    Spaces are built once per (name, file, file size and mtime) and kept in a small LRU cache
+    (`SPACE_CACHE_SIZE`), shared by every caller of the process.
+    """
+    if isinstance(name, FeatureSpace):
+        return name
+    key_name = SPACE_ALIASES.get(name or "demo", name or "demo")
+    if key_name not in FEATURE_SPACES:
+        raise KeyError(f"unknown feature space {name!r}; choose one of {', '.join(FEATURE_SPACES)}")
+    file_id: tuple = ()
+    if path is not None:
+        p = Path(path).expanduser().resolve()
+        st = p.stat() if p.exists() else None
+        file_id = (str(p), st.st_size if st else -1, st.st_mtime_ns if st else -1)
+    key = (key_name, file_id)
+    with _SPACES_MU:
+        if key in _SPACES:
+            _SPACES.move_to_end(key)
+            return _SPACES[key]
+    space = feature_space(key_name, path)
+    with _SPACES_MU:
+        _SPACES[key] = space
+        while len(_SPACES) > SPACE_CACHE_SIZE:
+            _SPACES.popitem(last=False)
+    return space
 
 
 def feature_space(name: str, path: str | os.PathLike | None = None, **kwargs) -> FeatureSpace:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from iarmem_app.browser import CHROMIUM, chromium, exception_text, settle, start_server, stop_server
+from tests.support.browser import CHROMIUM, chromium, exception_text, settle, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[2]
 SHOTS = ROOT / "test-artifacts" / "browser"

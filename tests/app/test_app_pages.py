@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from iarmem_app import config
-from iarmem_app.results import ReadOnlyStore
 from iarmem_core import data, unitmem
 from iarmem_core.adapters import load_adapter
+from iarmem_core.store import ResultStore
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,8 @@ def shipped():
     name = config.default_model()
     adapter = load_adapter(name, device="cpu")
     sel = data.select_demo(n=config.N_IMAGES, seed=0)
-    spec = unitmem.job_spec(adapter, sel, config.unitmem_config(name, 0))
-    st_ = ReadOnlyStore(config.SHIPPED_STORE)
+    spec = unitmem.job_spec(adapter, sel, unitmem.default_config(name, seed=0))
+    st_ = ResultStore(config.SHIPPED_STORE, read_only=True)
     key = st_.key(unitmem.KIND, spec)
     arrays, meta = st_.load(key)
     return name, key, arrays, meta
@@ -174,8 +174,7 @@ def test_heavy_work_is_one_job_shared_by_sessions(app, shipped):
 
     import torch
 
-    from iarmem_app import activations, results
-    from iarmem_core import jobs
+    from iarmem_core import activations, jobs
 
     name, key, arrays, meta = shipped
     at1 = app.run()
@@ -189,11 +188,9 @@ def test_heavy_work_is_one_job_shared_by_sessions(app, shipped):
     group = at1.session_state["mem_group"]
     adapter = load_adapter(name, device="cpu")
     sel = data.select_demo(n=config.N_IMAGES, seed=0)
-    akey = results.ReadOnlyStore(config.SHIPPED_STORE).key(activations.KIND,
+    akey = ResultStore(config.SHIPPED_STORE, read_only=True).key(activations.KIND,
                                                           activations.job_spec(adapter, sel, group))
     import os
-
-    from iarmem_core.store import ResultStore
 
     st_ = ResultStore(os.environ["IARMEM_STORE"])
     t0 = time.monotonic()
@@ -219,7 +216,7 @@ def test_extraction_counts_follow_the_threshold(app, shipped):
     name, *_ = shipped
     adapter = load_adapter(name, device="cpu")
     sel = data.select_demo(n=config.N_IMAGES, seed=0)
-    st_ = ReadOnlyStore(config.SHIPPED_STORE)
+    st_ = ResultStore(config.SHIPPED_STORE, read_only=True)
     res = extraction.load_extraction(st_, extraction.extraction_key(adapter, sel, extraction.ExtractionConfig(),
                                                                      store=st_))
     at = app.run()

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from iarmem_app import config
-from iarmem_app.results import ReadOnlyStore
 from iarmem_core import data, unitmem
 from iarmem_core.adapters import load_adapter
+from iarmem_core.store import ResultStore
 
 STALE = "assets/store is stale: run python scripts/precompute_demo_results.py and commit assets/store"
 
@@ -28,8 +28,8 @@ def test_index_lists_every_demo_model_and_stays_small():
 def test_shipped_unitmem_key_matches_the_current_code(name):
     adapter = load_adapter(name, device="cpu")
     sel = data.select_demo(n=config.N_IMAGES, seed=0)
-    cfg = config.unitmem_config(name, 0)
-    st_ = ReadOnlyStore(config.SHIPPED_STORE)
+    cfg = unitmem.default_config(name, seed=0)
+    st_ = ResultStore(config.SHIPPED_STORE, read_only=True)
     key = st_.key(unitmem.KIND, unitmem.job_spec(adapter, sel, cfg))
     assert st_.exists(key), f"{name}: no shipped UnitMem result under {key}. {STALE}"
     arrays, meta = st_.load(key)  # verifies every file's sha256
@@ -43,7 +43,7 @@ def test_shipped_extraction_key_matches_the_current_code(name):
     from iarmem_core import extraction
     adapter = load_adapter(name, device="cpu")
     sel = data.select_demo(n=config.N_IMAGES, seed=0)
-    st_ = ReadOnlyStore(config.SHIPPED_STORE)
+    st_ = ResultStore(config.SHIPPED_STORE, read_only=True)
     key = extraction.extraction_key(adapter, sel, extraction.ExtractionConfig(seed=0), store=st_)
     assert st_.exists(key), f"{name}: no shipped extraction result under {key}. {STALE}"
     res = extraction.load_extraction(st_, key)
@@ -61,7 +61,7 @@ def test_reading_the_shipped_store_writes_nothing(tmp_path):
         p.chmod(0o555 if p.is_dir() else 0o444)
     ro.chmod(0o555)
     before = sorted(str(p) for p in ro.rglob("*"))
-    st_ = ReadOnlyStore(ro)
+    st_ = ResultStore(ro, read_only=True)
     for e in json.loads((ro / "index.json").read_text())["entries"]:
         assert st_.exists(e["key"]) and st_.load(e["key"])[1]
     assert [r["key"] for r in st_.list()] and sorted(str(p) for p in ro.rglob("*")) == before

@@ -3,7 +3,7 @@
 UnitMem keeps only each unit's running max, mean and top images (it never stores images x units). To draw
 a unit's distribution over the images, this job runs one teacher-forced pass over the selection (the
 un-augmented view 0 of each image) and keeps mu(x) = mean over the group's positions of |a_u| for every
-block and unit of one group: float16 [blocks, N, U]. A job in the store like UnitMem (no streamlit here).
+block and unit of one group: float16 [blocks, N, U]. A job in the store like UnitMem.
 """
 
 from __future__ import annotations
@@ -53,19 +53,31 @@ def make_job(adapter: IARAdapter, image_set: data.ImageSet, group_name: str, bat
 
     def fn(ctx) -> tuple[dict[str, np.ndarray], dict]:
         n = len(image_set)
-        parts = []
-        for s in range(0, n, batch_size):
-            ctx.check()
-            idx = np.arange(s, min(n, s + batch_size))
+        L = len(adapter.unit_sites())
+        mu_LNU = np.zeros((L, n, adapter.n_units), np.float16)
+        start = 0
+        if ctx.resume_state is not None:
+            mu_LNU[:] = ctx.resume_state[0]["mu_LNU"]
+            start = int(ctx.resume_state[1]["n_done"])
+
+        def work(i: int, j: int) -> None:
+            idx = np.arange(i, j)
             x = image_set.images(idx, size=adapter.image_size)
-            parts.append(group_activations(adapter, x, image_set.labels_tensor(idx), index))
-            ctx.progress(min(n, s + batch_size) / n, f"{min(n, s + batch_size)}/{n} images")
-        mu_LNU = torch.cat(parts, dim=1).numpy().astype(np.float16)
+            mu_LNU[:, i:j] = group_activations(adapter, x, image_set.labels_tensor(idx), index).numpy()
+
+        jobs.run_batches(ctx, n, batch_size, work, start=start, what="activation batch",
+                         progress=lambda j: (j / n, f"{j}/{n} images"),
+                         save=lambda j: ({"mu_LNU": mu_LNU}, {"n_done": j}))
         return {"mu_LNU": mu_LNU}, {"group": group_name, "image_ids": list(image_set.ids)}
 
     return fn
 
 
+def result_key(adapter: IARAdapter, image_set: data.ImageSet, group_name: str, store) -> str:
+    return store.key(KIND, job_spec(adapter, image_set, group_name))
+
+
 def start(adapter: IARAdapter, image_set: data.ImageSet, group_name: str, store) -> jobs.JobHandle:
+    """The pass as a background job; `store.load(result_key(...))` once done: {"mu_LNU": float16 [L, N, U]}."""
     return jobs.start_job(KIND, job_spec(adapter, image_set, group_name), make_job(adapter, image_set, group_name),
                           store=store)

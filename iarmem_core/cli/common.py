@@ -1,0 +1,120 @@
+"""Options shared by the commands, and the helpers every command uses (model, data, store, output)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable
+
+
+# ---- shared options ------------------------------------------------------------------------------
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="demo-var", help="registry name (see `models`), e.g. demo-var, var-d16")
+    p.add_argument("--checkpoint", help="transformer weights (.pth/.pt/.bin/.safetensors) for --model")
+    p.add_argument("--tokenizer-checkpoint", help="tokenizer weights for --model")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_data_args(p: argparse.ArgumentParser, n_default: int | None = 500) -> None:
+    p.add_argument("--data", default="demo", help="'demo' (bundled Fashion-MNIST) or an ImageFolder path")
+    p.add_argument("--split", default="train", help="demo split: train, heldout, planted, unique")
+    p.add_argument("--n", type=int, default=n_default, help="number of images (class-stratified)")
+    p.add_argument("--fraction", type=float, help="folder data: class-stratified fraction instead of --n")
+    p.add_argument("--per-class", type=int, help="folder data: images per class instead of --n")
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", help="result store folder (default $IARMEM_STORE or ./store)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--force", action="store_true", help="recompute even if the result is stored")
+
+
+def load_model(args: argparse.Namespace):
+    from iarmem_core.adapters import load_adapter
+
+    return load_adapter(args.model, checkpoint=args.checkpoint, tokenizer_checkpoint=args.tokenizer_checkpoint,
+                        device=args.device, seed=args.seed)
+
+
+def load_data(args: argparse.Namespace, image_size: int):
+    from iarmem_core import data
+
+    if args.data == "demo":
+        return data.select_demo(n=args.n, seed=args.seed, split=args.split)
+    if args.fraction is not None:
+        return data.load_image_folder(args.data, image_size, fraction=args.fraction, seed=args.seed)
+    if args.per_class is not None:
+        return data.load_image_folder(args.data, image_size, per_class=args.per_class, seed=args.seed)
+    return data.load_image_folder(args.data, image_size, count=args.n, seed=args.seed)
+
+
+def get_store(args: argparse.Namespace):
+    from iarmem_core.store import ResultStore, get_store
+
+    return ResultStore(args.store) if args.store else get_store()
+
+
+def progress_printer(label: str) -> Callable[[float, str], None]:
+    state = {"last": -1}
+
+    def show(frac: float, msg: str) -> None:
+        pct = int(100 * frac)
+        if pct != state["last"]:
+            state["last"] = pct
+            print(f"\r[{label}] {pct:3d}% {msg}", end="", file=sys.stderr, flush=True)
+            if pct >= 100:
+                print(file=sys.stderr)
+
+    return show
+
+
+def _json_default(obj):
+    return str(obj)
+
+
+def _finite(obj):
+    """NaN and inf as None, so that --json output is always valid JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def emit(obj: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(_finite(obj), default=_json_default))
+    else:
+        for k, v in obj.items():
+            print(f"{k}: {json.dumps(_finite(v), default=_json_default) if isinstance(v, (list, dict)) else v}")
+
+
+def parse_ints(text: str | None, what: str) -> tuple[int, ...] | None:
+    """'1,5,14' -> (1, 5, 14); None stays None; a bad item is a ValueError naming the option."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{what}: expected comma-separated integers, got {text!r}") from None
+
+
+def parse_units(text: str) -> dict[int, tuple[int, ...]]:
+    """'3:17,3:25,5:2' -> {3: (17, 25), 5: (2,)}; a malformed pair is a ValueError that shows the format."""
+    out: dict[int, set[int]] = {}
+    for pair in (t.strip() for t in text.split(",")):
+        if not pair:
+            continue
+        try:
+            b, u = (int(v) for v in pair.split(":"))
+        except ValueError:
+            raise ValueError(f"--units: {pair!r} is not 'block:unit' (e.g. --units 3:17,3:25)") from None
+        out.setdefault(b, set()).add(u)
+    if not out:
+        raise ValueError("--units: no units given (e.g. --units 3:17,3:25)")
+    return {b: tuple(sorted(us)) for b, us in sorted(out.items())}
