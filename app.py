@@ -12,15 +12,24 @@ import streamlit as st
 
 from iarmem_app import config, state, ui
 
-st.set_page_config(page_title="iarmem: memorization in image autoregressive models", page_icon=":material/memory:",
-                   layout="wide", initial_sidebar_state="expanded")
+st.set_page_config(
+    page_title="iarmem: memorization in image autoregressive models",
+    page_icon=":material/memory:",
+    layout="wide",
+    initial_sidebar_state="expanded",
+)
 ui.apply_style()
 state.init()
 
 PAGES = [
     st.Page("app_pages/model.py", title="Model", icon=":material/view_in_ar:", url_path="model"),
-    st.Page("app_pages/memorization.py", title="Memorization", icon=":material/grid_on:", url_path="memorization",
-            default=True),
+    st.Page(
+        "app_pages/memorization.py",
+        title="Memorization",
+        icon=":material/grid_on:",
+        url_path="memorization",
+        default=True,
+    ),
     st.Page("app_pages/extraction.py", title="Extraction", icon=":material/image_search:", url_path="extraction"),
     st.Page("app_pages/intervention.py", title="Intervention", icon=":material/content_cut:", url_path="intervention"),
 ]
@@ -28,28 +37,59 @@ page = st.navigation(PAGES)
 
 
 def _label(name: str) -> str:
-    return {"demo-var": "demo-var (next-scale, VAR)", "demo-rar": "demo-rar (next-token, RAR)",
-            "test-var": "test-var (tiny VAR, random weights)", "test-rar": "test-rar (tiny RAR, random weights)",
-            "other": "another registry model ..."}.get(name, name)
+    return {
+        "demo-var": "demo-var (next-scale, VAR)",
+        "demo-rar": "demo-rar (next-token, RAR)",
+        "test-var": "test-var (tiny VAR, random weights)",
+        "test-rar": "test-rar (tiny RAR, random weights)",
+        "other": "another registry model ...",
+    }.get(name, name)
 
 
 with st.sidebar:
     st.markdown("### Model")
-    state.widget(st.selectbox, "model", "Model", config.quick_models() + ["other"], format_func=_label,
-                 label_visibility="collapsed")
+    state.widget(
+        st.selectbox,
+        "model",
+        "Model",
+        config.quick_models() + ["other"],
+        format_func=_label,
+        label_visibility="collapsed",
+    )
     if state.get("model") == "other":
-        state.widget(st.selectbox, "other_model", "Registry model", config.other_models(),
-                     help="Full-size models need their official checkpoints; without them the weights are random.")
-        state.widget(st.text_input, "ckpt", "Transformer checkpoint", placeholder="/path/to/var_d16.pth",
-                      help="A .pth/.pt/.bin/.safetensors file inside the allowed folders (IARMEM_ALLOWED_ROOTS).")
+        state.widget(
+            st.selectbox,
+            "other_model",
+            "Registry model",
+            config.other_models(),
+            help="Full-size models need their official checkpoints; without them the weights are random.",
+        )
+        state.widget(
+            st.text_input,
+            "ckpt",
+            "Transformer checkpoint",
+            placeholder="/path/to/var_d16.pth",
+            help="A .pth/.pt/.bin/.safetensors file inside the allowed folders (IARMEM_ALLOWED_ROOTS).",
+        )
         state.widget(st.text_input, "tok_ckpt", "Tokenizer checkpoint", placeholder="/path/to/vae_ch160v4096z32.pth")
     st.markdown("### Data")
-    state.widget(st.radio, "data", "Data", ["demo", "folder"], horizontal=True, label_visibility="collapsed",
-             format_func=lambda d: "bundled demo" if d == "demo" else "image folder")
+    state.widget(
+        st.radio,
+        "data",
+        "Data",
+        ["demo", "folder"],
+        horizontal=True,
+        label_visibility="collapsed",
+        format_func=lambda d: "bundled demo" if d == "demo" else "image folder",
+    )
     if state.get("data") == "folder":
-        state.widget(st.text_input, "folder", "ImageFolder path", placeholder="/data/imagenet/train",
-                      help="<root>/<class>/<images>; a class-stratified sample of "
-                           f"{config.N_IMAGES} images is used.")
+        state.widget(
+            st.text_input,
+            "folder",
+            "ImageFolder path",
+            placeholder="/data/imagenet/train",
+            help=f"<root>/<class>/<images>; a class-stratified sample of {config.N_IMAGES} images is used.",
+        )
     c1, c2 = st.columns(2)
     state.widget(c1.selectbox, "device", "Device", list(config.DEVICES))
     state.widget(c2.number_input, "seed", "Seed", min_value=0, max_value=2**31 - 1, step=1)

@@ -9,8 +9,12 @@ from iarmem_app import loaders, results, state, ui
 from iarmem_core import extraction, figures, unitmem
 from iarmem_core.cli import commands
 
-SHOW = {"extracted": "extracted", "all": "all candidates", "planted": "planted duplicates",
-        "held-out": "held-out images (never trained on)"}
+SHOW = {
+    "extracted": "extracted",
+    "all": "all candidates",
+    "planted": "planted duplicates",
+    "held-out": "held-out images (never trained on)",
+}
 
 st.title("Extraction: can the model reproduce its training images?")
 ui.explain(r"""
@@ -59,12 +63,19 @@ def _gallery(res, rows: np.ndarray, measure: str, thr: float, res_um=None, colum
         planted = bool(table["planted"].fillna(False).iloc[int(i)])
         tag = f" planted {int(r['count'])}x" if planted else (" held-out" if r["split"] == "heldout" else "")
         verdict = "extracted" if float(r[measure]) > thr else "not extracted"
-        col.image(pair, width="stretch", output_format="PNG",
-                  caption=f"{r['image_id']}{tag}: {measure} {float(r[measure]):.3f}, {verdict}")
+        col.image(
+            pair,
+            width="stretch",
+            output_format="PNG",
+            caption=f"{r['image_id']}{tag}: {measure} {float(r[measure]):.3f}, {verdict}",
+        )
         best = _best_unit(res_um, str(r["image_id"])) if r["split"] != "heldout" else None
         if best is not None:
-            col.page_link("app_pages/memorization.py", label=f"its unit: block {best[1]}, {best[2]}, #{best[3]}",
-                          query_params={"mem_block": str(best[1]), "mem_group": best[2], "mem_unit": str(best[3])})
+            col.page_link(
+                "app_pages/memorization.py",
+                label=f"its unit: block {best[1]}, {best[2]}, #{best[3]}",
+                query_params={"mem_block": str(best[1]), "mem_group": best[2], "mem_unit": str(best[3])},
+            )
 
 
 def _live(key: str) -> None:
@@ -88,8 +99,9 @@ def _view(res, key: str, demo: bool, cli: str, res_um, name: str) -> None:
         state.set_many(ex_measure=res.similarity, ex_threshold=-1.0)
     prefix = int(res.meta["prefix_tokens"][0])
     c1, c2, c3 = st.columns([1, 3, 1])
-    state.widget(c1.selectbox, "ex_measure", "Similarity", measures,
-                 on_change=lambda: state.set_many(ex_threshold=-1.0))
+    state.widget(
+        c1.selectbox, "ex_measure", "Similarity", measures, on_change=lambda: state.set_many(ex_threshold=-1.0)
+    )
     measure = state.get("ex_measure")
     calibrated = float(res.thresholds(measure)[prefix])
     if state.get("ex_threshold") < 0:
@@ -97,10 +109,21 @@ def _view(res, key: str, demo: bool, cli: str, res_um, name: str) -> None:
     vals = table[measure].to_numpy(dtype=np.float64)
     lo, hi = float(min(0.0, np.nanmin(vals))), float(max(1.0, np.nanmax(vals)))
     state.set_many(ex_threshold=float(np.clip(state.get("ex_threshold"), lo, hi)))
-    state.widget(c2.slider, "ex_threshold", f"Threshold on {measure} (calibrated: {calibrated:.3f})", lo, hi,
-                 step=0.005, format="%.3f")
-    c3.button("Calibrated", on_click=lambda: state.set_many(ex_threshold=-1.0), key="ex_reset",
-              help="back to the calibrated threshold")
+    state.widget(
+        c2.slider,
+        "ex_threshold",
+        f"Threshold on {measure} (calibrated: {calibrated:.3f})",
+        lo,
+        hi,
+        step=0.005,
+        format="%.3f",
+    )
+    c3.button(
+        "Calibrated",
+        on_click=lambda: state.set_many(ex_threshold=-1.0),
+        key="ex_reset",
+        help="back to the calibrated threshold",
+    )
     thr = float(state.get("ex_threshold"))
     c = res.count(threshold=thr, similarity=measure)
 
@@ -109,33 +132,48 @@ def _view(res, key: str, demo: bool, cli: str, res_um, name: str) -> None:
     m[0].metric("Extracted", f"{c['extracted']} of {c['candidates']}", help="candidates above the threshold")
     planted_total = sum((res.meta.get("planted_counts_in_data") or {}).values())
     if planted_total:
-        m[1].metric("Planted extracted", f"{c['extracted_planted']} of {planted_total}",
-                    help="recall by duplication count: " + ", ".join(
-                        f"{k}x: {100 * v:.0f}%" for k, v in c["recall_planted_by_count"].items() if v is not None))
+        m[1].metric(
+            "Planted extracted",
+            f"{c['extracted_planted']} of {planted_total}",
+            help="recall by duplication count: "
+            + ", ".join(f"{k}x: {100 * v:.0f}%" for k, v in c["recall_planted_by_count"].items() if v is not None),
+        )
         prec = c.get("precision_planted")
-        m[2].metric("Precision (planted)", "-" if prec is None else f"{prec:.2f}",
-                    help="share of the extracted candidates that are planted duplicates")
+        m[2].metric(
+            "Precision (planted)",
+            "-" if prec is None else f"{prec:.2f}",
+            help="share of the extracted candidates that are planted duplicates",
+        )
     if c.get("heldout_n"):
-        m[3].metric("Held-out 'extracted'", f"{c['heldout_extracted']} of {c['heldout_n']}",
-                    help="false positives: the same attack on images the model never saw")
+        m[3].metric(
+            "Held-out 'extracted'",
+            f"{c['heldout_extracted']} of {c['heldout_n']}",
+            help="false positives: the same attack on images the model never saw",
+        )
     if planted_total and c.get("heldout_n"):
-        st.markdown(f"### {c['extracted_planted']} of {planted_total} planted images extracted, "
-                    f"{c['heldout_extracted']} of {c['heldout_n']} held-out")
+        st.markdown(
+            f"### {c['extracted_planted']} of {planted_total} planted images extracted, "
+            f"{c['heldout_extracted']} of {c['heldout_n']} held-out"
+        )
     which = "calibrated" if abs(thr - calibrated) < 5e-4 else "your threshold"
-    st.caption(f"Similarity {measure} > {thr:.3f} ({which}), prefix {prefix} tokens, greedy, no CFG; "
-               f"{c['candidates']} candidates "
-               f"({res.meta.get('config', {}).get('candidates_per_class', '?')} per class by memorization score). "
-               f"Result {key}, {results.source_label(key)}.")
+    st.caption(
+        f"Similarity {measure} > {thr:.3f} ({which}), prefix {prefix} tokens, greedy, no CFG; "
+        f"{c['candidates']} candidates "
+        f"({res.meta.get('config', {}).get('candidates_per_class', '?')} per class by memorization score). "
+        f"Result {key}, {results.source_label(key)}."
+    )
     title = f"{name}: similarity of generation vs reconstruction"
     csv = table.drop(columns=[k for k in ("item",) if k in table.columns])
     ui.plotly(figures.similarity_histogram(table, measure, thr, title), csv, title, key="ex_hist", cli=cli)
 
     st.subheader("Reconstruction (left) vs generation (right)")
     state.widget(st.radio, "ex_show", "Show", list(SHOW), format_func=SHOW.get, horizontal=True)
-    sel = {"extracted": (vals > thr) & (table["split"] == "train").to_numpy(),
-           "all": (table["split"] == "train").to_numpy(),
-           "planted": table["planted"].fillna(False).to_numpy(dtype=bool),
-           "held-out": (table["split"] == "heldout").to_numpy()}[state.get("ex_show")]
+    sel = {
+        "extracted": (vals > thr) & (table["split"] == "train").to_numpy(),
+        "all": (table["split"] == "train").to_numpy(),
+        "planted": table["planted"].fillna(False).to_numpy(dtype=bool),
+        "held-out": (table["split"] == "heldout").to_numpy(),
+    }[state.get("ex_show")]
     rows = np.flatnonzero(sel & (table["prefix_tokens"] == prefix).to_numpy())
     rows = rows[np.argsort(-vals[rows], kind="stable")][:16]
     if not len(rows):
@@ -153,10 +191,16 @@ def main() -> None:
     key = extraction.extraction_key(adapter, image_set, cfg, store=store)
     res = _result(key)
     cli = commands.extract_command(mchoice.args(), dchoice.args(), cfg)
-    results.job_panel(key, "extraction attack",
-                      lambda: extraction.start_extraction(adapter, image_set, cfg, store=store, force=res is not None),
-                      "Run the extraction attack" if res is None else "Run the attack again (live)",
-                      done=res is not None, allow_rerun=True, widget_key="ex", live=lambda: _live(key))
+    results.job_panel(
+        key,
+        "extraction attack",
+        lambda: extraction.start_extraction(adapter, image_set, cfg, store=store, force=res is not None),
+        "Run the extraction attack" if res is None else "Run the attack again (live)",
+        done=res is not None,
+        allow_rerun=True,
+        widget_key="ex",
+        live=lambda: _live(key),
+    )
     if res is None:
         st.caption(f"The attack runs as a background job; from a terminal: `{cli}`")
         return

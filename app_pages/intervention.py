@@ -10,8 +10,11 @@ from iarmem_app import edits, loaders, results, state, ui
 from iarmem_core import figures, intervention, unitmem
 from iarmem_core.cli import commands
 
-OPS = {"fc1_scale": "scale the fc1 weight rows (paper)", "zero": "zero the unit",
-       "out_scale": "scale the unit's output"}
+OPS = {
+    "fc1_scale": "scale the fc1 weight rows (paper)",
+    "zero": "zero the unit",
+    "out_scale": "scale the unit's output",
+}
 RANKINGS = {"global": "global (all blocks together)", "per_block": "per block", "per_group": "per scale / group"}
 
 st.title("Intervention: remove memorization by editing units")
@@ -40,8 +43,13 @@ def _class_names(adapter) -> list[str]:
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def _samples(_adapter, model_key: str, labels: tuple[int, ...], edit_dict: dict | None, seed: int) -> np.ndarray:
-    edit = None if edit_dict is None else edits.make_edit(
-        {int(b): tuple(u) for b, u in edit_dict["units"].items()}, edit_dict["op"], edit_dict["factor"])
+    edit = (
+        None
+        if edit_dict is None
+        else edits.make_edit(
+            {int(b): tuple(u) for b, u in edit_dict["units"].items()}, edit_dict["op"], edit_dict["factor"]
+        )
+    )
     return edits.samples(_adapter, list(labels), edit, seed).numpy()
 
 
@@ -78,18 +86,31 @@ def main() -> None:
     else:
         picks = list(state.get("iv_units"))
         top = [f"{b}:{u}" for b, u in res.unit_ranking(k=100)]
-        state.widget(c1.multiselect, "iv_units",
-                     "Units (block:unit; the 100 with the highest UnitMem, or picked on the Memorization page)",
-                       list(dict.fromkeys(picks + top)))
+        state.widget(
+            c1.multiselect,
+            "iv_units",
+            "Units (block:unit; the 100 with the highest UnitMem, or picked on the Memorization page)",
+            list(dict.fromkeys(picks + top)),
+        )
         units = edits.parse_units(state.get("iv_units"))
-    state.widget(c2.slider, "iv_factor", "Factor", 0.0, 1.0, step=0.05,
-                 help="1 = no change, 0.5 = the paper's edit, 0 = the unit is silenced")
+    state.widget(
+        c2.slider,
+        "iv_factor",
+        "Factor",
+        0.0,
+        1.0,
+        step=0.05,
+        help="1 = no change, 0.5 = the paper's edit, 0 = the unit is silenced",
+    )
     state.widget(c2.selectbox, "iv_op", "Operation", list(OPS), format_func=OPS.get)
     state.widget(c3.toggle, "iv_edit_on", "Apply the edit")
     state.widget(c3.text_input, "iv_labels", "Classes of the samples (comma-separated ids)")
     n_units = sum(len(u) for u in units.values())
-    c3.metric("Units edited", f"{n_units:,}", help=f"of {n_total:,} units; per block: "
-              + ", ".join(f"{b}: {len(u)}" for b, u in sorted(units.items())))
+    c3.metric(
+        "Units edited",
+        f"{n_units:,}",
+        help=f"of {n_total:,} units; per block: " + ", ".join(f"{b}: {len(u)}" for b, u in sorted(units.items())),
+    )
     edit = edits.make_edit(units, state.get("iv_op"), float(state.get("iv_factor")))
     on = bool(state.get("iv_edit_on")) and edit.n_units > 0
 
@@ -101,53 +122,94 @@ def main() -> None:
     after = _samples(adapter, mkey, labels, edit.to_dict() if on else None, seed)
     names = _class_names(adapter)
     st.subheader("Samples at the same seed: without and with the edit")
-    st.caption(f"Sampling settings of {mchoice.name}: {edits.describe_sampling(edits.sampling_settings(adapter))}, "
-               f"seed {seed} (top-k 0 and top-p 0 mean no truncation).")
+    st.caption(
+        f"Sampling settings of {mchoice.name}: {edits.describe_sampling(edits.sampling_settings(adapter))}, "
+        f"seed {seed} (top-k 0 and top-p 0 mean no truncation)."
+    )
     diff = figures.difference_maps(before, after)
     vmax = max(float(diff.max()), 1e-6)
-    rows = [("without the edit", figures.to_uint8(before)), ("with the edit" if on else "with the edit (off)",
-                                                             figures.to_uint8(after)),
-            (f"|difference| (max {vmax:.2f})", figures.colormap(diff, figures.DIFFERENCE, vmax=max(vmax, 0.05)))]
+    rows = [
+        ("without the edit", figures.to_uint8(before)),
+        ("with the edit" if on else "with the edit (off)", figures.to_uint8(after)),
+        (f"|difference| (max {vmax:.2f})", figures.colormap(diff, figures.DIFFERENCE, vmax=max(vmax, 0.05))),
+    ]
     for title, imgs in rows:
         st.markdown(f"**{title}**")
         ui.images(imgs, [names[y] for y in labels], columns=max(8, len(labels)))
     changed = float(np.mean(np.abs(after - before)))
-    what = (f"{edit.n_units} units, {OPS[edit.op]}" + (f" x {edit.factor:g}" if edit.op != "zero" else "")) if on \
+    what = (
+        (f"{edit.n_units} units, {OPS[edit.op]}" + (f" x {edit.factor:g}" if edit.op != "zero" else ""))
+        if on
         else "the edit is off"
+    )
     st.markdown(f"Mean absolute pixel change: **{changed:.4f}** ({what})")
-    ddf = pd.DataFrame({"label": list(labels), "class": [names[y] for y in labels],
-                        "mean_abs_difference": diff.reshape(len(labels), -1).mean(1)})
-    st.download_button("Difference per sample (CSV)", ddf.to_csv(index=False).encode(),
-                       file_name="edit-difference.csv", mime="text/csv", on_click="ignore", key="iv_diff_csv")
+    ddf = pd.DataFrame(
+        {
+            "label": list(labels),
+            "class": [names[y] for y in labels],
+            "mean_abs_difference": diff.reshape(len(labels), -1).mean(1),
+        }
+    )
+    st.download_button(
+        "Difference per sample (CSV)",
+        ddf.to_csv(index=False).encode(),
+        file_name="edit-difference.csv",
+        mime="text/csv",
+        on_click="ignore",
+        key="iv_diff_csv",
+    )
 
     # 3. numbers before/after and the trade-off curve (jobs) -------------------------------------------------
     st.subheader("Privacy and quality, before and after")
     picked = state.get("iv_mode") == "picked units"
-    _numbers(adapter, image_set, res, cfg, mchoice, dchoice, units if picked else None,
-             None if picked else float(state.get("iv_top")))
+    _numbers(
+        adapter,
+        image_set,
+        res,
+        cfg,
+        mchoice,
+        dchoice,
+        units if picked else None,
+        None if picked else float(state.get("iv_top")),
+    )
     _curve(adapter, image_set, res, cfg, mchoice, dchoice)
 
 
 def _metric_row(d: intervention.InterventionResult, label: str) -> None:
     rc = d.random_control
     c = st.columns(3)
-    c[0].metric(f"Extracted {label}", d.extracted_after, help=f"before the edit: {d.extracted_before}",
-                **_delta(d.extracted_after, d.extracted_before, "inverse"))
-    c[1].metric("Frechet distance", _fmt(d.fd_after),
-                help=f"before: {_fmt(d.fd_before)}; {d.fd_metric}, {d.n_samples} samples (lower = better)",
-                **_delta(d.fd_after, d.fd_before, "inverse"))
-    c[2].metric("Class accuracy", _fmt(d.class_acc_after), help=f"before: {_fmt(d.class_acc_before)}",
-                **_delta(d.class_acc_after, d.class_acc_before))
+    c[0].metric(
+        f"Extracted {label}",
+        d.extracted_after,
+        help=f"before the edit: {d.extracted_before}",
+        **_delta(d.extracted_after, d.extracted_before, "inverse"),
+    )
+    c[1].metric(
+        "Frechet distance",
+        _fmt(d.fd_after),
+        help=f"before: {_fmt(d.fd_before)}; {d.fd_metric}, {d.n_samples} samples (lower = better)",
+        **_delta(d.fd_after, d.fd_before, "inverse"),
+    )
+    c[2].metric(
+        "Class accuracy",
+        _fmt(d.class_acc_after),
+        help=f"before: {_fmt(d.class_acc_before)}",
+        **_delta(d.class_acc_after, d.class_acc_before),
+    )
     if rc is not None:
-        st.markdown(f"**Random-units control** ({rc.n_units} random units, same edit): "
-                    f"extracted {rc.extracted_after}, Frechet distance {_fmt(rc.fd_after)}, "
-                    f"class accuracy {_fmt(rc.class_acc_after)}.")
+        st.markdown(
+            f"**Random-units control** ({rc.n_units} random units, same edit): "
+            f"extracted {rc.extracted_after}, Frechet distance {_fmt(rc.fd_after)}, "
+            f"class accuracy {_fmt(rc.class_acc_after)}."
+        )
         if rc.draws > 1:
-            st.markdown(f"Over {rc.draws} random draws of the same size: extracted "
-                        f"{_fmt(rc.extracted_after_mean)} on average (from {rc.extracted_after_min} "
-                        f"to {rc.extracted_after_max}); p = {rc.p_value:.2g}, the chance that a random "
-                        f"draw removes at least as much as the top units (smallest possible: "
-                        f"{1 / (rc.draws + 1):.2g}).")
+            st.markdown(
+                f"Over {rc.draws} random draws of the same size: extracted "
+                f"{_fmt(rc.extracted_after_mean)} on average (from {rc.extracted_after_min} "
+                f"to {rc.extracted_after_max}); p = {rc.p_value:.2g}, the chance that a random "
+                f"draw removes at least as much as the top units (smallest possible: "
+                f"{1 / (rc.draws + 1):.2g})."
+            )
 
 
 def _fmt(v) -> str:
@@ -166,21 +228,40 @@ def _delta(after, before, color: str = "normal") -> dict:
 
 def _numbers(adapter, image_set, res, cfg, mchoice, dchoice, units, top) -> None:
     """Extraction, FD and class accuracy before and after the current edit (and its random control): a job."""
-    kw = dict(top_percent=top, units=units, factor=float(state.get("iv_factor")), op=state.get("iv_op"),
-              ranking=state.get("iv_ranking"), seed=int(mchoice.seed))
+    kw = dict(
+        top_percent=top,
+        units=units,
+        factor=float(state.get("iv_factor")),
+        op=state.get("iv_op"),
+        ranking=state.get("iv_ranking"),
+        seed=int(mchoice.seed),
+    )
     store = results.user_store()
     key = intervention.measurement_key(adapter, res, image_set, store, **kw)
     got = results.load(key)
-    results.job_panel(key, "edit measurement",
-                      lambda: intervention.start_measurement(adapter, res, image_set, store, **kw),
-                      "Measure privacy and quality for this edit (job)", done=got is not None, widget_key="measure")
+    results.job_panel(
+        key,
+        "edit measurement",
+        lambda: intervention.start_measurement(adapter, res, image_set, store, **kw),
+        "Measure privacy and quality for this edit (job)",
+        done=got is not None,
+        widget_key="measure",
+    )
     if got is not None:
         _metric_row(intervention.measurement_from_meta(got[1]), "after the edit")
     if units is not None and not units:
         st.caption("Pick at least one unit to get the command that measures this edit from a terminal.")
         return
-    cmd = commands.intervene_command(mchoice.args(), dchoice.args(), cfg, top_percent=top, units=units,
-                                     factor=kw["factor"], op=kw["op"], ranking=kw["ranking"])
+    cmd = commands.intervene_command(
+        mchoice.args(),
+        dchoice.args(),
+        cfg,
+        top_percent=top,
+        units=units,
+        factor=kw["factor"],
+        op=kw["op"],
+        ranking=kw["ranking"],
+    )
     st.caption("From a terminal:")
     st.code(cmd, language="bash", wrap_lines=True)
 
@@ -188,18 +269,32 @@ def _numbers(adapter, image_set, res, cfg, mchoice, dchoice, units, top) -> None
 def _curve(adapter, image_set, res, cfg, mchoice, dchoice) -> None:
     """The trade-off curve: extraction vs quality over k%, UnitMem-selected vs random units (a job)."""
     st.subheader("The trade-off: privacy against quality")
-    args = {**intervention.sweep_defaults(), "factor": float(state.get("iv_factor")), "op": state.get("iv_op"),
-            "ranking": state.get("iv_ranking"), "seed": int(mchoice.seed)}
+    args = {
+        **intervention.sweep_defaults(),
+        "factor": float(state.get("iv_factor")),
+        "op": state.get("iv_op"),
+        "ranking": state.get("iv_ranking"),
+        "seed": int(mchoice.seed),
+    }
     store = results.user_store()
     key = intervention.sweep_key(adapter, res, image_set, store, **args)
     got = results.load(key)
-    cli = commands.intervene_command(mchoice.args(), dchoice.args(), cfg, sweep=True, factor=args["factor"],
-                                     op=args["op"], ranking=args["ranking"])
-    results.job_panel(key, "edit sweep", lambda: intervention.start_sweep(adapter, res, image_set, store=store, **args),
-                      "Run the sweep (job)", done=got is not None, widget_key="sweep")
+    cli = commands.intervene_command(
+        mchoice.args(), dchoice.args(), cfg, sweep=True, factor=args["factor"], op=args["op"], ranking=args["ranking"]
+    )
+    results.job_panel(
+        key,
+        "edit sweep",
+        lambda: intervention.start_sweep(adapter, res, image_set, store=store, **args),
+        "Run the sweep (job)",
+        done=got is not None,
+        widget_key="sweep",
+    )
     if got is None:
-        st.caption(f"Edits the top {', '.join(f'{k}%' for k in intervention.DEFAULT_TOP_PERCENTS)} and as many "
-                   f"random units, and measures each. From a terminal: `{cli}`")
+        st.caption(
+            f"Edits the top {', '.join(f'{k}%' for k in intervention.DEFAULT_TOP_PERCENTS)} and as many "
+            f"random units, and measures each. From a terminal: `{cli}`"
+        )
         return
     meta = got[1]
     df = pd.DataFrame(meta["rows"], columns=meta["columns"])

@@ -67,8 +67,14 @@ def _grid(adapter, image_set, mchoice, dchoice, li: int, block: int, scale_idx: 
     cli = commands.unitmem_command(mchoice.args(), dchoice.args(), dcfg)
     if dres is None:
         st.markdown(f"**UnitMem per token position** ({h}x{w} grid) needs a pass with every position as a group.")
-        results.job_panel(dkey, "UnitMem per position", lambda: results.start_unitmem(adapter, image_set, dcfg),
-                          "Compute UnitMem per position (job)", done=False, widget_key="um_detail")
+        results.job_panel(
+            dkey,
+            "UnitMem per position",
+            lambda: results.start_unitmem(adapter, image_set, dcfg),
+            "Compute UnitMem per position (job)",
+            done=False,
+            widget_key="um_detail",
+        )
         return
     grid = dres.position_grid(block, scale_idx, state.get("summary"))
     gdf = figures.grid_frame(grid)
@@ -83,11 +89,19 @@ def main() -> None:
     key, res = results.unitmem_result(adapter, image_set, cfg)
     cli = commands.unitmem_command(mchoice.args(), dchoice.args(), cfg)
     if res is None:
-        st.info(f"No UnitMem result for **{mchoice.name}** on this data yet. It runs as a background job "
-                f"({len(image_set)} images x {cfg.n_augs} views); you can leave the page or close the tab, and "
-                f"the result lands in the store. The same job from the CLI: `{cli}`")
-        results.job_panel(key, "UnitMem", lambda: results.start_unitmem(adapter, image_set, cfg),
-                          "Compute UnitMem", done=False, widget_key="um")
+        st.info(
+            f"No UnitMem result for **{mchoice.name}** on this data yet. It runs as a background job "
+            f"({len(image_set)} images x {cfg.n_augs} views); you can leave the page or close the tab, and "
+            f"the result lands in the store. The same job from the CLI: `{cli}`"
+        )
+        results.job_panel(
+            key,
+            "UnitMem",
+            lambda: results.start_unitmem(adapter, image_set, cfg),
+            "Compute UnitMem",
+            done=False,
+            widget_key="um",
+        )
         return
     meta = res.meta
     groups = res.groups
@@ -96,8 +110,14 @@ def main() -> None:
     name_to_gid = {g["name"]: i for i, g in enumerate(groups)}
 
     # 1. the heatmap -----------------------------------------------------------------------------------
-    state.widget(st.radio, "summary", "Summary over the units of a cell", list(SUMMARIES),
-                 format_func=SUMMARIES.get, horizontal=True)
+    state.widget(
+        st.radio,
+        "summary",
+        "Summary over the units of a cell",
+        list(SUMMARIES),
+        format_func=SUMMARIES.get,
+        horizontal=True,
+    )
     col_ids = res.heatmap_group_ids()
     x_title = "scale (coarse -> fine)" if is_var else "token positions: all, then each row of the grid"
     z = res.summary(state.get("summary"))[:, col_ids]
@@ -116,9 +136,11 @@ def main() -> None:
     title = f"{mchoice.name}: UnitMem per block x {per} ({SUMMARIES[state.get('summary')]})"
     fig = figures.unitmem_heatmap(df, title, x_title=x_title, selected=(block, gname) if gname in col_names else None)
     ui.plotly(fig, df, title, key="mem_heatmap", cli=cli, on_select=_on_cell)
-    st.caption(f"{len(meta['image_ids'])} images x {meta['config']['n_augs']} views ({meta['augmentation']}), "
-               f"mu_rest = {meta['config']['rest']} of the other images; {meta['n_units']} units per block. "
-               f"Result {key}, {results.source_label(key)}. Click a cell to inspect it.")
+    st.caption(
+        f"{len(meta['image_ids'])} images x {meta['config']['n_augs']} views ({meta['augmentation']}), "
+        f"mu_rest = {meta['config']['rest']} of the other images; {meta['n_units']} units per block. "
+        f"Result {key}, {results.source_label(key)}. Click a cell to inspect it."
+    )
 
     # 2. the chosen cell: token grid and its units -------------------------------------------------------
     st.subheader(f"Block {block}, {gname}")
@@ -147,12 +169,15 @@ def main() -> None:
         return f"unit {u}: UnitMem {um_U[u]:.3f}, fires most for {_image_caption(res, i)}"
 
     with units_col:
-        state.widget(st.selectbox, "mem_unit", "Unit (the 50 with the highest UnitMem in this cell)", options,
-                     format_func=_fmt)
+        state.widget(
+            st.selectbox, "mem_unit", "Unit (the 50 with the highest UnitMem in this cell)", options, format_func=_fmt
+        )
         n_planted = res.planted_among_top(block, gid, 10)
         if n_planted is not None:
-            st.markdown(f"Of this cell's 10 top units, **{n_planted}** fire most for a planted duplicate "
-                        f"(planted images are {100 * np.mean(res.planted):.0f}% of the data).")
+            st.markdown(
+                f"Of this cell's 10 top units, **{n_planted}** fire most for a planted duplicate "
+                f"(planted images are {100 * np.mean(res.planted):.0f}% of the data)."
+            )
     unit = int(state.get("mem_unit"))
 
     # 3. one unit ----------------------------------------------------------------------------------------
@@ -161,14 +186,25 @@ def main() -> None:
     img_i = info["argmax"]
     tops = [i for i, _ in info["top_images"]]
     imgs = figures.to_uint8(image_set.images(tops))
-    caps = [("fires most: " if k == 0 else f"#{k + 1}: ") + _image_caption(res, i, f", mu {m:.3f}")
-            for k, (i, m) in enumerate(info["top_images"])]
+    caps = [
+        ("fires most: " if k == 0 else f"#{k + 1}: ") + _image_caption(res, i, f", mu {m:.3f}")
+        for k, (i, m) in enumerate(info["top_images"])
+    ]
     ui.images(imgs, caps, columns=5)
     b1, b2, b3 = st.columns(3)
-    b1.page_link("app_pages/model.py", label="Tokens of this image", icon=":material/image:",
-                 query_params={"image": res.image_ids[img_i]})
-    if b2.button("Edit this unit", icon=":material/content_cut:", key="mem_to_iv",
-                 on_click=_goto_intervention, args=(block, unit)):
+    b1.page_link(
+        "app_pages/model.py",
+        label="Tokens of this image",
+        icon=":material/image:",
+        query_params={"image": res.image_ids[img_i]},
+    )
+    if b2.button(
+        "Edit this unit",
+        icon=":material/content_cut:",
+        key="mem_to_iv",
+        on_click=_goto_intervention,
+        args=(block, unit),
+    ):
         st.switch_page("app_pages/intervention.py")
     b3.metric("UnitMem", f"{info['unitmem']:.3f}", help=f"mu_max {info['mu_max']:.4f}, mu_rest {info['mu_rest']:.4f}")
 
@@ -183,15 +219,21 @@ def main() -> None:
         got = results.load(akey)
         if got is None:
             st.markdown("**Activation distribution** over all images (one teacher-forced pass, original images):")
-            results.job_panel(akey, "activations", lambda: activations.start(adapter, image_set, gname,
-                                                                             results.user_store()),
-                              f"Compute activations for {gname}", done=False, widget_key="acts")
+            results.job_panel(
+                akey,
+                "activations",
+                lambda: activations.start(adapter, image_set, gname, results.user_store()),
+                f"Compute activations for {gname}",
+                done=False,
+                widget_key="acts",
+            )
         else:
             mu_N = got[0]["mu_LNU"][li, :, unit].astype(np.float64)
             adf = figures.activation_frame(mu_N, res.image_ids, res.planted)
             atitle = f"Unit {unit}: mean |activation| per image at {gname}"
-            ui.plotly(figures.activation_histogram(adf, atitle, mu_rest=float(np.mean(mu_N))), adf, atitle,
-                      key="mem_acts")
+            ui.plotly(
+                figures.activation_histogram(adf, atitle, mu_rest=float(np.mean(mu_N))), adf, atitle, key="mem_acts"
+            )
             st.caption("Original images only (UnitMem averages 10 augmented views), so the values differ slightly.")
 
     # 4. distributions per block -------------------------------------------------------------------------

@@ -48,30 +48,49 @@ def _card(adapter, mchoice) -> None:
     c2.metric("Blocks x units", f"{d['blocks']} x {d['units_per_block']}")
     grids = d["token_grids"]
     h_last, w_last = grids[-1]
-    c3.metric("Token maps" if len(grids) > 1 else "Token grid",
-              f"{len(grids)} scales, {d['n_tokens']} tokens" if len(grids) > 1 else f"{h_last}x{w_last}",
-              help=(f"scales {', '.join(f'{h}x{w}' for h, w in grids)}; " if len(grids) > 1 else "")
-              + f"{d['n_tokens']} tokens per image, vocabulary {d['vocab_size']}")
-    c4.metric("Parameters", f"{(d['transformer_params'] + d['tokenizer_params']) / 1e6:.2f} M",
-              help=f"transformer {d['transformer_params']:,}, tokenizer {d['tokenizer_params']:,}")
-    st.caption(f"{spec.description or spec.name}. Image size {d['image_size']} px, {d['num_classes']} classes, "
-               f"weights: {', '.join(f'{k} {v}' for k, v in d['weights'].items() if k != 'name')}, on {d['device']}.")
+    c3.metric(
+        "Token maps" if len(grids) > 1 else "Token grid",
+        f"{len(grids)} scales, {d['n_tokens']} tokens" if len(grids) > 1 else f"{h_last}x{w_last}",
+        help=(f"scales {', '.join(f'{h}x{w}' for h, w in grids)}; " if len(grids) > 1 else "")
+        + f"{d['n_tokens']} tokens per image, vocabulary {d['vocab_size']}",
+    )
+    c4.metric(
+        "Parameters",
+        f"{(d['transformer_params'] + d['tokenizer_params']) / 1e6:.2f} M",
+        help=f"transformer {d['transformer_params']:,}, tokenizer {d['tokenizer_params']:,}",
+    )
+    st.caption(
+        f"{spec.description or spec.name}. Image size {d['image_size']} px, {d['num_classes']} classes, "
+        f"weights: {', '.join(f'{k} {v}' for k, v in d['weights'].items() if k != 'name')}, on {d['device']}."
+    )
     if spec.kind == "test":
-        st.warning(f"{spec.name} is a tiny test configuration with random weights: it has memorized nothing. "
-                   "The trained demo models are demo-var and demo-rar.")
+        st.warning(
+            f"{spec.name} is a tiny test configuration with random weights: it has memorized nothing. "
+            "The trained demo models are demo-var and demo-rar."
+        )
     elif spec.kind == "released" and "random" in " ".join(map(str, d["weights"].values())):
-        st.warning(f"{spec.name} has random weights: give its official checkpoints in the sidebar "
-                   f"({spec.files.get('transformer', '?')}, {spec.files.get('tokenizer', '?')}).")
+        st.warning(
+            f"{spec.name} has random weights: give its official checkpoints in the sidebar "
+            f"({spec.files.get('transformer', '?')}, {spec.files.get('tokenizer', '?')})."
+        )
     card_path = _card_file(spec.name)
-    card = json.loads(card_path.read_text()) if card_path else {**d, "published": spec.published,
-                                                                "sampling": spec.sampling}
+    card = (
+        json.loads(card_path.read_text())
+        if card_path
+        else {**d, "published": spec.published, "sampling": spec.sampling}
+    )
     groups = (card.get("measurements") or {}).get("groups") if isinstance(card.get("measurements"), dict) else None
     if isinstance(groups, dict) and groups:
-        rows = [{"images": g, **{k: v for k, v in vals.items() if isinstance(v, (int, float))}}
-                for g, vals in groups.items() if isinstance(vals, dict)]
+        rows = [
+            {"images": g, **{k: v for k, v in vals.items() if isinstance(v, (int, float))}}
+            for g, vals in groups.items()
+            if isinstance(vals, dict)
+        ]
         if rows:
-            st.markdown("**What this model memorized** (from its model card: a short true prefix, then greedy "
-                        "generation compared with the tokenizer's reconstruction):")
+            st.markdown(
+                "**What this model memorized** (from its model card: a short true prefix, then greedy "
+                "generation compared with the tokenizer's reconstruction):"
+            )
             st.dataframe(pd.DataFrame(rows), hide_index=True)
     with st.expander("Model card (JSON)" if card_path else "Model description (JSON)"):
         st.json(card, expanded=1)
@@ -81,8 +100,10 @@ def _data_card(image_set: data.ImageSet, dchoice) -> None:
     st.subheader("Data")
     if not loaders.is_demo_data(dchoice):
         rep = image_set.report or {}
-        st.markdown(f"Folder **{dchoice.source}**: {len(image_set)} images in {len(image_set.classes)} classes "
-                    f"(class-stratified sample). Skipped files: {rep.get('skipped', {}) or 'none'}.")
+        st.markdown(
+            f"Folder **{dchoice.source}**: {len(image_set)} images in {len(image_set.classes)} classes "
+            f"(class-stratified sample). Skipped files: {rep.get('skipped', {}) or 'none'}."
+        )
         return
     man = data.demo_manifest()
     train, held = data.load_demo("train"), data.load_demo("heldout")
@@ -91,16 +112,20 @@ def _data_card(image_set: data.ImageSet, dchoice) -> None:
     st.markdown(
         f"Bundled **Fashion-MNIST** subset: **{len(train)}** training images and **{len(held)}** held-out images "
         f"({len(train.classes)} classes). **{len(planted)} planted** training images were duplicated in the "
-        f"training stream: " + ", ".join(f"{int((counts == c).sum())} at {c}x" for c in sorted(set(counts.tolist())))
+        f"training stream: "
+        + ", ".join(f"{int((counts == c).sum())} at {c}x" for c in sorted(set(counts.tolist())))
         + f"; every other training image was seen once per epoch. The analyses use {len(image_set)} training images:"
-        " every planted image plus a class-stratified sample.")
+        " every planted image plus a class-stratified sample."
+    )
     order = np.lexsort((planted.labels, -counts))
     imgs = figures.to_uint8(planted.images(order))
     caps = [f"{planted.ids[i]} {planted.classes[planted.labels[i]]} x{counts[i]}" for i in order]
     with st.expander(f"The {len(planted)} planted images (most duplicated first)", expanded=True):
         ui.images(imgs, caps, columns=6)
-    st.caption(f"Fashion-MNIST (MIT licence, Zalando SE), bundle {str(man.get('arrays_sha256', ''))[:12]}; "
-               "see assets/demo_data/README.md.")
+    st.caption(
+        f"Fashion-MNIST (MIT licence, Zalando SE), bundle {str(man.get('arrays_sha256', ''))[:12]}; "
+        "see assets/demo_data/README.md."
+    )
 
 
 def _units_for_image(adapter, image_set, mchoice, idx: int) -> None:
@@ -118,10 +143,11 @@ def _units_for_image(adapter, image_set, mchoice, idx: int) -> None:
     st.markdown(f"**Units that fire most for this image** ({len(rows)} in all, the strongest shown):")
     cols = st.columns(3)
     for k, r in enumerate(df.itertuples()):
-        cols[k % 3].page_link("app_pages/memorization.py",
-                              label=f"block {r.block}, {r.group}, unit {r.unit}: UnitMem {r.unitmem:.2f}",
-                              query_params={"mem_block": str(r.block), "mem_group": r.group,
-                                            "mem_unit": str(r.unit)})
+        cols[k % 3].page_link(
+            "app_pages/memorization.py",
+            label=f"block {r.block}, {r.group}, unit {r.unit}: UnitMem {r.unitmem:.2f}",
+            query_params={"mem_block": str(r.block), "mem_group": r.group, "mem_unit": str(r.unit)},
+        )
 
 
 def _how_it_sees(adapter, image_set, mchoice) -> None:
@@ -144,8 +170,10 @@ def _how_it_sees(adapter, image_set, mchoice) -> None:
         tokens = adapter.tokenize(x)
     grids = adapter.token_grids
     if len(grids) > 1:
-        maps = [figures.token_map_image(t[0].reshape(h, w).cpu().numpy(), adapter.vocab_size)
-                for t, (h, w) in zip(tokens, grids)]
+        maps = [
+            figures.token_map_image(t[0].reshape(h, w).cpu().numpy(), adapter.vocab_size)
+            for t, (h, w) in zip(tokens, grids)
+        ]
         prog = figures.to_uint8(torch.cat(adapter.decode_progressive(tokens)))
         st.markdown("**Token maps, scale by scale** (colour = token id):")
         cols = st.columns(len(maps))
@@ -154,10 +182,9 @@ def _how_it_sees(adapter, image_set, mchoice) -> None:
         st.markdown("**Progressive reconstruction**: the image decoded from the first k scales:")
         ui.images(prog, [f"up to {h}x{w}" for h, w in grids])
         orig = figures.to_uint8(x)
-        ui.images(np.concatenate([orig, prog[-1:]]), ["original", "reconstruction (all scales)"],
-                  columns=4)
+        ui.images(np.concatenate([orig, prog[-1:]]), ["original", "reconstruction (all scales)"], columns=4)
     else:
-        (h, w), = grids
+        ((h, w),) = grids
         flat = adapter.flatten(tokens)[0].cpu().numpy().reshape(h, w)
         tok_img = figures.token_map_image(flat, adapter.vocab_size)
         rec = figures.to_uint8(adapter.decode(tokens))

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "page_exception": err,
         "notes": "cold start includes server start, first page render and reading the shipped result; "
-                 "timings are wall clock in Chromium until the page is idle",
+        "timings are wall clock in Chromium until the page is idle",
     }
     print(json.dumps(out))
     return 0

@@ -56,8 +56,9 @@ def main() -> None:
     t0 = time.perf_counter()
     for name in args.models.split(","):
         plan = plans[name]
-        cfg = dt.MeasureConfig(n_unique=args.n_unique or None, n_heldout=args.n_heldout or None,
-                               samples_per_class=args.samples_per_class)
+        cfg = dt.MeasureConfig(
+            n_unique=args.n_unique or None, n_heldout=args.n_heldout or None, samples_per_class=args.samples_per_class
+        )
         model = load_adapter(name, device="cpu")
         out["models"][name] = dt.measure_demo_model(model, fnet, plan.prefixes, plan.main_prefix, cfg)
     out["seconds"] = round(time.perf_counter() - t0, 1)

@@ -59,11 +59,18 @@ def measure(model: str, batches: list[int], budget_s: float, reps: int, device: 
     for kv in (True, False):
         per_item = None  # seconds per candidate at the largest batch measured so far
         for b in batches:
-            rec = {"model": model, "batch": b, "kv_cache": kv, "prefix_tokens": p, "n_tokens": m.n_tokens,
-                   "device": str(m.device)}
+            rec = {
+                "model": model,
+                "batch": b,
+                "kv_cache": kv,
+                "prefix_tokens": p,
+                "n_tokens": m.n_tokens,
+                "device": str(m.device),
+            }
             if per_item is not None and per_item * b * reps > budget_s:
-                rec["skipped"] = (f"predicted {per_item * b * reps:.0f} s (from the smaller batch) > budget "
-                                  f"{budget_s:.0f} s")
+                rec["skipped"] = (
+                    f"predicted {per_item * b * reps:.0f} s (from the smaller batch) > budget {budget_s:.0f} s"
+                )
                 out.append(rec)
                 continue
             g = torch.Generator().manual_seed(0)
@@ -84,8 +91,9 @@ def measure(model: str, batches: list[int], budget_s: float, reps: int, device: 
             k = times.index(min(times))
             sec = times[k]
             per_item = sec / b
-            rec.update(candidates_per_s=round(b / sec, 3), seconds=round(sec, 3), generate_s=round(gtimes[k], 3),
-                       reps=reps)
+            rec.update(
+                candidates_per_s=round(b / sec, 3), seconds=round(sec, 3), generate_s=round(gtimes[k], 3), reps=reps
+            )
             out.append(rec)
     return out
 
@@ -111,15 +119,32 @@ def main() -> None:
     ratios = []
     for r in results:
         if r.get("kv_cache") and "candidates_per_s" in r:
-            no = [q for q in results if q.get("model") == r["model"] and q.get("batch") == r["batch"]
-                  and q.get("kv_cache") is False and "candidates_per_s" in q]
+            no = [
+                q
+                for q in results
+                if q.get("model") == r["model"]
+                and q.get("batch") == r["batch"]
+                and q.get("kv_cache") is False
+                and "candidates_per_s" in q
+            ]
             if no:
-                ratios.append({"model": r["model"], "batch": r["batch"],
-                               "kv_speedup": round(r["candidates_per_s"] / no[0]["candidates_per_s"], 3),
-                               "kv_speedup_generate_only": round(no[0]["generate_s"] / r["generate_s"], 3)})
-    host = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "cuda": torch.cuda.is_available(),
-            "wall_s": round(time.time() - t0, 1)}
+                ratios.append(
+                    {
+                        "model": r["model"],
+                        "batch": r["batch"],
+                        "kv_speedup": round(r["candidates_per_s"] / no[0]["candidates_per_s"], 3),
+                        "kv_speedup_generate_only": round(no[0]["generate_s"] / r["generate_s"], 3),
+                    }
+                )
+    host = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_at_end": os.getloadavg(),
+        "cuda": torch.cuda.is_available(),
+        "wall_s": round(time.time() - t0, 1),
+    }
     print(json.dumps({"results": results, "ratios": ratios, "host": host, "args": vars(args)}))
 
 

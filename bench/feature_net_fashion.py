@@ -50,18 +50,33 @@ def main() -> None:
     xte, yte = load_split("t10k")
     xtr, xte = fashion_to_input(xtr), fashion_to_input(xte)  # uint8 [N, 1, 32, 32]
     load0 = os.getloadavg()[0]
-    net, stats = train_feature_net(xtr, ytr, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                                   val=(xte, yte))
+    net, stats = train_feature_net(
+        xtr, ytr, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, val=(xte, yte)
+    )
     test_acc = class_accuracy(net, prepare_images(xte, 32), yte)
-    out = {"test_acc": test_acc, "val_acc_per_epoch": stats["val_acc_per_epoch"],
-           "loss_per_epoch": stats["loss_per_epoch"], "train_seconds": round(stats["seconds"], 1),
-           "train_cpu_seconds": round(stats["cpu_seconds"], 1), "epochs": args.epochs,
-           "batch_size": args.batch_size, "torch_threads": stats["torch_threads"],
-           "n_train": stats["n_train"],
-           "loadavg_1min_before": load0, "loadavg_1min_after": os.getloadavg()[0]}
+    out = {
+        "test_acc": test_acc,
+        "val_acc_per_epoch": stats["val_acc_per_epoch"],
+        "loss_per_epoch": stats["loss_per_epoch"],
+        "train_seconds": round(stats["seconds"], 1),
+        "train_cpu_seconds": round(stats["cpu_seconds"], 1),
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "torch_threads": stats["torch_threads"],
+        "n_train": stats["n_train"],
+        "loadavg_1min_before": load0,
+        "loadavg_1min_after": os.getloadavg()[0],
+    }
     if args.out:
-        save_feature_net(net, args.out, card={"data": "fashion-mnist train (60k)", "test_acc": test_acc,
-                                              "train": {k: v for k, v in stats.items() if k != "config"}})
+        save_feature_net(
+            net,
+            args.out,
+            card={
+                "data": "fashion-mnist train (60k)",
+                "test_acc": test_acc,
+                "train": {k: v for k, v in stats.items() if k != "config"},
+            },
+        )
     print(json.dumps(out))
 
 

@@ -29,9 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = "var-d16,rar-b,llamagen-b-256"
 
 
-def _worker(
-    model: str, batch: int, device: str, kv_cache: bool, reps: int, warmup: int, threads: int
-) -> dict:
+def _worker(model: str, batch: int, device: str, kv_cache: bool, reps: int, warmup: int, threads: int) -> dict:
     """Measure one configuration in this process; returns its record."""
     import torch
 
@@ -117,18 +115,12 @@ def _run_one(model: str, batch: int, device: str, kv: bool, args: argparse.Names
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--models", default=DEFAULT_MODELS, help=f"comma-separated registry names ({DEFAULT_MODELS})"
-    )
+    ap.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated registry names ({DEFAULT_MODELS})")
     ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
     ap.add_argument("--devices", default="auto", help="cpu, cuda, or auto = cpu plus cuda when available")
     ap.add_argument("--kv", choices=("both", "on", "off"), default="both", help="KV cache on, off or both")
-    ap.add_argument(
-        "--reps", type=int, default=1, help="timed repetitions per configuration (the fastest counts)"
-    )
-    ap.add_argument(
-        "--warmup", type=int, default=-1, help="untimed runs first (default: 1 on CUDA, 0 on CPU)"
-    )
+    ap.add_argument("--reps", type=int, default=1, help="timed repetitions per configuration (the fastest counts)")
+    ap.add_argument("--warmup", type=int, default=-1, help="untimed runs first (default: 1 on CUDA, 0 on CPU)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per configuration before giving up")
     ap.add_argument("--quick", action="store_true", help="batch 1 only")
@@ -151,9 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     devices = (
-        ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-        if args.devices == "auto"
-        else args.devices.split(",")
+        ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto" else args.devices.split(",")
     )
     batches = [1] if args.quick else [int(b) for b in args.batches.split(",")]
     kvs = {"both": [True, False], "on": [True], "off": [False]}[args.kv]

@@ -69,8 +69,9 @@ def main() -> None:
     ap.add_argument("--store", help="result store (default $IARMEM_STORE or ./store)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--oracle", action="store_true", help="add the ground-truth (planted) unit diagnostic")
-    ap.add_argument("--random-draws", type=int, help="random-control draws per k (default: the model kind's, "
-                                                     "10 on demo models)")
+    ap.add_argument(
+        "--random-draws", type=int, help="random-control draws per k (default: the model kind's, 10 on demo models)"
+    )
     args = ap.parse_args()
 
     import torch
@@ -93,24 +94,56 @@ def main() -> None:
         v = variant(name)
         if v.get("combine") == -1 and len(m.token_grids) == 1:
             continue  # next-token models have one scale group
-        ucfg = unitmem.UnitMemConfig(n_augs=v.pop("n_augs", 10), seed=args.seed,
-                                     group_kinds=v.pop("group_kinds", ("scale",)))
+        ucfg = unitmem.UnitMemConfig(
+            n_augs=v.pop("n_augs", 10), seed=args.seed, group_kinds=v.pop("group_kinds", ("scale",))
+        )
         tu = time.time()
         um = unitmem.run_unitmem(m, sel, ucfg, store=st)
         combine = v.pop("combine", "max")
         if combine == -1:
             combine = len(um.meta["scale_groups"]) - 1
-        df = intervention.run_sweep(m, um, sel, top_percents=ks, combine=combine, extraction_cfg=ecfg,
-                                    n_samples=args.n_samples, seed=args.seed, store=st,
-                                    random_draws=args.random_draws, **v)
-        rows = df[["top_percent", "selection", "n_units", "extracted", "extracted_planted",
-                   "recall_planted_max_count", "fd", "class_acc", "random_draws", "random_extracted_mean",
-                   "random_extracted_min", "random_extracted_max", "p_value"]].to_dict(orient="records")
-        out["variants"][name] = {"unitmem": {**ucfg.to_dict(), "store_key": um.meta["store_key"]},
-                                 "edit": {"ranking": v.get("ranking", "global"), "combine": combine,
-                                          "op": v.get("op", "fc1_scale"), "factor": v.get("factor", 0.5)},
-                                 "sweep_key": df.attrs["store_key"], "rows": rows,
-                                 "seconds": round(time.time() - tu, 1)}
+        df = intervention.run_sweep(
+            m,
+            um,
+            sel,
+            top_percents=ks,
+            combine=combine,
+            extraction_cfg=ecfg,
+            n_samples=args.n_samples,
+            seed=args.seed,
+            store=st,
+            random_draws=args.random_draws,
+            **v,
+        )
+        rows = df[
+            [
+                "top_percent",
+                "selection",
+                "n_units",
+                "extracted",
+                "extracted_planted",
+                "recall_planted_max_count",
+                "fd",
+                "class_acc",
+                "random_draws",
+                "random_extracted_mean",
+                "random_extracted_min",
+                "random_extracted_max",
+                "p_value",
+            ]
+        ].to_dict(orient="records")
+        out["variants"][name] = {
+            "unitmem": {**ucfg.to_dict(), "store_key": um.meta["store_key"]},
+            "edit": {
+                "ranking": v.get("ranking", "global"),
+                "combine": combine,
+                "op": v.get("op", "fc1_scale"),
+                "factor": v.get("factor", 0.5),
+            },
+            "sweep_key": df.attrs["store_key"],
+            "rows": rows,
+            "seconds": round(time.time() - tu, 1),
+        }
     if args.oracle:
         counts = [c or 1 for c in sel.meta["count"]]
         target = [c >= 16 for c in counts]  # the planted images the attack extracts (16x and 64x)
@@ -123,10 +156,21 @@ def main() -> None:
             for op, factor in (("fc1_scale", 0.5), ("zero", 0.0)):
                 e = intervention.make_edit(units, op=op, factor=factor)
                 c = extraction.run_extraction(m, sel, ecfg, store=st, edit=e).count()
-                rows.append({"top_percent": k, "op": op, "factor": factor, "n_units": e.n_units,
-                             "extracted": c["extracted"], "extracted_planted": c.get("extracted_planted")})
-        out["oracle"] = {"target": "planted images with count >= 16", "rows": rows,
-                         "seconds": round(time.time() - to, 1)}
+                rows.append(
+                    {
+                        "top_percent": k,
+                        "op": op,
+                        "factor": factor,
+                        "n_units": e.n_units,
+                        "extracted": c["extracted"],
+                        "extracted_planted": c.get("extracted_planted"),
+                    }
+                )
+        out["oracle"] = {
+            "target": "planted images with count >= 16",
+            "rows": rows,
+            "seconds": round(time.time() - to, 1),
+        }
     out["similarity"] = before.summary()["similarity"]
     out["threshold"] = before.summary()["threshold"]
     out["fd_metric"] = "FD[demo-fashion-cnn]"

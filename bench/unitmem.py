@@ -46,8 +46,9 @@ def _entry(name: str) -> tuple:
 def _config(detail: bool, augs: int, batch: int):
     from iarmem_core.unitmem import UnitMemConfig
 
-    return UnitMemConfig(n_augs=augs, group_kinds=("scale", "position") if detail else ("scale",),
-                         batch_size=batch, top_images=5)
+    return UnitMemConfig(
+        n_augs=augs, group_kinds=("scale", "position") if detail else ("scale",), batch_size=batch, top_images=5
+    )
 
 
 def _selection(n: int):
@@ -107,10 +108,19 @@ def _timing(name: str, n: int, augs: int, batch: int, device: str, reps: int) ->
         sync()
         t_um.append(time.perf_counter() - t)
     p_s, u_s = min(t_plain), min(t_um)
-    return {"plain_s": round(p_s, 3), "unitmem_s": round(u_s, 3), "overhead_ratio": round(u_s / p_s, 3),
-            "images_per_s": round(len(ds) / u_s, 2), "n_images_timed": len(ds), "augs": augs, "batch": batch,
-            "groups": len(UnitMemPass(m, 1, cfg).plan.groups), "blocks": m.n_blocks,
-            "units_per_block": m.n_units, "device": str(m.device)}
+    return {
+        "plain_s": round(p_s, 3),
+        "unitmem_s": round(u_s, 3),
+        "overhead_ratio": round(u_s / p_s, 3),
+        "images_per_s": round(len(ds) / u_s, 2),
+        "n_images_timed": len(ds),
+        "augs": augs,
+        "batch": batch,
+        "groups": len(UnitMemPass(m, 1, cfg).plan.groups),
+        "blocks": m.n_blocks,
+        "units_per_block": m.n_units,
+        "device": str(m.device),
+    }
 
 
 def _memory(name: str, n: int, augs: int, batch: int, device: str) -> dict:
@@ -180,21 +190,41 @@ def main() -> None:
         n_small = args.n_small or n_def
         # both data sizes run full batches, so the peak compares the accumulator, not the batch's activations
         batch = min(args.batch, n_small)
-        common = ["--augs", str(augs), "--batch", str(batch), "--reps", str(args.reps),
-                  "--device", args.device, "--threads", str(args.threads)]
+        common = [
+            "--augs",
+            str(augs),
+            "--batch",
+            str(batch),
+            "--reps",
+            str(args.reps),
+            "--device",
+            args.device,
+            "--threads",
+            str(args.threads),
+        ]
         rec = _sub(["--_worker", f"time:{name}", "--_n", str(n_small), *common])
         small = _sub(["--_worker", f"mem:{name}", "--_n", str(n_small), *common])
         large = _sub(["--_worker", f"mem:{name}", "--_n", str(10 * n_small), *common])
-        rec.update({"peak_mem_mb_small": small.get("peak_mem_mb"), "peak_mem_mb_large": large.get("peak_mem_mb"),
-                    "n_small": small.get("n_images"), "n_large": large.get("n_images")})
+        rec.update(
+            {
+                "peak_mem_mb_small": small.get("peak_mem_mb"),
+                "peak_mem_mb_large": large.get("peak_mem_mb"),
+                "n_small": small.get("n_images"),
+                "n_large": large.get("n_images"),
+            }
+        )
         if small.get("peak_mem_mb") and large.get("peak_mem_mb"):
             rec["peak_mem_large_over_small"] = round(large["peak_mem_mb"] / small["peak_mem_mb"], 3)
         errors = [r["error"] for r in (small, large) if "error" in r]
         if errors:
             rec["error"] = errors[0]
         results[name] = rec
-    results["_host"] = {"python": platform.python_version(), "torch": torch.__version__,
-                        "threads": args.threads, "cuda": torch.cuda.is_available()}
+    results["_host"] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "cuda": torch.cuda.is_available(),
+    }
     print(json.dumps(results, indent=1))
 
 

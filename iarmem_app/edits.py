@@ -33,8 +33,9 @@ def sampling_settings(adapter) -> dict:
 
 def describe_sampling(kw: dict) -> str:
     names = {"cfg": "CFG", "top_k": "top-k", "top_p": "top-p", "temperature": "temperature", "cfg_power": "CFG power"}
-    return ", ".join(f"{names.get(k, k)} {v:g}" if isinstance(v, float) else f"{names.get(k, k)} {v}"
-                     for k, v in kw.items())
+    return ", ".join(
+        f"{names.get(k, k)} {v:g}" if isinstance(v, float) else f"{names.get(k, k)} {v}" for k, v in kw.items()
+    )
 
 
 @torch.no_grad()

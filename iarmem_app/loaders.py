@@ -53,8 +53,9 @@ def _checked_path(raw: str, what: str) -> str | None:
     if not p.exists():
         raise UserInputError(f"{what}: {raw} does not exist (resolved to {p}). Check the path and try again.")
     if what != "data folder" and not p.is_file():
-        raise UserInputError(f"{what}: {raw} is a folder; give the weights file itself (.pth, .pt, .bin, "
-                             f".safetensors).")
+        raise UserInputError(
+            f"{what}: {raw} is a folder; give the weights file itself (.pth, .pt, .bin, .safetensors)."
+        )
     return str(p)
 
 
@@ -76,8 +77,13 @@ def model_choice() -> ModelChoice:
 @st.cache_resource(show_spinner="Loading the model ...", max_entries=4)
 def _load_model(choice: ModelChoice) -> IARAdapter:
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    return load_adapter(choice.name, checkpoint=choice.checkpoint, tokenizer_checkpoint=choice.tokenizer_checkpoint,
-                        device=choice.device, seed=choice.seed)
+    return load_adapter(
+        choice.name,
+        checkpoint=choice.checkpoint,
+        tokenizer_checkpoint=choice.tokenizer_checkpoint,
+        device=choice.device,
+        seed=choice.seed,
+    )
 
 
 def get_model() -> tuple[IARAdapter, ModelChoice]:
@@ -106,8 +112,10 @@ def data_choice(adapter: IARAdapter) -> DataChoice:
     if state.get("data") == "folder":
         folder = _checked_path(state.get("folder"), "data folder")
         if folder is None:
-            raise UserInputError("Data folder: type the path of an ImageFolder tree (<root>/<class>/<images>) in "
-                                 "the sidebar, or choose the demo data.")
+            raise UserInputError(
+                "Data folder: type the path of an ImageFolder tree (<root>/<class>/<images>) in "
+                "the sidebar, or choose the demo data."
+            )
         if not Path(folder).is_dir():
             raise UserInputError(f"Data folder: {folder} is a file; expected a folder of class sub-folders.")
         return DataChoice(folder, config.N_IMAGES, int(state.get("seed")), adapter.image_size)
@@ -118,8 +126,9 @@ def data_choice(adapter: IARAdapter) -> DataChoice:
 def _load_data(choice: DataChoice) -> data.ImageSet:
     if choice.source == "demo":
         return data.select_demo(n=choice.n, seed=choice.seed)
-    return data.load_image_folder(choice.source, choice.size, count=choice.n, seed=choice.seed,
-                                  allowed_roots=config.allowed_roots())
+    return data.load_image_folder(
+        choice.source, choice.size, count=choice.n, seed=choice.seed, allowed_roots=config.allowed_roots()
+    )
 
 
 def get_data(adapter: IARAdapter) -> tuple[data.ImageSet, DataChoice]:

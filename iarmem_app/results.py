@@ -90,8 +90,17 @@ def is_active(key: str) -> bool:
     return status(key).get("state") in ACTIVE
 
 
-def job_panel(key: str, what: str, start: Callable[[], object], start_label: str, *, done: bool,
-              widget_key: str, allow_rerun: bool = False, live: Callable[[], None] | None = None) -> None:
+def job_panel(
+    key: str,
+    what: str,
+    start: Callable[[], object],
+    start_label: str,
+    *,
+    done: bool,
+    widget_key: str,
+    allow_rerun: bool = False,
+    live: Callable[[], None] | None = None,
+) -> None:
     """Start button, or a polled progress bar with a cancel button while the job `key` runs.
 
     `start()` starts the job (jobs.start_job returns the running one if it already runs anywhere).
@@ -103,11 +112,15 @@ def job_panel(key: str, what: str, start: Callable[[], object], start_label: str
         _poll(key, what, widget_key, live)
         return
     if st_.get("state") == "failed":
-        st.error(f"The {what} job stopped: {st_.get('error')}. Start it again to "
-                 f"{'resume from its checkpoint' if st_.get('resumable') else 'run it'}.")
+        st.error(
+            f"The {what} job stopped: {st_.get('error')}. Start it again to "
+            f"{'resume from its checkpoint' if st_.get('resumable') else 'run it'}."
+        )
     elif st_.get("state") == "cancelled":
-        st.warning(f"The {what} job was cancelled at {100 * float(st_.get('progress') or 0):.0f}%. "
-                   "Starting it again resumes from its last checkpoint.")
+        st.warning(
+            f"The {what} job was cancelled at {100 * float(st_.get('progress') or 0):.0f}%. "
+            "Starting it again resumes from its last checkpoint."
+        )
     if done and not allow_rerun:
         return
     if st.button(start_label, key=f"{widget_key}_start", type="primary"):

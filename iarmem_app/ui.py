@@ -54,8 +54,15 @@ def downloads(chart, df: pd.DataFrame, name: str, cli: str | None, key: str) -> 
     """CSV and PNG of one chart, and the CLI command that reproduces its numbers."""
     row = st.container(horizontal=True, gap="small")
     c1 = c2 = c3 = row
-    c1.download_button("CSV", df.to_csv(index=False).encode(), file_name=f"{slug(name)}.csv", mime="text/csv",
-                       key=f"{key}_csv", icon=":material/table:", on_click="ignore")
+    c1.download_button(
+        "CSV",
+        df.to_csv(index=False).encode(),
+        file_name=f"{slug(name)}.csv",
+        mime="text/csv",
+        key=f"{key}_csv",
+        icon=":material/table:",
+        on_click="ignore",
+    )
 
     def png() -> bytes:
         try:
@@ -65,8 +72,17 @@ def downloads(chart, df: pd.DataFrame, name: str, cli: str | None, key: str) -> 
             return b""
 
     missing = figures.png_renderer_missing(chart)
-    c2.download_button("PNG", png, file_name=f"{slug(name)}.png", mime="image/png", key=f"{key}_png",
-                       icon=":material/image:", on_click="ignore", disabled=missing is not None, help=missing)
+    c2.download_button(
+        "PNG",
+        png,
+        file_name=f"{slug(name)}.png",
+        mime="image/png",
+        key=f"{key}_png",
+        icon=":material/image:",
+        on_click="ignore",
+        disabled=missing is not None,
+        help=missing,
+    )
     if cli:
         with c3.popover("CLI command", icon=":material/terminal:"):
             st.caption("Reproduces these numbers from a terminal (same store, same result key):")
@@ -107,5 +123,8 @@ def guard(what: str) -> Iterator[None]:
         st.error(str(e), icon=":material/error:")
     except Exception as e:  # anything else: a short message, the details in the server log
         log.exception("%s failed", what)
-        st.error(f"{what} failed: {type(e).__name__}: {e}. The server log has the details; change the settings "
-                 "in the sidebar or report it with that log.", icon=":material/error:")
+        st.error(
+            f"{what} failed: {type(e).__name__}: {e}. The server log has the details; change the settings "
+            "in the sidebar or report it with that log.",
+            icon=":material/error:",
+        )

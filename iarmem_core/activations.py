@@ -18,8 +18,14 @@ KIND = "unit-acts"
 
 
 def job_spec(adapter: IARAdapter, image_set: data.ImageSet, group_name: str, batch_size: int = 32) -> dict:
-    return {"model": adapter.identity, "data": data.data_fingerprint(image_set), "group": group_name,
-            "view": "original", "batch_size": batch_size, "dtype": str(adapter.dtype)}
+    return {
+        "model": adapter.identity,
+        "data": data.data_fingerprint(image_set),
+        "group": group_name,
+        "view": "original",
+        "batch_size": batch_size,
+        "dtype": str(adapter.dtype),
+    }
 
 
 def _group_index(adapter: IARAdapter, group_name: str) -> torch.Tensor:
@@ -30,8 +36,9 @@ def _group_index(adapter: IARAdapter, group_name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def group_activations(adapter: IARAdapter, images_B3HW: torch.Tensor, labels_B: torch.Tensor,
-                      index: torch.Tensor) -> torch.Tensor:
+def group_activations(
+    adapter: IARAdapter, images_B3HW: torch.Tensor, labels_B: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
     """mu [blocks, B, U]: mean over the rows predicting a token in `index` of |unit activation|."""
     member = torch.zeros(adapter.n_tokens, dtype=torch.bool)
     member[index] = True
@@ -65,9 +72,16 @@ def make_job(adapter: IARAdapter, image_set: data.ImageSet, group_name: str, bat
             x = image_set.images(idx, size=adapter.image_size)
             mu_LNU[:, i:j] = group_activations(adapter, x, image_set.labels_tensor(idx), index).numpy()
 
-        jobs.run_batches(ctx, n, batch_size, work, start=start, what="activation batch",
-                         progress=lambda j: (j / n, f"{j}/{n} images"),
-                         save=lambda j: ({"mu_LNU": mu_LNU}, {"n_done": j}))
+        jobs.run_batches(
+            ctx,
+            n,
+            batch_size,
+            work,
+            start=start,
+            what="activation batch",
+            progress=lambda j: (j / n, f"{j}/{n} images"),
+            save=lambda j: ({"mu_LNU": mu_LNU}, {"n_done": j}),
+        )
         return {"mu_LNU": mu_LNU}, {"group": group_name, "image_ids": list(image_set.ids)}
 
     return fn
@@ -79,5 +93,6 @@ def result_key(adapter: IARAdapter, image_set: data.ImageSet, group_name: str, s
 
 def start(adapter: IARAdapter, image_set: data.ImageSet, group_name: str, store) -> jobs.JobHandle:
     """The pass as a background job; `store.load(result_key(...))` once done: {"mu_LNU": float16 [L, N, U]}."""
-    return jobs.start_job(KIND, job_spec(adapter, image_set, group_name), make_job(adapter, image_set, group_name),
-                          store=store)
+    return jobs.start_job(
+        KIND, job_spec(adapter, image_set, group_name), make_job(adapter, image_set, group_name), store=store
+    )

@@ -74,8 +74,9 @@ def _unwrap(obj: object, path: Path, component: str | None) -> dict[str, torch.T
     )
 
 
-def read_state_dict(path: str | os.PathLike, component: str | None = None,
-                    mmap: bool = True) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    path: str | os.PathLike, component: str | None = None, mmap: bool = True
+) -> dict[str, torch.Tensor]:
     """Read a state dict from `path` safely (never unpickles arbitrary objects); tensors on CPU."""
     p = Path(path).expanduser()
     if not p.exists():
@@ -155,28 +156,60 @@ def identify(sd: Mapping[str, torch.Tensor]) -> dict:
     if "lvl_1L" in keys or "pos_start" in keys or any(k.endswith("ffn.fc1.weight") for k in keys):
         depth = count_blocks("blocks")
         w = sd["pos_start"].shape[-1] if "pos_start" in sd else 0
-        return {"family": "var", "component": "transformer", "depth": depth, "width": int(w),
-                "shared_aln": "shared_ada_lin.1.weight" in keys, "label": "a VAR transformer checkpoint"}
-    if "target_aware_pos_embed" in keys or any(k.endswith("adaLN_modulation.1.weight") and k.startswith("blocks.")
-                                                 for k in keys):
+        return {
+            "family": "var",
+            "component": "transformer",
+            "depth": depth,
+            "width": int(w),
+            "shared_aln": "shared_ada_lin.1.weight" in keys,
+            "label": "a VAR transformer checkpoint",
+        }
+    if "target_aware_pos_embed" in keys or any(
+        k.endswith("adaLN_modulation.1.weight") and k.startswith("blocks.") for k in keys
+    ):
         depth = count_blocks("blocks")
         w = sd["cls_token"].shape[-1] if "cls_token" in sd else 0
-        return {"family": "rar", "component": "transformer", "depth": depth, "width": int(w),
-                "label": "a RAR transformer checkpoint"}
+        return {
+            "family": "rar",
+            "component": "transformer",
+            "depth": depth,
+            "width": int(w),
+            "label": "a RAR transformer checkpoint",
+        }
     if any(k.startswith("layers.") and "feed_forward" in k for k in keys):
         depth = count_blocks("layers")
         w = sd["tok_embeddings.weight"].shape[-1] if "tok_embeddings.weight" in sd else 0
-        return {"family": "llamagen", "component": "transformer", "depth": depth, "width": int(w),
-                "label": "a LlamaGen GPT checkpoint"}
+        return {
+            "family": "llamagen",
+            "component": "transformer",
+            "depth": depth,
+            "width": int(w),
+            "label": "a LlamaGen GPT checkpoint",
+        }
     if any(k.startswith("quantize.quant_resi") for k in keys) or "quantize.ema_vocab_hit_SV" in keys:
-        return {"family": "var", "component": "tokenizer", "depth": 0, "width": 0,
-                "label": "a VAR multi-scale VQVAE checkpoint"}
+        return {
+            "family": "var",
+            "component": "tokenizer",
+            "depth": 0,
+            "width": 0,
+            "label": "a VAR multi-scale VQVAE checkpoint",
+        }
     if "quantize.codebook_used" in keys or any(k.startswith("encoder.conv_blocks.") for k in keys):
-        return {"family": "llamagen", "component": "tokenizer", "depth": 0, "width": 0,
-                "label": "a LlamaGen VQ tokenizer checkpoint"}
+        return {
+            "family": "llamagen",
+            "component": "tokenizer",
+            "depth": 0,
+            "width": 0,
+            "label": "a LlamaGen VQ tokenizer checkpoint",
+        }
     if "quantize.embedding.weight" in keys and any(k.startswith("encoder.down.") for k in keys):
-        return {"family": "rar", "component": "tokenizer", "depth": 0, "width": 0,
-                "label": "a MaskGIT-VQGAN tokenizer checkpoint (RAR)"}
+        return {
+            "family": "rar",
+            "component": "tokenizer",
+            "depth": 0,
+            "width": 0,
+            "label": "a MaskGIT-VQGAN tokenizer checkpoint (RAR)",
+        }
     return {"family": None, "component": None, "depth": 0, "width": 0, "label": "not a VAR, RAR or LlamaGen checkpoint"}
 
 
@@ -186,8 +219,11 @@ def likely_models(info: dict) -> list[str]:
     if info["component"] != "transformer":
         return []
     return [
-        s.name for s in all_specs()
-        if s.family == info["family"] and s.depth == info["depth"] and (not info["width"] or s.width == info["width"])
+        s.name
+        for s in all_specs()
+        if s.family == info["family"]
+        and s.depth == info["depth"]
+        and (not info["width"] or s.width == info["width"])
         and s.kind != "test"
     ]
 
@@ -198,8 +234,9 @@ def _summ(keys: list[str], n: int = 6) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], *, path: str | os.PathLike, expected: str,
-                     component: str) -> None:
+def check_state_dict(
+    model: nn.Module, sd: Mapping[str, torch.Tensor], *, path: str | os.PathLike, expected: str, component: str
+) -> None:
     """Raise CheckpointError unless `sd` has exactly the keys and shapes of `model.state_dict()`.
 
     `expected` is the registry name the user asked for, `component` "transformer" or "tokenizer".
@@ -243,8 +280,14 @@ def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], *, path: 
     raise CheckpointError(" ".join(lines))
 
 
-def load_checked(model: nn.Module, path: str | os.PathLike, *, expected: str, component: str,
-                 sd: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+def load_checked(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    expected: str,
+    component: str,
+    sd: Mapping[str, torch.Tensor] | None = None,
+) -> nn.Module:
     """Read `path` (or use `sd`), validate it against `model`, and load it strictly with assign=True.
 
     `model` may live on the meta device: assign=True then takes the file's tensors without a second

@@ -25,8 +25,14 @@ SEQUENTIAL = "Viridis"  # magnitudes: UnitMem, activations
 DIFFERENCE = "Cividis"  # |after - before|
 FONT_SIZE = 18
 TITLE_SIZE = 22
-SERIES = {"top units": "#0072B2", "random units": "#E69F00", "before": "#009E73", "planted": "#D55E00",
-          "other": "#56B4E9", "held-out": "#999999"}  # Okabe-Ito: colour-blind safe
+SERIES = {
+    "top units": "#0072B2",
+    "random units": "#E69F00",
+    "before": "#009E73",
+    "planted": "#D55E00",
+    "other": "#56B4E9",
+    "held-out": "#999999",
+}  # Okabe-Ito: colour-blind safe
 
 
 def _layout(fig: go.Figure, title: str, height: int = 460, **kw) -> go.Figure:
@@ -42,14 +48,18 @@ def _layout(fig: go.Figure, title: str, height: int = 460, **kw) -> go.Figure:
 
 
 # ---- UnitMem heatmaps ------------------------------------------------------------------------------
-def heatmap_frame(z_LG: np.ndarray, blocks: Sequence[int], groups: Sequence[str], value: str = "unitmem"
-                  ) -> pd.DataFrame:
+def heatmap_frame(
+    z_LG: np.ndarray, blocks: Sequence[int], groups: Sequence[str], value: str = "unitmem"
+) -> pd.DataFrame:
     """Tidy [block, group, value] rows of a block x group matrix (the heatmap's CSV)."""
     z = np.asarray(z_LG, dtype=np.float64)
     if z.shape != (len(blocks), len(groups)):
         raise ValueError(f"matrix is {z.shape}, but {len(blocks)} blocks x {len(groups)} groups were named")
-    rows = [{"block": int(b), "group": str(g), "group_index": gi, value: float(z[bi, gi])}
-            for bi, b in enumerate(blocks) for gi, g in enumerate(groups)]
+    rows = [
+        {"block": int(b), "group": str(g), "group_index": gi, value: float(z[bi, gi])}
+        for bi, b in enumerate(blocks)
+        for gi, g in enumerate(groups)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -61,8 +71,14 @@ def frame_matrix(df: pd.DataFrame, value: str = "unitmem") -> tuple[np.ndarray, 
     return z, blocks, groups
 
 
-def unitmem_heatmap(df: pd.DataFrame, title: str, value: str = "unitmem", x_title: str = "scale (coarse -> fine)",
-                    zmax: float | None = None, selected: tuple[int, str] | None = None) -> go.Figure:
+def unitmem_heatmap(
+    df: pd.DataFrame,
+    title: str,
+    value: str = "unitmem",
+    x_title: str = "scale (coarse -> fine)",
+    zmax: float | None = None,
+    selected: tuple[int, str] | None = None,
+) -> go.Figure:
     """Block (rows, block 0 on top) x group heatmap with a clickable point at every cell centre.
 
     Plotly heatmaps emit no selection events, so an invisible scatter trace carries the clicks; its
@@ -70,27 +86,49 @@ def unitmem_heatmap(df: pd.DataFrame, title: str, value: str = "unitmem", x_titl
     """
     z, blocks, groups = frame_matrix(df, value)
     text = [[f"{v:.3f}" for v in row] for row in z]
-    fig = go.Figure(go.Heatmap(
-        z=z, x=groups, y=[f"block {b}" for b in blocks], colorscale=SEQUENTIAL, zmin=0,
-        zmax=zmax if zmax is not None else max(float(np.nanmax(z)), 1e-6),
-        text=text, texttemplate="%{text}" if z.size <= 120 else None, textfont={"size": 14},
-        colorbar={"title": {"text": value}}, hoverinfo="skip",
-    ))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=groups,
+            y=[f"block {b}" for b in blocks],
+            colorscale=SEQUENTIAL,
+            zmin=0,
+            zmax=zmax if zmax is not None else max(float(np.nanmax(z)), 1e-6),
+            text=text,
+            texttemplate="%{text}" if z.size <= 120 else None,
+            textfont={"size": 14},
+            colorbar={"title": {"text": value}},
+            hoverinfo="skip",
+        )
+    )
     xs = [g for _ in blocks for g in groups]
     ys = [f"block {b}" for b in blocks for _ in groups]
     custom = [[b, g, float(z[bi, gi])] for bi, b in enumerate(blocks) for gi, g in enumerate(groups)]
     # hover and clicks go to this trace: a trace with hoverinfo="skip" gets no click events
-    fig.add_trace(go.Scatter(
-        x=xs, y=ys, mode="markers", marker={"size": 40, "opacity": 0.0, "symbol": "square"},
-        customdata=custom, hovertemplate="%{y}, %{x}: %{customdata[2]:.4f}<extra></extra>", showlegend=False,
-        name="cells",
-    ))
+    fig.add_trace(
+        go.Scatter(
+            x=xs,
+            y=ys,
+            mode="markers",
+            marker={"size": 40, "opacity": 0.0, "symbol": "square"},
+            customdata=custom,
+            hovertemplate="%{y}, %{x}: %{customdata[2]:.4f}<extra></extra>",
+            showlegend=False,
+            name="cells",
+        )
+    )
     if selected is not None and selected[1] in groups and selected[0] in blocks:
-        fig.add_trace(go.Scatter(
-            x=[selected[1]], y=[f"block {selected[0]}"], mode="markers", hoverinfo="skip", showlegend=False,
-            marker={"size": 46, "symbol": "square-open", "color": "#E69F00", "line": {"width": 4}},
-            name="selected",
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=[selected[1]],
+                y=[f"block {selected[0]}"],
+                mode="markers",
+                hoverinfo="skip",
+                showlegend=False,
+                marker={"size": 46, "symbol": "square-open", "color": "#E69F00", "line": {"width": 4}},
+                name="selected",
+            )
+        )
     fig.update_yaxes(autorange="reversed", title="transformer block")
     fig.update_xaxes(title=x_title, type="category")
     return _layout(fig, title, height=max(320, 70 + 52 * len(blocks)), clickmode="event+select", dragmode=False)
@@ -99,21 +137,28 @@ def unitmem_heatmap(df: pd.DataFrame, title: str, value: str = "unitmem", x_titl
 def grid_frame(z_hw: np.ndarray, value: str = "unitmem") -> pd.DataFrame:
     """Tidy [row, col, value] of a token grid."""
     z = np.asarray(z_hw, dtype=np.float64)
-    return pd.DataFrame([{"row": r, "col": c, value: float(z[r, c])} for r in range(z.shape[0])
-                         for c in range(z.shape[1])])
+    return pd.DataFrame(
+        [{"row": r, "col": c, value: float(z[r, c])} for r in range(z.shape[0]) for c in range(z.shape[1])]
+    )
 
 
-def token_grid_heatmap(df: pd.DataFrame, title: str, value: str = "unitmem", zmax: float | None = None
-                       ) -> go.Figure:
+def token_grid_heatmap(df: pd.DataFrame, title: str, value: str = "unitmem", zmax: float | None = None) -> go.Figure:
     """One scale's token grid (row 0 on top), one cell per token position."""
     h, w = int(df["row"].max()) + 1, int(df["col"].max()) + 1
     z = np.full((h, w), np.nan)
     z[df["row"].to_numpy(), df["col"].to_numpy()] = df[value].to_numpy()
-    fig = go.Figure(go.Heatmap(
-        z=z, colorscale=SEQUENTIAL, zmin=0, zmax=zmax if zmax is not None else max(float(np.nanmax(z)), 1e-6),
-        colorbar={"title": {"text": value}}, hovertemplate="row %{y}, col %{x}: %{z:.4f}<extra></extra>",
-        text=[[f"{v:.2f}" for v in row] for row in z], texttemplate="%{text}" if z.size <= 64 else None,
-    ))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            colorscale=SEQUENTIAL,
+            zmin=0,
+            zmax=zmax if zmax is not None else max(float(np.nanmax(z)), 1e-6),
+            colorbar={"title": {"text": value}},
+            hovertemplate="row %{y}, col %{x}: %{z:.4f}<extra></extra>",
+            text=[[f"{v:.2f}" for v in row] for row in z],
+            texttemplate="%{text}" if z.size <= 64 else None,
+        )
+    )
     fig.update_yaxes(autorange="reversed", scaleanchor="x", title="token row", dtick=1)
     fig.update_xaxes(title="token column", dtick=1, constrain="domain")
     return _layout(fig, title, height=420)
@@ -124,12 +169,12 @@ def profile_frame(values_G: np.ndarray, groups: Sequence[str], value: str = "uni
     return pd.DataFrame({"group": [str(g) for g in groups], value: np.asarray(values_G, dtype=np.float64)})
 
 
-def unit_profile(df: pd.DataFrame, title: str, value: str = "unitmem", highlight: str | None = None
-                 ) -> go.Figure:
+def unit_profile(df: pd.DataFrame, title: str, value: str = "unitmem", highlight: str | None = None) -> go.Figure:
     """A unit's UnitMem per group (bars; the selected group in orange)."""
     colors = [SERIES["planted"] if g == highlight else SERIES["top units"] for g in df["group"]]
-    fig = go.Figure(go.Bar(x=df["group"], y=df[value], marker_color=colors,
-                           hovertemplate="%{x}: %{y:.4f}<extra></extra>"))
+    fig = go.Figure(
+        go.Bar(x=df["group"], y=df[value], marker_color=colors, hovertemplate="%{x}: %{y:.4f}<extra></extra>")
+    )
     fig.update_yaxes(title=value, range=[0, max(1.0, float(df[value].max()))])
     fig.update_xaxes(title="group", type="category")
     return _layout(fig, title, height=360)
@@ -137,8 +182,9 @@ def unit_profile(df: pd.DataFrame, title: str, value: str = "unitmem", highlight
 
 def activation_frame(mu_N: np.ndarray, image_ids: Sequence[str], planted_N: Sequence[bool] | None) -> pd.DataFrame:
     planted = [bool(p) for p in planted_N] if planted_N is not None else [False] * len(image_ids)
-    return pd.DataFrame({"image_id": list(image_ids), "mean_abs_activation": np.asarray(mu_N, np.float64),
-                         "planted": planted})
+    return pd.DataFrame(
+        {"image_id": list(image_ids), "mean_abs_activation": np.asarray(mu_N, np.float64), "planted": planted}
+    )
 
 
 def activation_histogram(df: pd.DataFrame, title: str, mu_rest: float | None = None) -> go.Figure:
@@ -147,8 +193,11 @@ def activation_histogram(df: pd.DataFrame, title: str, mu_rest: float | None = N
     for flag, name in ((False, "other"), (True, "planted")):
         sub = df[df["planted"] == flag]
         if len(sub):
-            fig.add_trace(go.Histogram(x=sub["mean_abs_activation"], name=name, marker_color=SERIES[name],
-                                       nbinsx=40, opacity=0.85))
+            fig.add_trace(
+                go.Histogram(
+                    x=sub["mean_abs_activation"], name=name, marker_color=SERIES[name], nbinsx=40, opacity=0.85
+                )
+            )
     if mu_rest is not None:
         fig.add_vline(x=mu_rest, line_dash="dash", line_color="#333", annotation_text="mu_rest")
     fig.update_layout(barmode="overlay")
@@ -161,8 +210,9 @@ def distribution_frame(unitmem_LU: np.ndarray, blocks: Sequence[int]) -> pd.Data
     """Tidy [block, unit, unitmem] of every unit (one group)."""
     um = np.asarray(unitmem_LU, dtype=np.float64)
     L, U = um.shape
-    return pd.DataFrame({"block": np.repeat(np.asarray(blocks), U), "unit": np.tile(np.arange(U), L),
-                         "unitmem": um.reshape(-1)})
+    return pd.DataFrame(
+        {"block": np.repeat(np.asarray(blocks), U), "unit": np.tile(np.arange(U), L), "unitmem": um.reshape(-1)}
+    )
 
 
 def unitmem_distributions(df: pd.DataFrame, title: str):
@@ -187,14 +237,18 @@ def similarity_histogram(table: pd.DataFrame, measure: str, threshold: float, ti
     fig = go.Figure()
     split = table["split"] if "split" in table else pd.Series(["train"] * len(table))
     planted = table["planted"].fillna(False).astype(bool) if "planted" in table else pd.Series([False] * len(table))
-    groups = (("planted", (split != "heldout") & planted), ("other", (split != "heldout") & ~planted),
-              ("held-out", split == "heldout"))
+    groups = (
+        ("planted", (split != "heldout") & planted),
+        ("other", (split != "heldout") & ~planted),
+        ("held-out", split == "heldout"),
+    )
     for name, mask in groups:
         vals = table.loc[mask.to_numpy(), measure]
         if len(vals):
             fig.add_trace(go.Histogram(x=vals, name=name, marker_color=SERIES[name], nbinsx=30, opacity=0.8))
-    fig.add_vline(x=threshold, line_width=3, line_dash="dash", line_color="#333",
-                  annotation_text=f"threshold {threshold:.2f}")
+    fig.add_vline(
+        x=threshold, line_width=3, line_dash="dash", line_color="#333", annotation_text=f"threshold {threshold:.2f}"
+    )
     fig.update_layout(barmode="overlay")
     fig.update_xaxes(title=f"similarity ({measure})")
     fig.update_yaxes(title="candidates")
@@ -216,28 +270,52 @@ def tradeoff_curve(df: pd.DataFrame, title: str, x: str = "fd", y: str = "extrac
             err = None
             ranged = {"random_draws", "random_extracted_min", "random_extracted_max"} <= set(sub.columns)
             if sel == "random units" and y == "extracted" and ranged and (sub["random_draws"] > 1).any():
-                err = {"type": "data", "symmetric": False, "array": sub["random_extracted_max"] - sub[y],
-                       "arrayminus": sub[y] - sub["random_extracted_min"], "color": SERIES[sel], "thickness": 2}
-            fig.add_trace(go.Scatter(
-                x=sub[x], y=sub[y], mode="lines+markers+text", name=sel, text=[f"{p:g}%" for p in sub["top_percent"]],
-                textposition="top right", marker={"size": 14, "color": SERIES[sel]}, error_y=err,
-                line={"width": 4, "color": SERIES[sel], "dash": "solid" if sel == "top units" else "dash"},
-            ))
-    fig.update_xaxes(title={"fd": "Frechet distance (lower = better quality)",
-                            "class_acc": "class accuracy of samples"}.get(x, x))
+                err = {
+                    "type": "data",
+                    "symmetric": False,
+                    "array": sub["random_extracted_max"] - sub[y],
+                    "arrayminus": sub[y] - sub["random_extracted_min"],
+                    "color": SERIES[sel],
+                    "thickness": 2,
+                }
+            fig.add_trace(
+                go.Scatter(
+                    x=sub[x],
+                    y=sub[y],
+                    mode="lines+markers+text",
+                    name=sel,
+                    text=[f"{p:g}%" for p in sub["top_percent"]],
+                    textposition="top right",
+                    marker={"size": 14, "color": SERIES[sel]},
+                    error_y=err,
+                    line={"width": 4, "color": SERIES[sel], "dash": "solid" if sel == "top units" else "dash"},
+                )
+            )
+    fig.update_xaxes(
+        title={"fd": "Frechet distance (lower = better quality)", "class_acc": "class accuracy of samples"}.get(x, x)
+    )
     tops = [df[c].max() for c in (y, "random_extracted_max") if c in df and df[c].notna().any()]
     top = float(max(tops)) if tops else 0.0
     # room above the highest point (or range bar) for the k% labels, which sit above the markers
-    fig.update_yaxes(title={"extracted": "images extracted"}.get(y, y), rangemode="tozero",
-                     range=[0, top * 1.15 + 1] if top > 0 else None)
+    fig.update_yaxes(
+        title={"extracted": "images extracted"}.get(y, y),
+        rangemode="tozero",
+        range=[0, top * 1.15 + 1] if top > 0 else None,
+    )
     return _layout(fig, title, height=440, legend={"orientation": "h", "y": -0.25})
 
 
 def before_after_bars(df: pd.DataFrame, title: str) -> go.Figure:
     """Grouped bars of one metric before the edit, after it, and after the random control."""
-    fig = go.Figure(go.Bar(x=df["setting"], y=df["value"], marker_color=[SERIES.get(s, "#0072B2") for s in
-                                                                          df["color"]],
-                           text=[f"{v:.3g}" for v in df["value"]], textposition="outside"))
+    fig = go.Figure(
+        go.Bar(
+            x=df["setting"],
+            y=df["value"],
+            marker_color=[SERIES.get(s, "#0072B2") for s in df["color"]],
+            text=[f"{v:.3g}" for v in df["value"]],
+            textposition="outside",
+        )
+    )
     fig.update_yaxes(title=str(df["metric"].iloc[0]) if len(df) else "", rangemode="tozero")
     return _layout(fig, title, height=340)
 
@@ -248,8 +326,9 @@ def colormap(x: np.ndarray, scale: str = SEQUENTIAL, vmax: float | None = None) 
     x = np.asarray(x, dtype=np.float64)
     top = float(np.nanmax(x)) if vmax is None else float(vmax)
     t = np.clip(x / top, 0.0, 1.0) if top > 0 else np.zeros_like(x)
-    lut = np.array([[int(c) for c in s[4:-1].split(",")] for s in sample_colorscale(scale, np.linspace(0, 1, 256))],
-                   dtype=np.uint8)
+    lut = np.array(
+        [[int(c) for c in s[4:-1].split(",")] for s in sample_colorscale(scale, np.linspace(0, 1, 256))], dtype=np.uint8
+    )
     return lut[np.round(np.nan_to_num(t) * 255).astype(np.int64)]
 
 
@@ -294,8 +373,10 @@ def png_renderer_missing(chart) -> str | None:
         if importlib.util.find_spec("kaleido") is None:
             return "PNG export needs kaleido and a local Chrome/Chromium; the chart toolbar's camera saves a PNG too"
         if find_chrome() is None:
-            return ("PNG export of this chart needs a local Chrome or Chromium (e.g. apt-get install chromium, or "
-                    "BROWSER_PATH=/path/to/chrome); the chart toolbar's camera saves a PNG too")
+            return (
+                "PNG export of this chart needs a local Chrome or Chromium (e.g. apt-get install chromium, or "
+                "BROWSER_PATH=/path/to/chrome); the chart toolbar's camera saves a PNG too"
+            )
         return None
     if importlib.util.find_spec("vl_convert") is None:
         return "PNG export of this chart needs vl-convert-python"
@@ -309,8 +390,10 @@ def to_png(chart, scale: float = 2.0) -> bytes:
         try:
             import kaleido  # noqa: F401
         except ImportError as e:
-            raise RuntimeError("PNG export of plotly charts needs kaleido (pip install kaleido) and a local "
-                               "Chrome or Chromium; the camera icon in the chart toolbar saves a PNG too") from e
+            raise RuntimeError(
+                "PNG export of plotly charts needs kaleido (pip install kaleido) and a local "
+                "Chrome or Chromium; the camera icon in the chart toolbar saves a PNG too"
+            ) from e
         return chart.to_image(format="png", scale=scale)
     try:
         import vl_convert as vlc

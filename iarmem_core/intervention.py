@@ -100,8 +100,9 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
     return order[:k]
 
 
-def select_units(unitmem_result, top_percent: float, ranking: str = "global", combine: str | int = "max",
-                 exclude=None) -> dict[int, tuple[int, ...]]:
+def select_units(
+    unitmem_result, top_percent: float, ranking: str = "global", combine: str | int = "max", exclude=None
+) -> dict[int, tuple[int, ...]]:
     """{block: units} of the top `top_percent`% units by UnitMem (see the module docstring for the options).
 
     `exclude`: (block, unit) pairs or a {block: units} dict that are never selected.
@@ -124,8 +125,9 @@ def select_units(unitmem_result, top_percent: float, ranking: str = "global", co
     else:  # per_group: round-robin over the groups' own rankings until k% of all units are chosen
         n = min(n_selected(top_percent, L * U), int((~excl).sum()))
         blocked = excl.reshape(-1)
-        orders = [_top(np.where(excl, -np.inf, um_LGU[:, g, :]).reshape(-1), L * U)
-                  for g in _rank_groups(unitmem_result)]
+        orders = [
+            _top(np.where(excl, -np.inf, um_LGU[:, g, :]).reshape(-1), L * U) for g in _rank_groups(unitmem_result)
+        ]
         ptr, flat = [0] * len(orders), chosen.reshape(-1)
         while flat.sum() < n:
             for gi, order in enumerate(orders):
@@ -145,8 +147,9 @@ def units_from_pairs(pairs: Iterable[tuple[int, int]]) -> dict[int, tuple[int, .
     return {b: tuple(sorted(us)) for b, us in sorted(out.items())}
 
 
-def random_control(units: Mapping[int, Sequence[int]], n_units_per_block: int, seed: int = 0,
-                   disjoint: bool = False) -> dict[int, tuple[int, ...]]:
+def random_control(
+    units: Mapping[int, Sequence[int]], n_units_per_block: int, seed: int = 0, disjoint: bool = False
+) -> dict[int, tuple[int, ...]]:
     """The same number of units in every block, drawn uniformly (seeded per block); `disjoint` avoids `units`."""
     out = {}
     for b, us in sorted(units.items()):
@@ -178,14 +181,20 @@ def random_draw_stats(ranked_after: int, draws_after: Sequence[int]) -> dict:
     d = np.asarray(list(draws_after), dtype=np.int64)
     if d.size == 0:
         raise ValueError("random_draw_stats needs at least one random draw")
-    return {"draws": int(d.size), "extracted_after_draws": [int(v) for v in d],
-            "extracted_after_mean": float(d.mean()), "extracted_after_min": int(d.min()),
-            "extracted_after_max": int(d.max()), "p_value": float((1 + (d <= ranked_after).sum()) / (d.size + 1))}
+    return {
+        "draws": int(d.size),
+        "extracted_after_draws": [int(v) for v in d],
+        "extracted_after_mean": float(d.mean()),
+        "extracted_after_min": int(d.min()),
+        "extracted_after_max": int(d.max()),
+        "p_value": float((1 + (d <= ranked_after).sum()) / (d.size + 1)),
+    }
 
 
 @torch.no_grad()
-def target_selectivity(adapter: IARAdapter, image_set: data.ImageSet, target_N: Sequence[bool],
-                       batch_size: int = 32) -> np.ndarray:
+def target_selectivity(
+    adapter: IARAdapter, image_set: data.ImageSet, target_N: Sequence[bool], batch_size: int = 32
+) -> np.ndarray:
     """[L, U] how much more each unit fires for the target images than for the rest: (m_t - m_r) / (m_t + m_r).
 
     m = the mean over images of the unit's mean |activation| over all token positions, teacher-forced, one
@@ -224,11 +233,11 @@ def top_units(scores_LU: np.ndarray, top_percent: float, blocks: Sequence[int]) 
     return units_from_pairs((int(blocks[i // U]), int(i % U)) for i in flat)
 
 
-def make_edit(units: Mapping[int, Sequence[int]], op: str = "fc1_scale", factor: float = 0.5,
-              cfg_half: str = "both") -> UnitEdit:
+def make_edit(
+    units: Mapping[int, Sequence[int]], op: str = "fc1_scale", factor: float = 0.5, cfg_half: str = "both"
+) -> UnitEdit:
     """The edit value for `hooks.edit`: fc1 rows x factor (paper), "zero", or "out_scale"."""
-    return UnitEdit(units={int(b): tuple(u) for b, u in units.items()}, op=op, factor=float(factor),
-                    cfg_half=cfg_half)
+    return UnitEdit(units={int(b): tuple(u) for b, u in units.items()}, op=op, factor=float(factor), cfg_half=cfg_half)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -250,10 +259,17 @@ def sampling_kwargs(adapter: IARAdapter, overrides: Mapping | None = None) -> di
 
 
 @torch.no_grad()
-def generate_images(adapter: IARAdapter, labels: Sequence[int] | torch.Tensor, edit: UnitEdit | None = None, *,
-                    seed: int = 0, batch_size: int = 64, sampling: Mapping | None = None,
-                    on_batch: Callable[[int, int], None] | None = None, oom_events: list | None = None
-                    ) -> torch.Tensor:
+def generate_images(
+    adapter: IARAdapter,
+    labels: Sequence[int] | torch.Tensor,
+    edit: UnitEdit | None = None,
+    *,
+    seed: int = 0,
+    batch_size: int = 64,
+    sampling: Mapping | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+    oom_events: list | None = None,
+) -> torch.Tensor:
     """Class-conditional samples [B, 3, H, W] in [0, 1] (CPU), batched; batch b is seeded seed + its start.
 
     The edit (None: the unedited model) applies inside `hooks.edit`, in this thread only.
@@ -273,8 +289,9 @@ def generate_images(adapter: IARAdapter, labels: Sequence[int] | torch.Tensor, e
     return out
 
 
-def sample_pair(adapter: IARAdapter, labels: Sequence[int] | torch.Tensor, edit: UnitEdit | None, *, seed: int = 0,
-                **sampling) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_pair(
+    adapter: IARAdapter, labels: Sequence[int] | torch.Tensor, edit: UnitEdit | None, *, seed: int = 0, **sampling
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(before_B3HW, after_B3HW): the same labels and seed without and with the edit (quick, in-process)."""
     before = generate_images(adapter, labels, None, seed=seed, sampling=sampling)
     after = generate_images(adapter, labels, edit, seed=seed, sampling=sampling)
@@ -294,9 +311,11 @@ def _space(feature_space, adapter: IARAdapter):
         return feature_space
     if feature_space is None or feature_space == metrics.FEATURE_SPACE_NAME:
         if feature_space is None and adapter.spec.kind == "released":
-            raise ValueError(f"{adapter.spec.name}: quality needs Inception for FID; give feature_space = the "
-                             f"path of {metrics.spaces.INCEPTION_FILE} (the demo feature space is a "
-                             f"Fashion-MNIST CNN and would say nothing about ImageNet samples)")
+            raise ValueError(
+                f"{adapter.spec.name}: quality needs Inception for FID; give feature_space = the "
+                f"path of {metrics.spaces.INCEPTION_FILE} (the demo feature space is a "
+                f"Fashion-MNIST CNN and would say nothing about ImageNet samples)"
+            )
         return metrics.resolve_space(None)
     if isinstance(feature_space, str) and feature_space in metrics.FEATURE_SPACES:
         raise ValueError(f"feature space {feature_space!r} needs its weights file: pass the file's path")
@@ -316,15 +335,22 @@ def _classifier(adapter: IARAdapter, space):
 def default_reference_set(adapter: IARAdapter) -> data.ImageSet:
     """The demo's held-out images (1000, never trained on) for demo and test models."""
     if adapter.spec.kind == "released":
-        raise ValueError(f"{adapter.spec.name}: give reference_set, real images of the model's data (e.g. an "
-                         f"ImageFolder of ImageNet validation images)")
+        raise ValueError(
+            f"{adapter.spec.name}: give reference_set, real images of the model's data (e.g. an "
+            f"ImageFolder of ImageNet validation images)"
+        )
     return data.load_demo("heldout")
 
 
 def reference_features(space, reference_set: data.ImageSet, size: int) -> torch.Tensor:
     """Features [M, D] of the reference images at the model's resolution (cached per process)."""
-    key = (space.name, getattr(space, "path", None) and str(space.path), reference_set.ids_sha256(),
-           str(data.data_fingerprint(reference_set)), size)
+    key = (
+        space.name,
+        getattr(space, "path", None) and str(space.path),
+        reference_set.ids_sha256(),
+        str(data.data_fingerprint(reference_set)),
+        size,
+    )
     if key not in _REF_CACHE:
         feats = [space.features(x) for _, x, _ in reference_set.iter_batches(256, size=size)]
         _REF_CACHE[key] = torch.cat(feats)
@@ -344,8 +370,16 @@ def _quality_fn(adapter, edit, n_samples, feature_space, reference_set, seed, sa
             ctx.check()
             ctx.progress(0.9 * j / n_samples, f"sampling {j}/{n_samples}")
 
-        samples = generate_images(adapter, labels, edit, seed=seed, batch_size=batch_size, sampling=sampling,
-                                  on_batch=on_batch, oom_events=events)
+        samples = generate_images(
+            adapter,
+            labels,
+            edit,
+            seed=seed,
+            batch_size=batch_size,
+            sampling=sampling,
+            on_batch=on_batch,
+            oom_events=events,
+        )
         t_gen = time.perf_counter() - t0
         ctx.progress(0.9, "features")
         ref = reference_features(space, reference_set, adapter.image_size)
@@ -354,17 +388,26 @@ def _quality_fn(adapter, edit, n_samples, feature_space, reference_set, seed, sa
         clf = _classifier(adapter, space)
         acc = metrics.class_accuracy(clf, samples, labels) if clf is not None else None
         meta = {
-            "fd": fd.value, "fd_metric": fd.metric, "feature_space": fd.feature_space,
-            "comparable_to_published_fid": fd.comparable_to_published_fid, "class_acc": acc,
+            "fd": fd.value,
+            "fd_metric": fd.metric,
+            "feature_space": fd.feature_space,
+            "comparable_to_published_fid": fd.comparable_to_published_fid,
+            "class_acc": acc,
             "classifier": "bundled demo-fashion-cnn head" if acc is not None else None,
-            "n_samples": int(n_samples), "n_reference": int(ref.shape[0]), "reference": reference_set.name,
-            "sampling": sampling_kwargs(adapter, sampling), "seed": int(seed),
-            "edit": edit.to_dict() if edit is not None else None, "oom_events": events,
+            "n_samples": int(n_samples),
+            "n_reference": int(ref.shape[0]),
+            "reference": reference_set.name,
+            "sampling": sampling_kwargs(adapter, sampling),
+            "seed": int(seed),
+            "edit": edit.to_dict() if edit is not None else None,
+            "oom_events": events,
             "timings": {"sampling_s": round(t_gen, 3), "total_s": round(time.perf_counter() - t0, 3)},
         }
         keep = samples[:N_KEEP_SAMPLES]
-        arrays = {"samples_BHW3": (keep.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(),
-                  "sample_labels": labels[:N_KEEP_SAMPLES].numpy()}
+        arrays = {
+            "samples_BHW3": (keep.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(),
+            "sample_labels": labels[:N_KEEP_SAMPLES].numpy(),
+        }
         return arrays, meta
 
     return fn
@@ -381,9 +424,20 @@ def _space_id(feature_space) -> str | None:
     return f"inception:{checkpoints.file_fingerprint(feature_space)}"
 
 
-def quality(adapter: IARAdapter, edit: UnitEdit | None = None, *, n_samples: int = 1000, feature_space=None,
-            reference_set: data.ImageSet | None = None, seed: int = 0, sampling: Mapping | None = None,
-            batch_size: int = 64, store=None, on_progress=None, force: bool = False) -> dict:
+def quality(
+    adapter: IARAdapter,
+    edit: UnitEdit | None = None,
+    *,
+    n_samples: int = 1000,
+    feature_space=None,
+    reference_set: data.ImageSet | None = None,
+    seed: int = 0,
+    sampling: Mapping | None = None,
+    batch_size: int = 64,
+    store=None,
+    on_progress=None,
+    force: bool = False,
+) -> dict:
     """{"fd", "fd_metric", "class_acc", "feature_space", "n_samples", ...} of class-balanced samples.
 
     `feature_space`: None / "demo-fashion-cnn" (bundled), a FeatureSpace, or the path of NVIDIA's
@@ -397,6 +451,7 @@ def quality(adapter: IARAdapter, edit: UnitEdit | None = None, *, n_samples: int
     edit = edit if edit is not None and edit.n_units else None
     fn = _quality_fn(adapter, edit, n_samples, feature_space, ref, seed, sampling, batch_size)
     if store is None:
+
         class _Ctx:  # in-process run without a store: no checkpoints, no cancel
             resume_state = None
 
@@ -409,12 +464,19 @@ def quality(adapter: IARAdapter, edit: UnitEdit | None = None, *, n_samples: int
 
         arrays, meta = fn(_Ctx())
         return dict(meta)
-    spec = {"model": adapter.identity, "dtype": str(adapter.dtype), "edit": edit.to_dict() if edit else None,
-            "n_samples": int(n_samples), "feature_space": _space_id(feature_space),
-            "reference": data.data_fingerprint(ref), "seed": int(seed),
-            "sampling": sampling_kwargs(adapter, sampling)}
-    _, meta = jobs.run_job(QUALITY_KIND, spec, fn, store=store, version=QUALITY_VERSION, force=force,
-                           on_progress=on_progress)
+    spec = {
+        "model": adapter.identity,
+        "dtype": str(adapter.dtype),
+        "edit": edit.to_dict() if edit else None,
+        "n_samples": int(n_samples),
+        "feature_space": _space_id(feature_space),
+        "reference": data.data_fingerprint(ref),
+        "seed": int(seed),
+        "sampling": sampling_kwargs(adapter, sampling),
+    }
+    _, meta = jobs.run_job(
+        QUALITY_KIND, spec, fn, store=store, version=QUALITY_VERSION, force=force, on_progress=on_progress
+    )
     return {**meta, "store_key": store.key(QUALITY_KIND, spec, QUALITY_VERSION)}
 
 
@@ -497,18 +559,42 @@ class InterventionResult:
 
 def _counts(res: extraction.ExtractionResult, similarity: str, threshold: float | None) -> dict:
     c = res.count(threshold=threshold, similarity=similarity)
-    return {"extracted": c["extracted"], "extracted_planted": c.get("extracted_planted"),
-            "recall_planted": c["recall_planted"], "recall_planted_max_count": c["recall_planted_max_count"],
-            "precision_planted": c["precision_planted"], "candidates": c["candidates"], "threshold": c["threshold"]}
+    return {
+        "extracted": c["extracted"],
+        "extracted_planted": c.get("extracted_planted"),
+        "recall_planted": c["recall_planted"],
+        "recall_planted_max_count": c["recall_planted_max_count"],
+        "precision_planted": c["precision_planted"],
+        "candidates": c["candidates"],
+        "threshold": c["threshold"],
+    }
 
 
-def run_intervention(adapter: IARAdapter, unitmem_result, image_set: data.ImageSet, *, top_percent: float,
-                     factor: float = 0.5, op: str = "fc1_scale", ranking: str = "global",
-                     extraction_cfg: extraction.ExtractionConfig | None = None, store=None, on_progress=None,
-                     combine: str | int = "max", cfg_half: str = "both", units: Mapping | None = None,
-                     n_samples: int = 1000, feature_space=None, reference_set=None, sampling=None, seed: int = 0,
-                     heldout_set=None, sscd_path=None, with_random: bool = True,
-                     random_draws: int | None = None) -> InterventionResult:
+def run_intervention(
+    adapter: IARAdapter,
+    unitmem_result,
+    image_set: data.ImageSet,
+    *,
+    top_percent: float,
+    factor: float = 0.5,
+    op: str = "fc1_scale",
+    ranking: str = "global",
+    extraction_cfg: extraction.ExtractionConfig | None = None,
+    store=None,
+    on_progress=None,
+    combine: str | int = "max",
+    cfg_half: str = "both",
+    units: Mapping | None = None,
+    n_samples: int = 1000,
+    feature_space=None,
+    reference_set=None,
+    sampling=None,
+    seed: int = 0,
+    heldout_set=None,
+    sscd_path=None,
+    with_random: bool = True,
+    random_draws: int | None = None,
+) -> InterventionResult:
     """Extraction and quality before the edit, after it, and with random units of the same size and blocks.
 
     The random control (`RandomControl`) is drawn `random_draws` times (seeds seed, seed + 1, ...; default
@@ -533,6 +619,7 @@ def run_intervention(adapter: IARAdapter, unitmem_result, image_set: data.ImageS
         def f(frac: float, msg: str) -> None:
             if on_progress is not None:
                 on_progress((done[0] + frac) / steps, f"{what}: {msg}")
+
         return f
 
     def step(fn, what):
@@ -540,68 +627,131 @@ def run_intervention(adapter: IARAdapter, unitmem_result, image_set: data.ImageS
         done[0] += 1
         return out
 
-    before = step(lambda p: extraction.run_extraction(adapter, image_set, ecfg, store=st, heldout_set=heldout_set,
-                                                      sscd_path=sscd_path, on_progress=p), "extraction before")
+    before = step(
+        lambda p: extraction.run_extraction(
+            adapter, image_set, ecfg, store=st, heldout_set=heldout_set, sscd_path=sscd_path, on_progress=p
+        ),
+        "extraction before",
+    )
     after_cfg = replace(ecfg, heldout=False)
     sim, thr = before.similarity, ecfg.threshold
-    qkw = dict(n_samples=n_samples, feature_space=feature_space, reference_set=reference_set, seed=seed,
-               sampling=sampling, store=st)
-    after = step(lambda p: extraction.run_extraction(adapter, image_set, after_cfg, store=st, edit=edit,
-                                                     sscd_path=sscd_path, on_progress=p), "extraction after")
+    qkw = dict(
+        n_samples=n_samples,
+        feature_space=feature_space,
+        reference_set=reference_set,
+        seed=seed,
+        sampling=sampling,
+        store=st,
+    )
+    after = step(
+        lambda p: extraction.run_extraction(
+            adapter, image_set, after_cfg, store=st, edit=edit, sscd_path=sscd_path, on_progress=p
+        ),
+        "extraction after",
+    )
     q0 = step(lambda p: quality(adapter, None, on_progress=p, **qkw), "quality before")
     q1 = step(lambda p: quality(adapter, edit, on_progress=p, **qkw), "quality after")
     c0, c1 = _counts(before, sim, thr), _counts(after, sim, thr)
     out = InterventionResult(
-        extracted_before=c0["extracted"], extracted_after=c1["extracted"],
-        fd_before=q0["fd"], fd_after=q1["fd"], class_acc_before=q0["class_acc"], class_acc_after=q1["class_acc"],
+        extracted_before=c0["extracted"],
+        extracted_after=c1["extracted"],
+        fd_before=q0["fd"],
+        fd_after=q1["fd"],
+        class_acc_before=q0["class_acc"],
+        class_acc_after=q1["class_acc"],
         recall_planted_max_count_before=c0["recall_planted_max_count"],
         recall_planted_max_count_after=c1["recall_planted_max_count"],
-        extracted_planted_before=c0["extracted_planted"], extracted_planted_after=c1["extracted_planted"],
+        extracted_planted_before=c0["extracted_planted"],
+        extracted_planted_after=c1["extracted_planted"],
         heldout_false_rate_before=before.count(similarity=sim, threshold=thr)["heldout_false_rate"],
-        candidates=c0["candidates"], similarity=sim, threshold=c0["threshold"],
-        fd_metric=q0["fd_metric"], feature_space=q0["feature_space"], n_samples=q0["n_samples"],
-        n_units=edit.n_units, units_per_block={str(b): len(u) for b, u in sorted(sel.items())},
-        top_percent=top_percent, factor=factor, op=op, ranking=ranking, combine=combine,
-        cfg_half=cfg_half, edit=edit.to_dict(),
-        store_keys={"extraction_before": before.meta["store_key"], "extraction_after": after.meta["store_key"],
-                    "quality_before": q0["store_key"], "quality_after": q1["store_key"],
-                    "unitmem": getattr(unitmem_result, "meta", {}).get("store_key") if unitmem_result else None},
+        candidates=c0["candidates"],
+        similarity=sim,
+        threshold=c0["threshold"],
+        fd_metric=q0["fd_metric"],
+        feature_space=q0["feature_space"],
+        n_samples=q0["n_samples"],
+        n_units=edit.n_units,
+        units_per_block={str(b): len(u) for b, u in sorted(sel.items())},
+        top_percent=top_percent,
+        factor=factor,
+        op=op,
+        ranking=ranking,
+        combine=combine,
+        cfg_half=cfg_half,
+        edit=edit.to_dict(),
+        store_keys={
+            "extraction_before": before.meta["store_key"],
+            "extraction_after": after.meta["store_key"],
+            "quality_before": q0["store_key"],
+            "quality_after": q1["store_key"],
+            "unitmem": getattr(unitmem_result, "meta", {}).get("store_key") if unitmem_result else None,
+        },
     )
     if with_random:
         runs = []  # draw i: random units of seed + i; draw 0 is `redit`, the only one whose quality is measured
         for i in range(draws):
-            e_i = redit if i == 0 else make_edit(random_control(sel, adapter.n_units, seed=seed + i), op, factor,
-                                                 cfg_half)
-            runs.append(step(lambda p, e_i=e_i: extraction.run_extraction(adapter, image_set, after_cfg, store=st,
-                                                                          edit=e_i, sscd_path=sscd_path,
-                                                                          on_progress=p),
-                             f"extraction random draw {i + 1}/{draws}"))
+            e_i = (
+                redit
+                if i == 0
+                else make_edit(random_control(sel, adapter.n_units, seed=seed + i), op, factor, cfg_half)
+            )
+            runs.append(
+                step(
+                    lambda p, e_i=e_i: extraction.run_extraction(
+                        adapter, image_set, after_cfg, store=st, edit=e_i, sscd_path=sscd_path, on_progress=p
+                    ),
+                    f"extraction random draw {i + 1}/{draws}",
+                )
+            )
         q2 = step(lambda p: quality(adapter, redit, on_progress=p, **qkw), "quality random")
         ra = runs[0]
         c2 = _counts(ra, sim, thr)
         counts = [c2["extracted"]] + [_counts(r, sim, thr)["extracted"] for r in runs[1:]]
         keys = [r.meta["store_key"] for r in runs]
         out.random_control = RandomControl(
-            extracted_after=c2["extracted"], fd_after=q2["fd"], class_acc_after=q2["class_acc"],
+            extracted_after=c2["extracted"],
+            fd_after=q2["fd"],
+            class_acc_after=q2["class_acc"],
             extracted_planted_after=c2["extracted_planted"],
             recall_planted_max_count_after=c2["recall_planted_max_count"],
-            n_units=redit.n_units, seed=seed, edit=redit.to_dict(),
-            **random_draw_stats(c1["extracted"], counts), draw_seeds=[seed + i for i in range(draws)],
-            store_keys={"extraction": ra.meta["store_key"], "quality": q2["store_key"], "extraction_draws": keys})
+            n_units=redit.n_units,
+            seed=seed,
+            edit=redit.to_dict(),
+            **random_draw_stats(c1["extracted"], counts),
+            draw_seeds=[seed + i for i in range(draws)],
+            store_keys={"extraction": ra.meta["store_key"], "quality": q2["store_key"], "extraction_draws": keys},
+        )
     return out
 
 
 MEASURE_KIND = "intervention-app"  # one edit's numbers as a job (the app's "measure this edit")
 
 
-def measurement_spec(adapter: IARAdapter, unitmem_result, image_set: data.ImageSet, *, top_percent: float | None,
-                     units: Mapping | None, factor: float, op: str, ranking: str, seed: int) -> dict:
+def measurement_spec(
+    adapter: IARAdapter,
+    unitmem_result,
+    image_set: data.ImageSet,
+    *,
+    top_percent: float | None,
+    units: Mapping | None,
+    factor: float,
+    op: str,
+    ranking: str,
+    seed: int,
+) -> dict:
     """Everything that determines `run_intervention` with the default extraction and quality settings."""
-    return {"model": adapter.identity, "data": data.data_fingerprint(image_set),
-            "unitmem": unitmem_result.meta.get("store_key"), "top_percent": top_percent,
-            "units": None if units is None else {str(b): list(u) for b, u in sorted(units.items())},
-            "factor": float(factor), "op": op, "ranking": ranking, "seed": int(seed),
-            "random_draws": default_random_draws(adapter)}
+    return {
+        "model": adapter.identity,
+        "data": data.data_fingerprint(image_set),
+        "unitmem": unitmem_result.meta.get("store_key"),
+        "top_percent": top_percent,
+        "units": None if units is None else {str(b): list(u) for b, u in sorted(units.items())},
+        "factor": float(factor),
+        "op": op,
+        "ranking": ranking,
+        "seed": int(seed),
+        "random_draws": default_random_draws(adapter),
+    }
 
 
 def measurement_key(adapter: IARAdapter, unitmem_result, image_set: data.ImageSet, store=None, **edit) -> str:
@@ -609,9 +759,19 @@ def measurement_key(adapter: IARAdapter, unitmem_result, image_set: data.ImageSe
     return st.key(MEASURE_KIND, measurement_spec(adapter, unitmem_result, image_set, **edit))
 
 
-def start_measurement(adapter: IARAdapter, unitmem_result, image_set: data.ImageSet, store=None, *,
-                      top_percent: float | None, units: Mapping | None, factor: float, op: str, ranking: str,
-                      seed: int) -> jobs.JobHandle:
+def start_measurement(
+    adapter: IARAdapter,
+    unitmem_result,
+    image_set: data.ImageSet,
+    store=None,
+    *,
+    top_percent: float | None,
+    units: Mapping | None,
+    factor: float,
+    op: str,
+    ranking: str,
+    seed: int,
+) -> jobs.JobHandle:
     """`run_intervention` for one edit (top-k% or explicit units) as a background job; the result's meta is
     `InterventionResult.to_dict()` (read it back with `load_measurement`)."""
     st = store if store is not None else store_mod.get_store()
@@ -623,9 +783,19 @@ def start_measurement(adapter: IARAdapter, unitmem_result, image_set: data.Image
             ctx.check()
             ctx.progress(frac, msg)
 
-        out = run_intervention(adapter, unitmem_result, image_set, top_percent=top_percent or 0.0, units=units,
-                               factor=factor, op=op, ranking=ranking, seed=seed, store=ctx.store,
-                               on_progress=progress)
+        out = run_intervention(
+            adapter,
+            unitmem_result,
+            image_set,
+            top_percent=top_percent or 0.0,
+            units=units,
+            factor=factor,
+            op=op,
+            ranking=ranking,
+            seed=seed,
+            store=ctx.store,
+            on_progress=progress,
+        )
         return {}, out.to_dict()
 
     return jobs.start_job(MEASURE_KIND, spec, fn, store=st)
@@ -636,58 +806,150 @@ def measurement_from_meta(meta: Mapping) -> InterventionResult:
     return InterventionResult.from_dict(dict(meta))
 
 
-def _sweep_rows(adapter, unitmem_result, image_set, top_percents, factor, op, ranking, combine, cfg_half,
-                extraction_cfg, n_samples, feature_space, reference_set, sampling, seed, store, heldout_set,
-                sscd_path, progress, random_draws=None) -> list[dict]:
+def _sweep_rows(
+    adapter,
+    unitmem_result,
+    image_set,
+    top_percents,
+    factor,
+    op,
+    ranking,
+    combine,
+    cfg_half,
+    extraction_cfg,
+    n_samples,
+    feature_space,
+    reference_set,
+    sampling,
+    seed,
+    store,
+    heldout_set,
+    sscd_path,
+    progress,
+    random_draws=None,
+) -> list[dict]:
     rows = []
     ks = list(top_percents)
     for i, k in enumerate(ks):
+
         def p(frac: float, msg: str, i=i, k=k) -> None:
             progress((i + frac) / len(ks), f"k={k}%: {msg}")
 
-        r = run_intervention(adapter, unitmem_result, image_set, top_percent=k, factor=factor, op=op,
-                             ranking=ranking, combine=combine, cfg_half=cfg_half, extraction_cfg=extraction_cfg,
-                             n_samples=n_samples, feature_space=feature_space, reference_set=reference_set,
-                             sampling=sampling, seed=seed, store=store, heldout_set=heldout_set,
-                             sscd_path=sscd_path, with_random=k > 0, on_progress=p, random_draws=random_draws)
+        r = run_intervention(
+            adapter,
+            unitmem_result,
+            image_set,
+            top_percent=k,
+            factor=factor,
+            op=op,
+            ranking=ranking,
+            combine=combine,
+            cfg_half=cfg_half,
+            extraction_cfg=extraction_cfg,
+            n_samples=n_samples,
+            feature_space=feature_space,
+            reference_set=reference_set,
+            sampling=sampling,
+            seed=seed,
+            store=store,
+            heldout_set=heldout_set,
+            sscd_path=sscd_path,
+            with_random=k > 0,
+            on_progress=p,
+            random_draws=random_draws,
+        )
         r = r.to_dict()
         rs = r.get("random_control") or {}
-        common = {"top_percent": float(k), "n_units": r["n_units"], "similarity": r["similarity"],
-                  "threshold": r["threshold"], "fd_metric": r["fd_metric"], "n_samples": r["n_samples"],
-                  "extracted_before": r["extracted_before"], "fd_before": r["fd_before"],
-                  "random_draws": rs.get("draws", 0),
-                  "random_extracted_mean": rs.get("extracted_after_mean", r["extracted_after"]),
-                  "random_extracted_min": rs.get("extracted_after_min", r["extracted_after"]),
-                  "random_extracted_max": rs.get("extracted_after_max", r["extracted_after"]),
-                  "p_value": rs.get("p_value")}
-        rows.append({**common, "selection": "unitmem", "extracted": r["extracted_after"],
-                     "extracted_planted": r["extracted_planted_after"],
-                     "recall_planted_max_count": r["recall_planted_max_count_after"], "fd": r["fd_after"],
-                     "class_acc": r["class_acc_after"]})
-        rc = r.get("random_control") or {"extracted_after": r["extracted_after"], "fd_after": r["fd_after"],
-                                         "class_acc_after": r["class_acc_after"],
-                                         "extracted_planted_after": r["extracted_planted_after"],
-                                         "recall_planted_max_count_after": r["recall_planted_max_count_after"]}
-        rows.append({**common, "selection": "random", "extracted": rc["extracted_after"],
-                     "extracted_planted": rc["extracted_planted_after"],
-                     "recall_planted_max_count": rc["recall_planted_max_count_after"], "fd": rc["fd_after"],
-                     "class_acc": rc["class_acc_after"]})
+        common = {
+            "top_percent": float(k),
+            "n_units": r["n_units"],
+            "similarity": r["similarity"],
+            "threshold": r["threshold"],
+            "fd_metric": r["fd_metric"],
+            "n_samples": r["n_samples"],
+            "extracted_before": r["extracted_before"],
+            "fd_before": r["fd_before"],
+            "random_draws": rs.get("draws", 0),
+            "random_extracted_mean": rs.get("extracted_after_mean", r["extracted_after"]),
+            "random_extracted_min": rs.get("extracted_after_min", r["extracted_after"]),
+            "random_extracted_max": rs.get("extracted_after_max", r["extracted_after"]),
+            "p_value": rs.get("p_value"),
+        }
+        rows.append(
+            {
+                **common,
+                "selection": "unitmem",
+                "extracted": r["extracted_after"],
+                "extracted_planted": r["extracted_planted_after"],
+                "recall_planted_max_count": r["recall_planted_max_count_after"],
+                "fd": r["fd_after"],
+                "class_acc": r["class_acc_after"],
+            }
+        )
+        rc = r.get("random_control") or {
+            "extracted_after": r["extracted_after"],
+            "fd_after": r["fd_after"],
+            "class_acc_after": r["class_acc_after"],
+            "extracted_planted_after": r["extracted_planted_after"],
+            "recall_planted_max_count_after": r["recall_planted_max_count_after"],
+        }
+        rows.append(
+            {
+                **common,
+                "selection": "random",
+                "extracted": rc["extracted_after"],
+                "extracted_planted": rc["extracted_planted_after"],
+                "recall_planted_max_count": rc["recall_planted_max_count_after"],
+                "fd": rc["fd_after"],
+                "class_acc": rc["class_acc_after"],
+            }
+        )
     return rows
 
 
-def sweep_spec(adapter, unitmem_result, image_set, top_percents, factor, op, ranking, combine, cfg_half,
-               extraction_cfg, n_samples, feature_space, reference_set, sampling, seed, heldout_set, sscd_path,
-               random_draws=None) -> dict:
+def sweep_spec(
+    adapter,
+    unitmem_result,
+    image_set,
+    top_percents,
+    factor,
+    op,
+    ranking,
+    combine,
+    cfg_half,
+    extraction_cfg,
+    n_samples,
+    feature_space,
+    reference_set,
+    sampling,
+    seed,
+    heldout_set,
+    sscd_path,
+    random_draws=None,
+) -> dict:
     ecfg = extraction_cfg or extraction.ExtractionConfig()
     ref = reference_set if reference_set is not None else default_reference_set(adapter)
-    return {"model": adapter.identity, "dtype": str(adapter.dtype), "data": data.data_fingerprint(image_set),
-            "unitmem": unitmem_result.meta.get("store_key"), "top_percents": [float(k) for k in top_percents],
-            "factor": float(factor), "op": op, "ranking": ranking, "combine": combine, "cfg_half": cfg_half,
-            "extraction": ecfg.to_dict(), "n_samples": int(n_samples), "feature_space": _space_id(feature_space),
-            "reference": data.data_fingerprint(ref), "sampling": sampling_kwargs(adapter, sampling),
-            "seed": int(seed), "heldout": data.data_fingerprint(heldout_set) if heldout_set is not None else None,
-            "sscd": str(sscd_path) if sscd_path else None,
-            "random_draws": default_random_draws(adapter, random_draws)}
+    return {
+        "model": adapter.identity,
+        "dtype": str(adapter.dtype),
+        "data": data.data_fingerprint(image_set),
+        "unitmem": unitmem_result.meta.get("store_key"),
+        "top_percents": [float(k) for k in top_percents],
+        "factor": float(factor),
+        "op": op,
+        "ranking": ranking,
+        "combine": combine,
+        "cfg_half": cfg_half,
+        "extraction": ecfg.to_dict(),
+        "n_samples": int(n_samples),
+        "feature_space": _space_id(feature_space),
+        "reference": data.data_fingerprint(ref),
+        "sampling": sampling_kwargs(adapter, sampling),
+        "seed": int(seed),
+        "heldout": data.data_fingerprint(heldout_set) if heldout_set is not None else None,
+        "sscd": str(sscd_path) if sscd_path else None,
+        "random_draws": default_random_draws(adapter, random_draws),
+    }
 
 
 def _sweep_job(args: dict):
@@ -704,31 +966,83 @@ def _sweep_job(args: dict):
                 arrays[k] = np.array([str(v) for v in vals])
             else:
                 arrays[k] = np.array([np.nan if v is None else float(v) for v in vals], np.float64)
-        meta = {"rows": rows, "columns": list(rows[0]),
-                "how": "extraction count at the unedited result's measure and threshold; FD and class accuracy "
-                       "of class-balanced samples with the model's published sampling settings"}
+        meta = {
+            "rows": rows,
+            "columns": list(rows[0]),
+            "how": "extraction count at the unedited result's measure and threshold; FD and class accuracy "
+            "of class-balanced samples with the model's published sampling settings",
+        }
         return arrays, meta
 
     return fn
 
 
-def _sweep_args(adapter, unitmem_result, image_set, top_percents, factor, op, ranking, combine, cfg_half,
-                extraction_cfg, n_samples, feature_space, reference_set, sampling, seed, heldout_set, sscd_path,
-                random_draws=None):
-    return dict(adapter=adapter, unitmem_result=unitmem_result, image_set=image_set, top_percents=top_percents,
-                factor=factor, op=op, ranking=ranking, combine=combine, cfg_half=cfg_half,
-                extraction_cfg=extraction_cfg, n_samples=n_samples, feature_space=feature_space,
-                reference_set=reference_set, sampling=sampling, seed=seed, heldout_set=heldout_set,
-                sscd_path=sscd_path,
-                random_draws=default_random_draws(adapter, random_draws))
+def _sweep_args(
+    adapter,
+    unitmem_result,
+    image_set,
+    top_percents,
+    factor,
+    op,
+    ranking,
+    combine,
+    cfg_half,
+    extraction_cfg,
+    n_samples,
+    feature_space,
+    reference_set,
+    sampling,
+    seed,
+    heldout_set,
+    sscd_path,
+    random_draws=None,
+):
+    return dict(
+        adapter=adapter,
+        unitmem_result=unitmem_result,
+        image_set=image_set,
+        top_percents=top_percents,
+        factor=factor,
+        op=op,
+        ranking=ranking,
+        combine=combine,
+        cfg_half=cfg_half,
+        extraction_cfg=extraction_cfg,
+        n_samples=n_samples,
+        feature_space=feature_space,
+        reference_set=reference_set,
+        sampling=sampling,
+        seed=seed,
+        heldout_set=heldout_set,
+        sscd_path=sscd_path,
+        random_draws=default_random_draws(adapter, random_draws),
+    )
 
 
-def run_sweep(adapter: IARAdapter, unitmem_result, image_set: data.ImageSet, *,
-              top_percents: Sequence[float] = DEFAULT_TOP_PERCENTS, factor: float = 0.5, op: str = "fc1_scale",
-              ranking: str = "global", combine: str | int = "max", cfg_half: str = "both",
-              extraction_cfg: extraction.ExtractionConfig | None = None, n_samples: int = 1000,
-              feature_space=None, reference_set=None, sampling=None, seed: int = 0, heldout_set=None,
-              sscd_path=None, random_draws: int | None = None, store=None, on_progress=None, force: bool = False):
+def run_sweep(
+    adapter: IARAdapter,
+    unitmem_result,
+    image_set: data.ImageSet,
+    *,
+    top_percents: Sequence[float] = DEFAULT_TOP_PERCENTS,
+    factor: float = 0.5,
+    op: str = "fc1_scale",
+    ranking: str = "global",
+    combine: str | int = "max",
+    cfg_half: str = "both",
+    extraction_cfg: extraction.ExtractionConfig | None = None,
+    n_samples: int = 1000,
+    feature_space=None,
+    reference_set=None,
+    sampling=None,
+    seed: int = 0,
+    heldout_set=None,
+    sscd_path=None,
+    random_draws: int | None = None,
+    store=None,
+    on_progress=None,
+    force: bool = False,
+):
     """The privacy / quality trade-off: one row per (k, selection in {unitmem, random}); a job in the store.
 
     Columns: top_percent, selection, n_units, extracted, extracted_planted, recall_planted_max_count, fd,
@@ -738,12 +1052,30 @@ def run_sweep(adapter: IARAdapter, unitmem_result, image_set: data.ImageSet, *,
     (both selections).
     """
     st = store if store is not None else store_mod.get_store()
-    a = _sweep_args(adapter, unitmem_result, image_set, top_percents, factor, op, ranking, combine, cfg_half,
-                    extraction_cfg, n_samples, feature_space, reference_set, sampling, seed, heldout_set, sscd_path,
-                    random_draws)
+    a = _sweep_args(
+        adapter,
+        unitmem_result,
+        image_set,
+        top_percents,
+        factor,
+        op,
+        ranking,
+        combine,
+        cfg_half,
+        extraction_cfg,
+        n_samples,
+        feature_space,
+        reference_set,
+        sampling,
+        seed,
+        heldout_set,
+        sscd_path,
+        random_draws,
+    )
     spec = sweep_spec(**a)
-    _, meta = jobs.run_job(SWEEP_KIND, spec, _sweep_job(a), store=st, version=SWEEP_VERSION, force=force,
-                           on_progress=on_progress)
+    _, meta = jobs.run_job(
+        SWEEP_KIND, spec, _sweep_job(a), store=st, version=SWEEP_VERSION, force=force, on_progress=on_progress
+    )
     return _frame(meta, st.key(SWEEP_KIND, spec, SWEEP_VERSION))
 
 
@@ -765,22 +1097,69 @@ def sweep_key(adapter: IARAdapter, unitmem_result, image_set: data.ImageSet, sto
 
 def sweep_defaults() -> dict:
     """The keywords of run_sweep / start_sweep at their defaults (the CLI's `intervene --sweep`)."""
-    return dict(top_percents=DEFAULT_TOP_PERCENTS, factor=DEFAULT_FACTOR, op=DEFAULT_OP, ranking=DEFAULT_RANKING,
-                combine=DEFAULT_COMBINE, cfg_half="both", extraction_cfg=None, n_samples=DEFAULT_N_SAMPLES,
-                feature_space=None, reference_set=None, sampling=None, seed=0, heldout_set=None, sscd_path=None)
+    return dict(
+        top_percents=DEFAULT_TOP_PERCENTS,
+        factor=DEFAULT_FACTOR,
+        op=DEFAULT_OP,
+        ranking=DEFAULT_RANKING,
+        combine=DEFAULT_COMBINE,
+        cfg_half="both",
+        extraction_cfg=None,
+        n_samples=DEFAULT_N_SAMPLES,
+        feature_space=None,
+        reference_set=None,
+        sampling=None,
+        seed=0,
+        heldout_set=None,
+        sscd_path=None,
+    )
 
 
-def start_sweep(adapter: IARAdapter, unitmem_result, image_set: data.ImageSet, *,
-                top_percents: Sequence[float] = DEFAULT_TOP_PERCENTS, factor: float = 0.5, op: str = "fc1_scale",
-                ranking: str = "global", combine: str | int = "max", cfg_half: str = "both",
-                extraction_cfg: extraction.ExtractionConfig | None = None, n_samples: int = 1000,
-                feature_space=None, reference_set=None, sampling=None, seed: int = 0, heldout_set=None,
-                sscd_path=None, random_draws: int | None = None, store=None, force: bool = False) -> jobs.JobHandle:
+def start_sweep(
+    adapter: IARAdapter,
+    unitmem_result,
+    image_set: data.ImageSet,
+    *,
+    top_percents: Sequence[float] = DEFAULT_TOP_PERCENTS,
+    factor: float = 0.5,
+    op: str = "fc1_scale",
+    ranking: str = "global",
+    combine: str | int = "max",
+    cfg_half: str = "both",
+    extraction_cfg: extraction.ExtractionConfig | None = None,
+    n_samples: int = 1000,
+    feature_space=None,
+    reference_set=None,
+    sampling=None,
+    seed: int = 0,
+    heldout_set=None,
+    sscd_path=None,
+    random_draws: int | None = None,
+    store=None,
+    force: bool = False,
+) -> jobs.JobHandle:
     """Start the sweep as a background job; `load_sweep(store, handle.key)` once done."""
     st = store if store is not None else store_mod.get_store()
-    a = _sweep_args(adapter, unitmem_result, image_set, top_percents, factor, op, ranking, combine, cfg_half,
-                    extraction_cfg, n_samples, feature_space, reference_set, sampling, seed, heldout_set, sscd_path,
-                    random_draws)
+    a = _sweep_args(
+        adapter,
+        unitmem_result,
+        image_set,
+        top_percents,
+        factor,
+        op,
+        ranking,
+        combine,
+        cfg_half,
+        extraction_cfg,
+        n_samples,
+        feature_space,
+        reference_set,
+        sampling,
+        seed,
+        heldout_set,
+        sscd_path,
+        random_draws,
+    )
     return jobs.start_job(SWEEP_KIND, sweep_spec(**a), _sweep_job(a), store=st, version=SWEEP_VERSION, force=force)
 
 

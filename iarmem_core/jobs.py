@@ -54,9 +54,7 @@ from iarmem_core.store import HOST, ResultStore, atomic_write_json, get_store
 STATES = ("queued", "running", "done", "failed", "cancelled")
 TERMINAL = ("done", "failed", "cancelled")
 HEARTBEAT_S = 2.0  # how often a running job refreshes its heartbeat
-STATUS_EVERY_S = (
-    0.2  # progress is written to disk at most this often (the in-process handle is always current)
-)
+STATUS_EVERY_S = 0.2  # progress is written to disk at most this often (the in-process handle is always current)
 CANCEL_POLL_S = 0.25  # how often ctx.cancelled looks for a cancel request file from another process
 CHECKPOINT_EVERY_S = 5.0  # run_batches saves partial state at most this often (and <= 10% of the time)
 
@@ -342,9 +340,7 @@ def _run(handle: JobHandle, fn: JobFn, lock: _Lock, version: str | None) -> None
         beater.start()
         out = fn(JobContext(handle, resume))
         if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], Mapping)):
-            raise TypeError(
-                f"job function for {handle.kind} must return (arrays: dict, meta: dict), got {type(out)}"
-            )
+            raise TypeError(f"job function for {handle.kind} must return (arrays: dict, meta: dict), got {type(out)}")
         handle._set(message="saving result")
         handle.store.save(handle.key, out[0], out[1], kind=handle.kind, spec=handle.spec, version=version)
         handle.store.clear_partial(handle.key)
@@ -428,9 +424,7 @@ def start_job(
         if not lock.try_acquire():
             return JobHandle(store, key, kind, spec, local=False)
         h = _local_handle(store, key, kind, spec, on_progress)
-        h.thread = threading.Thread(
-            target=_run, args=(h, fn, lock, version), name=f"iarmem-job-{key}", daemon=True
-        )
+        h.thread = threading.Thread(target=_run, args=(h, fn, lock, version), name=f"iarmem-job-{key}", daemon=True)
         _REGISTRY[reg_key] = h
         h.thread.start()
     return h
@@ -551,7 +545,8 @@ def run_batches(
                 raise OutOfMemory(
                     f"out of memory on a {what} of 1 item (item {i}): the model does not fit on this device. "
                     f"Use a smaller model, dtype bf16, or another device (--device cpu). Original error: "
-                    f"{str(e).splitlines()[0][:200]}") from e
+                    f"{str(e).splitlines()[0][:200]}"
+                ) from e
             new = max(1, (j - i) // 2)
             if events is not None:
                 events.append({"at": int(i), "from": int(j - i), "to": int(new), "error": str(e).splitlines()[0][:200]})

@@ -115,9 +115,7 @@ def to_jsonable(obj, where: str = "spec", allow_nan: bool = False):
 
 def canonical_json(obj) -> str:
     """Sorted, compact JSON of obj: equal specs give equal strings."""
-    return json.dumps(
-        to_jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    )
+    return json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -216,17 +214,16 @@ class ResultStore:
 
     def _writable(self, what: str) -> None:
         if self.read_only:
-            raise ReadOnlyStoreError(f"{what}: the store at {self.root} is open read-only; write to your own store "
-                                     f"($IARMEM_STORE) instead")
+            raise ReadOnlyStoreError(
+                f"{what}: the store at {self.root} is open read-only; write to your own store ($IARMEM_STORE) instead"
+            )
 
     # -- keys -----------------------------------------------------------------------------------------------
 
     def key(self, kind: str, spec: Mapping, version: str | None = None) -> str:
         """`<kind>-<24 hex>`: a hash of kind, the JSON-able spec and the code version (+ per-kind version)."""
         if not isinstance(kind, str) or not _KIND_RE.match(kind):
-            raise ValueError(
-                f"kind {kind!r}: expected lower-case letters, digits, '_', '.', '-' (e.g. 'unitmem')"
-            )
+            raise ValueError(f"kind {kind!r}: expected lower-case letters, digits, '_', '.', '-' (e.g. 'unitmem')")
         if not isinstance(spec, Mapping):
             raise TypeError(f"spec must be a dict of JSON-able values, got a {type(spec).__name__}")
         doc = {
@@ -239,9 +236,7 @@ class ResultStore:
 
     def _check_key(self, key: str) -> str:
         if not isinstance(key, str) or not _KEY_RE.match(key):
-            raise ValueError(
-                f"{key!r} is not a store key (expected '<kind>-<24 hex>' as returned by ResultStore.key)"
-            )
+            raise ValueError(f"{key!r} is not a store key (expected '<kind>-<24 hex>' as returned by ResultStore.key)")
         return key
 
     def result_dir(self, key: str) -> Path:
@@ -314,9 +309,7 @@ class ResultStore:
 
     # -- partial state of resumable jobs --------------------------------------------------------------------
 
-    def save_partial(
-        self, key: str, state_arrays: Mapping[str, np.ndarray], state_meta: Mapping | None = None
-    ) -> None:
+    def save_partial(self, key: str, state_arrays: Mapping[str, np.ndarray], state_meta: Mapping | None = None) -> None:
         """Atomically replace the checkpoint state of the job `key`."""
         self._writable(f"checkpointing {key}")
         self._write_slot(self.partial_dir(key), state_arrays, state_meta, {"key": key, "partial": True})
@@ -383,9 +376,7 @@ class ResultStore:
             return m
         except (ValueError, OSError, UnicodeDecodeError):
             # keep the damaged file for inspection; the manifest is derived data, so rebuild it
-            os.replace(
-                path, path.with_name(f"manifest.json.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-            )
+            os.replace(path, path.with_name(f"manifest.json.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"))
             return self._rebuild_manifest_unlocked()
 
     def _rebuild_manifest_unlocked(self) -> dict:
@@ -406,10 +397,7 @@ class ResultStore:
 
     @staticmethod
     def _manifest_row(info: dict) -> dict:
-        arrays = {
-            n: {"shape": a["shape"], "dtype": a["dtype"], "bytes": a["bytes"]}
-            for n, a in info["arrays"].items()
-        }
+        arrays = {n: {"shape": a["shape"], "dtype": a["dtype"], "bytes": a["bytes"]} for n, a in info["arrays"].items()}
         return {
             "kind": info.get("kind"),
             "spec": info.get("spec"),
@@ -427,27 +415,19 @@ class ResultStore:
 
     # -- slots: a folder whose CURRENT names the live, complete version folder ------------------------------
 
-    def _write_slot(
-        self, slot: Path, arrays: Mapping[str, np.ndarray], meta: Mapping | None, info: dict
-    ) -> Path:
+    def _write_slot(self, slot: Path, arrays: Mapping[str, np.ndarray], meta: Mapping | None, info: dict) -> Path:
         # 1. validate everything before touching the disk: bad input never replaces a stored entry
         if not isinstance(arrays, Mapping):
             raise TypeError(f"arrays must be a dict of name -> numpy array, got a {type(arrays).__name__}")
         arrs = {}
         for name, a in arrays.items():
             if not isinstance(name, str) or not _NAME_RE.match(name) or name in ("meta", "info"):
-                raise ValueError(
-                    f"array name {name!r}: use letters, digits, '_', '.', '-' (not 'meta' or 'info')"
-                )
+                raise ValueError(f"array name {name!r}: use letters, digits, '_', '.', '-' (not 'meta' or 'info')")
             a = np.asarray(a)
             if a.dtype.hasobject:
-                raise TypeError(
-                    f"array {name!r} has dtype object; store numbers or fixed-width strings (no pickles)"
-                )
+                raise TypeError(f"array {name!r} has dtype object; store numbers or fixed-width strings (no pickles)")
             arrs[name] = np.ascontiguousarray(a)
-        meta_json = json.dumps(
-            to_jsonable(dict(meta or {}), "meta", allow_nan=True), indent=1, sort_keys=True
-        )
+        meta_json = json.dumps(to_jsonable(dict(meta or {}), "meta", allow_nan=True), indent=1, sort_keys=True)
 
         # 2. write a complete version folder in tmp/ and fsync it
         tmp = self._tmp_path("w")
@@ -503,9 +483,7 @@ class ResultStore:
             raise ResultNotFound(f"no {what} stored under {key} (looked in {slot})") from None
         vdir = slot / vname
         if not vname.startswith("v-") or not vdir.is_dir():
-            raise self._corrupt(
-                slot, key, what, f"CURRENT names {vname!r}, which is not a version folder there"
-            )
+            raise self._corrupt(slot, key, what, f"CURRENT names {vname!r}, which is not a version folder there")
         return vdir
 
     def _read_info(self, slot: Path, key: str, what: str, vdir: Path | None = None) -> dict:
@@ -528,9 +506,7 @@ class ResultStore:
             vdir = self._live_version(slot, key, what)
             return self._read_version(slot, key, what, vdir, verify, mmap)
 
-    def _read_version(
-        self, slot: Path, key: str, what: str, vdir: Path, verify: bool, mmap: bool
-    ) -> tuple[dict, dict]:
+    def _read_version(self, slot: Path, key: str, what: str, vdir: Path, verify: bool, mmap: bool) -> tuple[dict, dict]:
         info = self._read_info(slot, key, what, vdir)
         arrays = {}
         for name, a in info["arrays"].items():
@@ -548,8 +524,7 @@ class ResultStore:
                     slot,
                     key,
                     what,
-                    f"{f.name} has shape {list(arr.shape)} {arr.dtype.str}, info.json "
-                    f"says {a['shape']} {a['dtype']}",
+                    f"{f.name} has shape {list(arr.shape)} {arr.dtype.str}, info.json says {a['shape']} {a['dtype']}",
                 )
             arrays[name] = arr
         try:

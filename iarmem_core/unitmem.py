@@ -106,11 +106,11 @@ def median_rest(mu_NGU: torch.Tensor, argmax_GU: torch.Tensor, chunk: int = 1024
     m = n - 1
     out = torch.empty(mu_NGU.shape[1:], dtype=mu_NGU.dtype)
     for u0 in range(0, mu_NGU.shape[-1], chunk):
-        x = mu_NGU[..., u0:u0 + chunk].clone()
+        x = mu_NGU[..., u0 : u0 + chunk].clone()
         # the argmax is the largest value: push exactly that one copy to the end and drop it
-        x.scatter_(0, argmax_GU[..., u0:u0 + chunk].long().unsqueeze(0), float("inf"))
+        x.scatter_(0, argmax_GU[..., u0 : u0 + chunk].long().unsqueeze(0), float("inf"))
         srt = x.sort(dim=0).values[:m]
-        out[..., u0:u0 + chunk] = srt[m // 2] if m % 2 else 0.5 * (srt[m // 2 - 1] + srt[m // 2])
+        out[..., u0 : u0 + chunk] = srt[m // 2] if m % 2 else 0.5 * (srt[m // 2 - 1] + srt[m // 2])
     return out
 
 
@@ -151,8 +151,12 @@ class _GroupPlan:
         single = nz.sum(0) == 1
         single_g = torch.nonzero(single).flatten()
         multi_g = torch.nonzero(nz.any(0) & ~single).flatten()
-        return _GroupReducer(single_g.to(device), nz[:, single_g].float().argmax(0).to(device), multi_g.to(device),
-                             w[:, multi_g].T.contiguous().to(device, dtype))
+        return _GroupReducer(
+            single_g.to(device),
+            nz[:, single_g].float().argmax(0).to(device),
+            multi_g.to(device),
+            w[:, multi_g].T.contiguous().to(device, dtype),
+        )
 
 
 @dataclass
@@ -204,8 +208,9 @@ class UnitMemState:
 class UnitMemPass:
     """A resumable streaming UnitMem pass over N images, driven batch by batch."""
 
-    def __init__(self, adapter: IARAdapter, n_images: int, cfg: UnitMemConfig,
-                 spill_dir: str | os.PathLike | None = None):
+    def __init__(
+        self, adapter: IARAdapter, n_images: int, cfg: UnitMemConfig, spill_dir: str | os.PathLike | None = None
+    ):
         self.adapter, self.n, self.cfg = adapter, n_images, cfg
         self.augmentation = adapter.spec.train_augmentation if cfg.augmentation == "default" else cfg.augmentation
         data.parse_augmentation(self.augmentation)  # fail early on a bad name
@@ -236,9 +241,11 @@ class UnitMemPass:
     # ---- resume --------------------------------------------------------------------------------
     def load_state(self, state: UnitMemState) -> None:
         dev = self.adapter.device
-        self.state = UnitMemState(state.n_seen, *(getattr(state, f).to(dev) for f in
-                                                   ("max_LGU", "argmax_LGU", "sum_LGU", "topv_LKSU", "topi_LKSU")),
-                                  correct_NT=state.correct_NT.cpu())
+        self.state = UnitMemState(
+            state.n_seen,
+            *(getattr(state, f).to(dev) for f in ("max_LGU", "argmax_LGU", "sum_LGU", "topv_LKSU", "topi_LKSU")),
+            correct_NT=state.correct_NT.cpu(),
+        )
 
     # ---- one batch -------------------------------------------------------------------------------
     def step(self, images_B3HW: torch.Tensor, labels_B: torch.Tensor, keys: Sequence[int | str]) -> None:
@@ -250,7 +257,7 @@ class UnitMemPass:
         per_image = len(self.blocks) * len(self.plan.groups) * self.n_units * 4
         chunk = max(1, int(self.cfg.max_accum_mb * 2**20 // per_image))
         for i in range(0, images_B3HW.shape[0], chunk):
-            self._step(images_B3HW[i:i + chunk], labels_B[i:i + chunk], keys[i:i + chunk])
+            self._step(images_B3HW[i : i + chunk], labels_B[i : i + chunk], keys[i : i + chunk])
 
     @torch.no_grad()
     def _step(self, images_B3HW: torch.Tensor, labels_B: torch.Tensor, keys: Sequence[int | str]) -> None:
@@ -285,7 +292,7 @@ class UnitMemPass:
                 logits_BNV = ad.teacher_forced_logits(tokens, labels_B)
             if v == 0:
                 flat = ad.flatten(tokens)
-                st.correct_NT[start:start + B] = (logits_BNV.argmax(-1) == flat).to(torch.uint8).cpu()
+                st.correct_NT[start : start + B] = (logits_BNV.argmax(-1) == flat).to(torch.uint8).cpu()
         mu_LBGU /= cfg.n_augs
         self._update(mu_LBGU, start)
         st.n_seen = start + B
@@ -301,14 +308,17 @@ class UnitMemPass:
         # top-K images of the scale groups: merge the running top-K with this batch
         sidx = torch.tensor(self.plan.scale_group_ids, device=mu_LBGU.device)
         cand_v = torch.cat([st.topv_LKSU, mu_LBGU.index_select(2, sidx)], dim=1)
-        ids = torch.arange(start, start + B, device=mu_LBGU.device).view(1, B, 1, 1).expand(
-            mu_LBGU.shape[0], B, len(sidx), mu_LBGU.shape[-1])
+        ids = (
+            torch.arange(start, start + B, device=mu_LBGU.device)
+            .view(1, B, 1, 1)
+            .expand(mu_LBGU.shape[0], B, len(sidx), mu_LBGU.shape[-1])
+        )
         cand_i = torch.cat([st.topi_LKSU, ids], dim=1)
         K = st.topv_LKSU.shape[1]
         st.topv_LKSU, sel = cand_v.topk(K, dim=1)
         st.topi_LKSU = cand_i.gather(1, sel)
         if self._spill is not None:
-            self._spill[start:start + B] = mu_LBGU.transpose(0, 1).float().cpu().numpy()
+            self._spill[start : start + B] = mu_LBGU.transpose(0, 1).float().cpu().numpy()
             self._spill.flush()
 
     # ---- finish ----------------------------------------------------------------------------------
@@ -328,8 +338,13 @@ class UnitMemPass:
                 mu_rest[li] = median_rest(mu_NGU, st.argmax_LGU[li].cpu()).to(mu_rest.device)
         um = unitmem_from_stats(mu_max, mu_rest)
         out = {
-            "unitmem_LGU": um, "mu_max_LGU": mu_max, "mu_rest_LGU": mu_rest, "argmax_LGU": st.argmax_LGU,
-            "top_images_LKSU": st.topi_LKSU, "top_mu_LKSU": st.topv_LKSU, "correct_NT": st.correct_NT,
+            "unitmem_LGU": um,
+            "mu_max_LGU": mu_max,
+            "mu_rest_LGU": mu_rest,
+            "argmax_LGU": st.argmax_LGU,
+            "top_images_LKSU": st.topi_LKSU,
+            "top_mu_LKSU": st.topv_LKSU,
+            "correct_NT": st.correct_NT,
         }
         # image indices fit int32 (a selection never has 2^31 images): halves the result's largest arrays
         for k in ("argmax_LGU", "top_images_LKSU"):
@@ -453,8 +468,10 @@ class UnitMemResult:
         try:
             return self.meta["image_ids"].index(image_id)
         except ValueError:
-            raise KeyError(f"image {image_id!r} is not in this UnitMem result's data selection "
-                           f"({len(self.meta['image_ids'])} images)") from None
+            raise KeyError(
+                f"image {image_id!r} is not in this UnitMem result's data selection "
+                f"({len(self.meta['image_ids'])} images)"
+            ) from None
 
     def _li(self, block: int) -> int:
         blocks = self.blocks
@@ -479,8 +496,9 @@ class UnitMemResult:
         ids = [i for i, g in enumerate(self.meta["groups"]) if g["kind"] == "position" and int(g["scale"]) == scale]
         h, w = self.token_grids[scale]
         if len(ids) != h * w:
-            raise KeyError(f"this UnitMem result has no per-position groups for scale {h}x{w} "
-                           f"(run it with --detail position)")
+            raise KeyError(
+                f"this UnitMem result has no per-position groups for scale {h}x{w} (run it with --detail position)"
+            )
         return self.summary(stat)[self._li(block), ids].reshape(h, w)
 
     def top_units(self, block: int, group: int, k: int = 50) -> list[int]:
@@ -497,15 +515,24 @@ class UnitMemResult:
         top images [(image index, mu), ...] (the one it fires for most first)."""
         li = self._li(block)
         a = self.arrays
-        out = {"block": int(block), "group": self.meta["groups"][group]["name"], "unit": int(unit),
-               "unitmem": float(self.unitmem[li, group, unit]), "mu_max": float(a["mu_max_LGU"][li, group, unit]),
-               "mu_rest": float(a["mu_rest_LGU"][li, group, unit]),
-               "argmax": int(self.arrays["argmax_LGU"][li, group, unit])}
+        out = {
+            "block": int(block),
+            "group": self.meta["groups"][group]["name"],
+            "unit": int(unit),
+            "unitmem": float(self.unitmem[li, group, unit]),
+            "mu_max": float(a["mu_max_LGU"][li, group, unit]),
+            "mu_rest": float(a["mu_rest_LGU"][li, group, unit]),
+            "argmax": int(self.arrays["argmax_LGU"][li, group, unit]),
+        }
         scale_ids = self.scale_group_ids
         if group in scale_ids and "top_images_LKSU" in self.arrays:
             si = scale_ids.index(group)
-            out["top_images"] = [(int(i), float(m)) for i, m in zip(self.arrays["top_images_LKSU"][li, :, si, unit],
-                                                                    self.arrays["top_mu_LKSU"][li, :, si, unit])]
+            out["top_images"] = [
+                (int(i), float(m))
+                for i, m in zip(
+                    self.arrays["top_images_LKSU"][li, :, si, unit], self.arrays["top_mu_LKSU"][li, :, si, unit]
+                )
+            ]
         else:
             out["top_images"] = [(out["argmax"], out["mu_max"])]
         return out
@@ -522,8 +549,14 @@ class UnitMemResult:
         rows = []
         for g in (gi for gi, gr in enumerate(self.meta["groups"]) if gr["kind"] in kinds):
             for li, u in np.argwhere(self.arrays["argmax_LGU"][:, g, :] == i):
-                rows.append({"block": self.blocks[int(li)], "group": self.meta["groups"][g]["name"], "unit": int(u),
-                             "unitmem": float(self.unitmem[li, g, u])})
+                rows.append(
+                    {
+                        "block": self.blocks[int(li)],
+                        "group": self.meta["groups"][g]["name"],
+                        "unit": int(u),
+                        "unitmem": float(self.unitmem[li, g, u]),
+                    }
+                )
         return sorted(rows, key=lambda r: (-r["unitmem"], r["block"], r["unit"]))
 
     def unit_scores(self, combine: str | int = "max") -> np.ndarray:
@@ -562,8 +595,12 @@ KIND = "unitmem"
 
 def job_spec(adapter: IARAdapter, image_set: data.ImageSet, cfg: UnitMemConfig) -> dict:
     """Everything that determines a UnitMem result (the store key is its hash plus the code version)."""
-    return {"model": adapter.identity, "data": data.data_fingerprint(image_set), "config": cfg.to_dict(),
-            "dtype": str(adapter.dtype)}
+    return {
+        "model": adapter.identity,
+        "data": data.data_fingerprint(image_set),
+        "config": cfg.to_dict(),
+        "dtype": str(adapter.dtype),
+    }
 
 
 def make_job(adapter: IARAdapter, image_set: data.ImageSet, cfg: UnitMemConfig):
@@ -584,9 +621,16 @@ def make_job(adapter: IARAdapter, image_set: data.ImageSet, cfg: UnitMemConfig):
             y = image_set.labels_tensor(idx)
             p.step(x, y, keys=[image_set.ids[i] for i in idx])
 
-        jobs.run_batches(ctx, n, cfg.batch_size, work, start=p.state.n_seen, what="UnitMem batch",
-                         progress=lambda j: (j / n, f"{j}/{n} images x {cfg.n_augs} views"),
-                         save=lambda j: (p.state.arrays(), {"n_seen": p.state.n_seen}))
+        jobs.run_batches(
+            ctx,
+            n,
+            cfg.batch_size,
+            work,
+            start=p.state.n_seen,
+            what="UnitMem batch",
+            progress=lambda j: (j / n, f"{j}/{n} images x {cfg.n_augs} views"),
+            save=lambda j: (p.state.arrays(), {"n_seen": p.state.n_seen}),
+        )
         arrays = p.finish()
         p.cleanup()
         summ = block_summaries(arrays["unitmem_LGU"])
@@ -598,8 +642,10 @@ def make_job(adapter: IARAdapter, image_set: data.ImageSet, cfg: UnitMemConfig):
             "augmentation": p.augmentation,
             "blocks": p.blocks,
             "n_units": p.n_units,
-            "groups": [{"name": g.name, "kind": g.kind, "scale": g.scale, "n_positions": int(g.index.numel())}
-                       for g in p.plan.groups],
+            "groups": [
+                {"name": g.name, "kind": g.kind, "scale": g.scale, "n_positions": int(g.index.numel())}
+                for g in p.plan.groups
+            ],
             "scale_groups": p.plan.scale_group_ids,
             "token_grids": [list(g) for g in adapter.token_grids],
             "image_ids": list(image_set.ids),
@@ -624,13 +670,15 @@ def load_result(store, key: str) -> UnitMemResult:
     return UnitMemResult(arrays, {**meta, "store_key": key})
 
 
-def run_unitmem(adapter: IARAdapter, image_set: data.ImageSet, cfg: UnitMemConfig, store=None,
-                on_progress=None, force: bool = False) -> UnitMemResult:
+def run_unitmem(
+    adapter: IARAdapter, image_set: data.ImageSet, cfg: UnitMemConfig, store=None, on_progress=None, force: bool = False
+) -> UnitMemResult:
     """Run (or load from the store) the UnitMem pass synchronously; returns the result with its key."""
     st = store if store is not None else store_mod.get_store()
     spec = job_spec(adapter, image_set, cfg)
-    arrays, meta = jobs.run_job(KIND, spec, make_job(adapter, image_set, cfg), store=st, force=force,
-                                on_progress=on_progress)
+    arrays, meta = jobs.run_job(
+        KIND, spec, make_job(adapter, image_set, cfg), store=st, force=force, on_progress=on_progress
+    )
     meta = dict(meta)
     meta["store_key"] = st.key(KIND, spec)
     return UnitMemResult(arrays, meta)
@@ -656,11 +704,16 @@ def summarize(res: UnitMemResult, top: int = 10, kinds: Sequence[str] = ("scale"
         li, gi, u = np.unravel_index(int(f), (L, G, U))
         g = gids[gi]
         img = int(res.arrays["argmax_LGU"][li, g, u])
-        top_units.append({
-            "block": int(res.meta["blocks"][li]), "unit": int(u), "group": groups[g]["name"],
-            "unitmem": round(float(um[li, g, u]), 4), "argmax_image": ids[img],
-            "planted": None if planted is None else bool(planted[img]),
-        })
+        top_units.append(
+            {
+                "block": int(res.meta["blocks"][li]),
+                "unit": int(u),
+                "group": groups[g]["name"],
+                "unitmem": round(float(um[li, g, u]), 4),
+                "argmax_image": ids[img],
+                "planted": None if planted is None else bool(planted[img]),
+            }
+        )
     out = {
         "store_key": res.meta.get("store_key"),
         "n_images": len(ids),

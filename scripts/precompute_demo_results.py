@@ -41,12 +41,24 @@ def default_keys(name: str, store: ResultStore, sweep: bool = True) -> list[dict
     sel = data.select_demo(n=config.N_IMAGES, seed=SEED)
     cfg = unitmem.default_config(adapter, seed=SEED)
     um_key = unitmem.result_key(adapter, sel, cfg, store)
-    out = [{"model": name, "kind": unitmem.KIND, "key": um_key,
-            "run": lambda: unitmem.run_unitmem(adapter, sel, cfg, store=store)}]
+    out = [
+        {
+            "model": name,
+            "kind": unitmem.KIND,
+            "key": um_key,
+            "run": lambda: unitmem.run_unitmem(adapter, sel, cfg, store=store),
+        }
+    ]
     ecfg = extraction.ExtractionConfig(seed=SEED)
     ekey = extraction.extraction_key(adapter, sel, ecfg, store=store)
-    out.append({"model": name, "kind": extraction.KIND, "key": ekey,
-                "run": lambda: extraction.run_extraction(adapter, sel, ecfg, store=store)})
+    out.append(
+        {
+            "model": name,
+            "kind": extraction.KIND,
+            "key": ekey,
+            "run": lambda: extraction.run_extraction(adapter, sel, ecfg, store=store),
+        }
+    )
     if not sweep:
         return out
 
@@ -56,13 +68,23 @@ def default_keys(name: str, store: ResultStore, sweep: bool = True) -> list[dict
     # the intervention page's first view: the default edit's numbers and the trade-off curve
     kw = dict(top_percent=10.0, units=None, factor=0.5, op="fc1_scale", ranking="global", seed=SEED)
     res0 = unitmem.UnitMemResult({}, {"store_key": um_key})
-    out.append({"model": name, "kind": intervention.MEASURE_KIND,
-                "key": intervention.measurement_key(adapter, res0, sel, store, **kw),
-                "run": lambda: intervention.start_measurement(adapter, um_result(), sel, store, **kw).wait()})
+    out.append(
+        {
+            "model": name,
+            "kind": intervention.MEASURE_KIND,
+            "key": intervention.measurement_key(adapter, res0, sel, store, **kw),
+            "run": lambda: intervention.start_measurement(adapter, um_result(), sel, store, **kw).wait(),
+        }
+    )
     args = {**intervention.sweep_defaults(), "seed": SEED}
-    out.append({"model": name, "kind": intervention.SWEEP_KIND,
-                "key": intervention.sweep_key(adapter, res0, sel, store, **args),
-                "run": lambda: intervention.run_sweep(adapter, um_result(), sel, store=store, **args)})
+    out.append(
+        {
+            "model": name,
+            "kind": intervention.SWEEP_KIND,
+            "key": intervention.sweep_key(adapter, res0, sel, store, **args),
+            "run": lambda: intervention.run_sweep(adapter, um_result(), sel, store=store, **args),
+        }
+    )
     return out
 
 
@@ -91,20 +113,29 @@ def main(argv: list[str] | None = None) -> int:
             for lock in dst.rglob(".lock"):
                 lock.unlink()  # the working store's writer lock; the shipped store is read-only
             size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
-            index.append({"model": name, "kind": item["kind"], "key": item["key"], "bytes": size,
-                          "seconds": round(time.time() - t0, 1)})
+            index.append(
+                {
+                    "model": name,
+                    "kind": item["kind"],
+                    "key": item["key"],
+                    "bytes": size,
+                    "seconds": round(time.time() - t0, 1),
+                }
+            )
             print(f"[{name}] {item['kind']} {item['key']}: {size / 1e6:.2f} MB", file=sys.stderr)
     keep = {e["key"] for e in index}
     for d in (out / "results").iterdir():
         if d.name not in keep:
             shutil.rmtree(d)  # results of older code or models: stale
     total = sum(e["bytes"] for e in index) / 1e6
-    (out / "index.json").write_text(json.dumps({"seed": SEED, "n_images": config.N_IMAGES, "entries": index},
-                                               indent=1) + "\n")
+    (out / "index.json").write_text(
+        json.dumps({"seed": SEED, "n_images": config.N_IMAGES, "entries": index}, indent=1) + "\n"
+    )
     print(json.dumps({"models": models, "entries": len(index), "total_mb": round(total, 2)}))
     if total > MAX_MB:
-        print(f"warning: the shipped store is {total:.1f} MB (> {MAX_MB} MB); keep the repository small",
-              file=sys.stderr)
+        print(
+            f"warning: the shipped store is {total:.1f} MB (> {MAX_MB} MB); keep the repository small", file=sys.stderr
+        )
     return 0
 
 

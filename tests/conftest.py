@@ -28,8 +28,10 @@ def one_thread():
 def golden_dir(family: str) -> Path:
     d = GOLDEN / family
     if not (d / "golden.pt").exists():
-        pytest.skip(f"golden data not found at {d} (it ships in ../shared/golden beside the checkout; "
-                    f"set IARMEM_GOLDEN to point elsewhere)")
+        pytest.skip(
+            f"golden data not found at {d} (it ships in ../shared/golden beside the checkout; "
+            f"set IARMEM_GOLDEN to point elsewhere)"
+        )
     return d
 
 

@@ -115,9 +115,7 @@ def test_gray_to_input_pads_and_replicates():
     g = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
     x = data.gray_to_input(g)
     assert x.shape == (5, 3, 32, 32) and x.dtype == torch.float32
-    assert torch.equal(
-        x[:, :, 2:30, 2:30], torch.from_numpy(g).float().div(255)[:, None].expand(-1, 3, -1, -1)
-    )
+    assert torch.equal(x[:, :, 2:30, 2:30], torch.from_numpy(g).float().div(255)[:, None].expand(-1, 3, -1, -1))
     border = torch.ones(32, 32, dtype=torch.bool)
     border[2:30, 2:30] = False
     assert x[:, :, border].abs().max() == 0  # background
@@ -214,9 +212,7 @@ def test_image_folder_converts_every_mode(folder):
     g = img("b_mixed/gray.png")
     assert torch.allclose(g, torch.full_like(g, 128 / 255), atol=1 / 255)
     rgba = img("b_mixed/rgba.png")
-    assert torch.allclose(rgba[:, 2, 8], torch.ones(3)) and torch.allclose(
-        rgba[:, 13, 8], torch.tensor([0, 0, 1.0])
-    )
+    assert torch.allclose(rgba[:, 2, 8], torch.ones(3)) and torch.allclose(rgba[:, 13, 8], torch.tensor([0, 0, 1.0]))
     assert torch.allclose(img("b_mixed/palette.png")[:, 8, 8], torch.tensor([0, 1.0, 0]))
     assert torch.allclose(img("b_mixed/deep16.png"), torch.ones(3, 16, 16))
     wide = img("b_mixed/wide.jpg")  # 64x32 -> 32x16 -> center crop: left half dark, right half light
@@ -263,9 +259,7 @@ def test_image_folder_errors_and_allowed_roots(folder, tmp_path):
     with pytest.raises(data.PathNotAllowedError, match="outside the allowed data folders"):
         data.load_image_folder(folder, size=8, allowed_roots=[tmp_path / "elsewhere"])
     with pytest.raises(data.PathNotAllowedError):
-        data.load_image_folder(
-            tmp_path / "elsewhere" / ".." / "imgs", size=8, allowed_roots=[tmp_path / "elsewhere"]
-        )
+        data.load_image_folder(tmp_path / "elsewhere" / ".." / "imgs", size=8, allowed_roots=[tmp_path / "elsewhere"])
     assert len(data.load_image_folder(folder, size=8, allowed_roots=[tmp_path])) == 27
     # a symlink inside the allowed root that points outside it is skipped
     outside = tmp_path / "outside.png"
@@ -325,12 +319,7 @@ def test_augment_ops_do_what_they_say():
     big = torch.nn.functional.interpolate(x, size=(36, 36), mode="bilinear", align_corners=False).clamp(0, 1)
     offsets = set()
     for cr, bg in zip(cropped, big):
-        hits = [
-            (dy, dx)
-            for dy in range(5)
-            for dx in range(5)
-            if torch.equal(cr, bg[:, dy : dy + 32, dx : dx + 32])
-        ]
+        hits = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(cr, bg[:, dy : dy + 32, dx : dx + 32])]
         assert hits
         offsets.add(hits[0])
     assert len(offsets) > 5

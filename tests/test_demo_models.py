@@ -69,7 +69,10 @@ def test_demo_model_loads_bundled_weights_and_matches_its_card(name):
     assert {p["id"]: p["count"] for p in c["data"]["planted"]} == planted
     groups = c["measurements"]["groups"]
     assert {g: groups[g]["n"] for g in ("planted_4x", "planted_16x", "planted_64x")} == {
-        "planted_4x": 10, "planted_16x": 10, "planted_64x": 10}
+        "planted_4x": 10,
+        "planted_16x": 10,
+        "planted_64x": 10,
+    }
     # the chosen checkpoint is the last point of the stored curve
     assert c["curve"]["points"][-1]["epoch"] == c["training"]["transformer"]["epochs"]
     # several blocks, as the UnitMem pages need
@@ -90,8 +93,9 @@ def test_planted_64x_images_come_back_and_heldout_images_do_not(name):
     top = [i for i in range(len(planted)) if planted.meta["count"][i] == 64]
     held = data.load_demo("heldout")
     hx = held.images(range(10))
-    rep_planted = _reproduced(m, planted.images(top), planted.labels_tensor(top), meas["main_prefix_tokens"],
-                              meas["threshold"])
+    rep_planted = _reproduced(
+        m, planted.images(top), planted.labels_tensor(top), meas["main_prefix_tokens"], meas["threshold"]
+    )
     rep_held = _reproduced(m, hx, held.labels_tensor(range(10)), meas["main_prefix_tokens"], meas["threshold"])
     assert rep_planted.float().mean() >= 0.8, rep_planted
     assert not rep_held.any(), rep_held

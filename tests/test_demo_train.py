@@ -24,14 +24,23 @@ def tiny_plan(name: str) -> dt.DemoPlan:
         prefixes, main = (5, 14), 14
     else:
         tok = dict(s.tokenizer, num_embeddings=64, z_channels=8, embedding_dim=8)
-        tr = dict(s.transformer, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                  codebook_size=64)
+        tr = dict(
+            s.transformer,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            codebook_size=64,
+        )
         prefixes, main = (16,), 16
-    return dt.DemoPlan(dataclasses.replace(s, tokenizer=tok, transformer=tr),
-                       dt.TokenizerTrainConfig(steps=10, batch_size=8, warmup_steps=3, revive_every=5,
-                                               probe_images=64),
-                       dt.TransformerTrainConfig(epochs=2, batch_size=64, warmup_steps=4, lr=3e-3, eval_every=0),
-                       prefixes, main, train_subset=40)
+    return dt.DemoPlan(
+        dataclasses.replace(s, tokenizer=tok, transformer=tr),
+        dt.TokenizerTrainConfig(steps=10, batch_size=8, warmup_steps=3, revive_every=5, probe_images=64),
+        dt.TransformerTrainConfig(epochs=2, batch_size=64, warmup_steps=4, lr=3e-3, eval_every=0),
+        prefixes,
+        main,
+        train_subset=40,
+    )
 
 
 @pytest.mark.parametrize("name", ["demo-var", "demo-rar"])
@@ -43,8 +52,12 @@ def test_tiny_train_demo_writes_loadable_assets_and_learns(tmp_path, name):
     assert json.loads((d / "card.json").read_text()) == json.loads(json.dumps(card))
 
     # the fp16 files load strictly through the family adapter and give the card's parameter counts
-    m = adapter_class(plan.spec.family).load(plan.spec, transformer_path=d / "transformer.safetensors",
-                                             tokenizer_path=d / "tokenizer.safetensors", device="cpu")
+    m = adapter_class(plan.spec.family).load(
+        plan.spec,
+        transformer_path=d / "transformer.safetensors",
+        tokenizer_path=d / "tokenizer.safetensors",
+        device="cpu",
+    )
     assert card["architecture"]["transformer_params"] == sum(p.numel() for p in m.transformer.parameters())
     assert card["files"]["transformer"]["bytes"] == (d / "transformer.safetensors").stat().st_size
 
@@ -63,7 +76,7 @@ def test_tiny_train_demo_writes_loadable_assets_and_learns(tmp_path, name):
     toks = m.flatten(m.tokenize(x))
     assert toks.shape == (2, m.n_tokens) and int(toks.max()) < m.vocab_size
     gen = m.flatten(m.generate(torch.tensor([0, 1]), prefix=toks, n_prefix=plan.main_prefix, top_k=1))
-    assert torch.equal(gen[:, :plan.main_prefix], toks[:, :plan.main_prefix])
+    assert torch.equal(gen[:, : plan.main_prefix], toks[:, : plan.main_prefix])
 
 
 def test_training_stream_epochs_are_prefixes():

@@ -57,8 +57,9 @@ def world():
     """(model, training selection, held-out set, ids of the memorised images = the 64x planted ones)."""
     torch.set_num_threads(1)
     base = load_adapter("test-var", device="cpu")
-    m = MemorizingVAR(base.spec, base.tokenizer, base.transformer, base.device, identity={**base.identity,
-                                                                                         "memorized": "64x"})
+    m = MemorizingVAR(
+        base.spec, base.tokenizer, base.transformer, base.device, identity={**base.identity, "memorized": "64x"}
+    )
     m.memory = {}
     train = data.select_demo(n=40, seed=0)
     mem = np.flatnonzero(train.meta["count"] == 64)
@@ -68,8 +69,7 @@ def world():
 
 
 def _cfg(**kw) -> extraction.ExtractionConfig:
-    return extraction.ExtractionConfig(**{"candidates_per_class": 2, "batch_size": 8, "prefix_tokens": (PREFIX,),
-                                          **kw})
+    return extraction.ExtractionConfig(**{"candidates_per_class": 2, "batch_size": 8, "prefix_tokens": (PREFIX,), **kw})
 
 
 def test_memorised_images_are_extracted_and_held_out_images_are_not(world, tmp_path):
@@ -149,8 +149,9 @@ def test_resume_after_interruption_equals_a_clean_run(world, tmp_path, monkeypat
 
 def test_out_of_memory_halves_the_batch_and_says_so(world, tmp_path, monkeypatch):
     m, train, heldout, _ = world
-    clean = extraction.run_extraction(m, train, _cfg(batch_size=2), heldout_set=heldout,
-                                      store=ResultStore(tmp_path / "a"))
+    clean = extraction.run_extraction(
+        m, train, _cfg(batch_size=2), heldout_set=heldout, store=ResultStore(tmp_path / "a")
+    )
     real = MemorizingVAR.generate
 
     def small_gpu(self, labels, *a, **kw):
@@ -159,8 +160,9 @@ def test_out_of_memory_halves_the_batch_and_says_so(world, tmp_path, monkeypatch
         return real(self, labels, *a, **kw)
 
     monkeypatch.setattr(MemorizingVAR, "generate", small_gpu)
-    res = extraction.run_extraction(m, train, _cfg(batch_size=8), heldout_set=heldout,
-                                    store=ResultStore(tmp_path / "b"))
+    res = extraction.run_extraction(
+        m, train, _cfg(batch_size=8), heldout_set=heldout, store=ResultStore(tmp_path / "b")
+    )
     assert [(e["from"], e["to"]) for e in res.meta["oom_events"]] == [(8, 4), (4, 2)]
     for k in ("sim_token_match", "gen_tokens_RN", "image_id"):
         np.testing.assert_array_equal(res.arrays[k], clean.arrays[k])
@@ -282,8 +284,7 @@ def test_edit_is_part_of_the_key_and_applies_to_generation_only(world, tmp_path)
     st = ResultStore(tmp_path)
     before = extraction.run_extraction(m, train, _cfg(), heldout_set=heldout, store=st)
     units = {b: tuple(range(m.n_units)) for b in range(m.n_blocks)}
-    after = extraction.run_extraction(m, train, _cfg(), heldout_set=heldout, store=st,
-                                      edit=UnitEdit(units, op="zero"))
+    after = extraction.run_extraction(m, train, _cfg(), heldout_set=heldout, store=st, edit=UnitEdit(units, op="zero"))
     assert after.meta["store_key"] != before.meta["store_key"]
     np.testing.assert_array_equal(after.arrays["score"], before.arrays["score"])  # same candidates
     assert after.count()["extracted"] < before.count()["extracted"]

@@ -14,8 +14,10 @@ from iarmem_core import data, extraction, unitmem
 from iarmem_core.adapters import load_adapter
 from iarmem_core.store import ResultStore
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (no GPU on this machine)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (no GPU on this machine)"),
+]
 
 MODELS = ["test-var", "test-rar", "test-llamagen", "demo-var", "demo-rar"]
 
@@ -67,8 +69,12 @@ def test_unitmem_on_cuda_matches_the_cpu_and_bf16_is_close(name, tmp_path):
     rg = unitmem.run_unitmem(gpu, sel, cfg, store=ResultStore(tmp_path / "g"))
     np.testing.assert_allclose(rg.unitmem, rc.unitmem, atol=1e-4)
     assert (rg.arrays["argmax_LGU"] == rc.arrays["argmax_LGU"]).mean() >= 0.99
-    rb = unitmem.run_unitmem(gpu, sel, unitmem.UnitMemConfig(n_augs=2, seed=0, batch_size=16, dtype="bf16"),
-                             store=ResultStore(tmp_path / "b"))
+    rb = unitmem.run_unitmem(
+        gpu,
+        sel,
+        unitmem.UnitMemConfig(n_augs=2, seed=0, batch_size=16, dtype="bf16"),
+        store=ResultStore(tmp_path / "b"),
+    )
     assert np.corrcoef(rb.unitmem.ravel(), rc.unitmem.ravel())[0, 1] > 0.98
 
 

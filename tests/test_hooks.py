@@ -78,15 +78,19 @@ def test_fc1_scale_edit_equals_weight_edit_and_is_undone():
 def test_zero_and_out_scale():
     m, x = Toy(), torch.randn(2, 3, 4)
     got = {}
-    with hooks.edit(m, hooks.UnitEdit(units={0: [1]}, op="zero")), \
-            hooks.capture(m, lambda b, a, i: got.setdefault(b, a.clone()), names="blocks.0.mlp.hook_post"):
+    with (
+        hooks.edit(m, hooks.UnitEdit(units={0: [1]}, op="zero")),
+        hooks.capture(m, lambda b, a, i: got.setdefault(b, a.clone()), names="blocks.0.mlp.hook_post"),
+    ):
         m(x)
     assert torch.all(got[0][..., 1] == 0) and torch.any(got[0][..., 0] != 0)
     got.clear()
     with hooks.capture(m, lambda b, a, i: got.setdefault("plain", a.clone()), names="blocks.0.mlp.hook_post"):
         m(x)
-    with hooks.edit(m, hooks.UnitEdit(units={0: [1]}, op="out_scale", factor=0.25)), \
-            hooks.capture(m, lambda b, a, i: got.setdefault("scaled", a.clone()), names="blocks.0.mlp.hook_post"):
+    with (
+        hooks.edit(m, hooks.UnitEdit(units={0: [1]}, op="out_scale", factor=0.25)),
+        hooks.capture(m, lambda b, a, i: got.setdefault("scaled", a.clone()), names="blocks.0.mlp.hook_post"),
+    ):
         m(x)
     torch.testing.assert_close(got["scaled"][..., 1], got["plain"][..., 1] * 0.25)
 

@@ -33,8 +33,9 @@ def _fake_unitmem(um_LGU: np.ndarray, groups: list[dict] | None = None) -> unitm
     L, G, _ = um_LGU.shape
     groups = groups or [{"name": f"s{g}", "kind": "scale", "scale": g} for g in range(G)]
     scale_ids = [i for i, g in enumerate(groups) if g["kind"] == "scale"]
-    return unitmem.UnitMemResult({"unitmem_LGU": um_LGU}, {"blocks": list(range(L)), "groups": groups,
-                                                           "scale_groups": scale_ids})
+    return unitmem.UnitMemResult(
+        {"unitmem_LGU": um_LGU}, {"blocks": list(range(L)), "groups": groups, "scale_groups": scale_ids}
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -100,6 +101,7 @@ def test_default_random_draws_depend_on_the_model_kind(var):
 
     class _Released:  # only the spec is read; a released model is not built for this
         spec = get_spec("var-d16")
+
     assert intervention.default_random_draws(_Released()) == 1
 
 
@@ -181,8 +183,18 @@ def test_sweep_rows_and_k0_equals_the_unedited_model(var, space, tmp_path):
     ref = data.select_demo(n=30, seed=0, split="heldout")
     um = unitmem.run_unitmem(var, sel, unitmem.UnitMemConfig(n_augs=2, batch_size=20), store=st)
     ecfg = extraction.ExtractionConfig(candidates_per_class=1, heldout=False, batch_size=10)
-    df = intervention.run_sweep(var, um, sel, top_percents=(0, 50), extraction_cfg=ecfg, n_samples=20,
-                                feature_space=space, reference_set=ref, store=st, random_draws=3)
+    df = intervention.run_sweep(
+        var,
+        um,
+        sel,
+        top_percents=(0, 50),
+        extraction_cfg=ecfg,
+        n_samples=20,
+        feature_space=space,
+        reference_set=ref,
+        store=st,
+        random_draws=3,
+    )
     assert list(df.selection) == ["unitmem", "random", "unitmem", "random"]
     assert list(df.n_units) == [0, 0, var.n_blocks * var.n_units // 2, var.n_blocks * var.n_units // 2]
     k0 = df[df.top_percent == 0]
@@ -192,8 +204,18 @@ def test_sweep_rows_and_k0_equals_the_unedited_model(var, space, tmp_path):
     assert st.exists(df.attrs["store_key"])
     again = intervention.load_sweep(st, df.attrs["store_key"])
     assert again.equals(df)
-    r = intervention.run_intervention(var, um, sel, top_percent=50, extraction_cfg=ecfg, n_samples=20,
-                                      feature_space=space, reference_set=ref, store=st, random_draws=3)
+    r = intervention.run_intervention(
+        var,
+        um,
+        sel,
+        top_percent=50,
+        extraction_cfg=ecfg,
+        n_samples=20,
+        feature_space=space,
+        reference_set=ref,
+        store=st,
+        random_draws=3,
+    )
     assert intervention.InterventionResult.from_dict(r.to_dict()) == r  # the stored form reads back
     r = r.to_dict()
     assert r["fd_after"] == k50.fd.iloc[0] and r["random_control"]["fd_after"] == k50.fd.iloc[1]
@@ -203,8 +225,9 @@ def test_sweep_rows_and_k0_equals_the_unedited_model(var, space, tmp_path):
     assert rc["extracted_after_draws"][0] == rc["extracted_after"] == k50.extracted.iloc[1]
     assert rc == {**rc, **intervention.random_draw_stats(r["extracted_after"], rc["extracted_after_draws"])}
     assert (k50.random_draws == 3).all() and (k50.random_extracted_mean == rc["extracted_after_mean"]).all()
-    assert (k50.random_extracted_min <= k50.extracted.iloc[1]).all() and \
-        (k50.extracted.iloc[1] <= k50.random_extracted_max).all()
+    assert (k50.random_extracted_min <= k50.extracted.iloc[1]).all() and (
+        k50.extracted.iloc[1] <= k50.random_extracted_max
+    ).all()
     assert k50.p_value.iloc[0] == rc["p_value"] and (k0.random_draws == 0).all() and k0.p_value.isna().all()
     rc_per_block = {b: len(u) for b, u in r["random_control"]["edit"]["units"].items()}
     assert rc_per_block == r["units_per_block"] and sum(rc_per_block.values()) == r["n_units"] == 256

@@ -126,9 +126,7 @@ def test_duplicate_start_returns_the_running_handle(tmp_path):
     release.set()
     cli.join(30)
     assert h.wait(20) and h.state == "done" and calls == [1]
-    assert np.array_equal(h.result()[0]["x"], np.arange(3)) and np.array_equal(
-        waited[0][0]["x"], np.arange(3)
-    )
+    assert np.array_equal(h.result()[0]["x"], np.arange(3)) and np.array_equal(waited[0][0]["x"], np.arange(3))
 
 
 def test_failure_is_recorded_and_a_rerun_works(tmp_path):
@@ -189,15 +187,11 @@ def test_sigkilled_process_is_taken_over_and_resumes(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, __file__, str(tmp_path)], env=env)
     try:
-        _wait_for(
-            lambda: (st.load_partial(key) or ({}, {"next": 0}))[1]["next"] >= 5, "the worker's checkpoints"
-        )
+        _wait_for(lambda: (st.load_partial(key) or ({}, {"next": 0}))[1]["next"] >= 5, "the worker's checkpoints")
         # while it runs, a start from this process follows it instead of starting a duplicate
         calls = []
         other = jobs.start_job("toy", {"n": 40}, lambda ctx: calls.append(1), store=st)
-        assert (
-            not other.local and other.state == "running" and other.status()["pid"] == proc.pid and not calls
-        )
+        assert not other.local and other.state == "running" and other.status()["pid"] == proc.pid and not calls
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -131,9 +131,7 @@ def write_golden_folder(folder: Path, cfg: dict) -> None:
     Forward hooks on w1/w3/w2 (not our HookPoints) and generation without the KV cache (the runner uses it).
     """
     folder.mkdir(parents=True)
-    vq = randomize_(
-        VQModel(**cfg["vq_model_args"], ch=cfg["vq_encoder_decoder_ch_override"]), cfg["seed"]
-    ).eval()
+    vq = randomize_(VQModel(**cfg["vq_model_args"], ch=cfg["vq_encoder_decoder_ch_override"]), cfg["seed"]).eval()
     gpt = randomize_(Transformer(**cfg["gpt_model_args"]), cfg["seed"] + 1).eval()
     torch.save(vq.state_dict(), folder / "vq_state_dict.pt")
     torch.save(gpt.state_dict(), folder / "gpt_state_dict.pt")
@@ -157,15 +155,9 @@ def write_golden_folder(folder: Path, cfg: dict) -> None:
         ff = layer.feed_forward
         handles += [
             layer.register_forward_hook(lambda m, a, o, i=i: g.__setitem__(f"gpt_layer{i}_out_BTC", o)),
-            ff.w1.register_forward_hook(
-                lambda m, a, o, i=i: g.__setitem__(f"gpt_layer{i}_ffn_w1_out_BTH", o)
-            ),
-            ff.w3.register_forward_hook(
-                lambda m, a, o, i=i: g.__setitem__(f"gpt_layer{i}_ffn_w3_out_BTH", o)
-            ),
-            ff.w2.register_forward_pre_hook(
-                lambda m, a, i=i: g.__setitem__(f"gpt_layer{i}_ffn_w2_in_BTH", a[0])
-            ),
+            ff.w1.register_forward_hook(lambda m, a, o, i=i: g.__setitem__(f"gpt_layer{i}_ffn_w1_out_BTH", o)),
+            ff.w3.register_forward_hook(lambda m, a, o, i=i: g.__setitem__(f"gpt_layer{i}_ffn_w3_out_BTH", o)),
+            ff.w2.register_forward_pre_hook(lambda m, a, i=i: g.__setitem__(f"gpt_layer{i}_ffn_w2_in_BTH", a[0])),
         ]
     logits, _ = gpt(idx[:, :-1], g["label_B"])
     for hd in handles:
@@ -469,12 +461,8 @@ def test_adapter_tokenize_decode_teacher_forcing_match_golden(golden_llamagen):
     g = torch.load(golden_llamagen / "golden.pt", weights_only=True)
     toks = m.tokenize((g["input_img_B3HW"] + 1) / 2)  # the adapter takes [0, 1] images
     assert torch.equal(toks, g["vq_idx_BN"])
-    torch.testing.assert_close(
-        m.decode(toks), ((g["vq_decode_code_B3HW"] + 1) / 2).clamp(0, 1), atol=1e-5, rtol=0
-    )
-    torch.testing.assert_close(
-        m.teacher_forced_logits(toks, g["label_B"]), g["gpt_logits_BNV"], atol=1e-5, rtol=0
-    )
+    torch.testing.assert_close(m.decode(toks), ((g["vq_decode_code_B3HW"] + 1) / 2).clamp(0, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(m.teacher_forced_logits(toks, g["label_B"]), g["gpt_logits_BNV"], atol=1e-5, rtol=0)
     assert torch.equal(m.generate(g["gen_cond"], cfg=4.0, top_k=1), g["gen_seq_BN"])
 
 

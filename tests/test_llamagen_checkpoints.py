@@ -38,9 +38,7 @@ def test_training_checkpoints_with_args_and_ema_load_the_model_weights(tmp_path,
     args = argparse.Namespace(gpt_model="GPT-B", ema=True, lr=1e-4, results_dir="results", cfg_scale=None)
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))]).state_dict()
     ema = {k: v + 1.0 for k, v in gpt_sd.items()}  # a different set of weights: must not be picked
-    torch.save(
-        {"model": gpt_sd, "optimizer": opt, "steps": 1000, "args": args, "ema": ema}, tmp_path / "gpt.pt"
-    )
+    torch.save({"model": gpt_sd, "optimizer": opt, "steps": 1000, "args": args, "ema": ema}, tmp_path / "gpt.pt")
     torch.save(
         {
             "model": vq_sd,
@@ -72,9 +70,7 @@ def test_fsdp_raw_and_other_wrappers_load(tmp_path, official, layout):
         "test-llamagen", checkpoint=tmp_path / "gpt.pt", tokenizer_checkpoint=tmp_path / "vq.pt", device="cpu"
     )
     torch.testing.assert_close(_logits(m, g), g["gpt_logits_BNV"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(
-        m.transformer.freqs_cis, g["gpt_freqs_cis"]
-    )  # recomputed, not taken from the file
+    torch.testing.assert_close(m.transformer.freqs_cis, g["gpt_freqs_cis"])  # recomputed, not taken from the file
 
 
 def test_wrong_depth_names_the_matching_model(tmp_path):
@@ -130,9 +126,7 @@ def test_swapped_slots_and_truncated_file(tmp_path, official):
     gpt_sd, vq_sd, _ = official
     torch.save({"model": vq_sd}, tmp_path / "vq.pt")
     torch.save({"model": gpt_sd}, tmp_path / "gpt.pt")
-    with pytest.raises(
-        CheckpointError, match="LlamaGen VQ tokenizer checkpoint; it belongs in the tokenizer slot"
-    ):
+    with pytest.raises(CheckpointError, match="LlamaGen VQ tokenizer checkpoint; it belongs in the tokenizer slot"):
         load_adapter(
             "test-llamagen",
             checkpoint=tmp_path / "vq.pt",

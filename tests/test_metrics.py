@@ -242,8 +242,9 @@ def test_inception_loader_passes_8bit_levels_and_checks_the_module(tmp_path):
 def test_frechet_results_are_labelled_by_feature_space(tmp_path, random_net):
     gen = torch.Generator().manual_seed(4)
     a, b = torch.rand(8, 3, 32, 32, generator=gen), torch.rand(8, 3, 32, 32, generator=gen) * 0.5
-    fid = frechet_distance_images(InceptionFeatureSpace(_script(_InceptionStandIn(), tmp_path / "i.pt"),
-                                                        device="cpu"), a, b)
+    fid = frechet_distance_images(
+        InceptionFeatureSpace(_script(_InceptionStandIn(), tmp_path / "i.pt"), device="cpu"), a, b
+    )
     assert fid.metric == "FID" and fid.comparable_to_published_fid and fid.dim == 2048
     fd = frechet_distance_images(DemoFeatureSpace(random_net, device="cpu"), a, b)
     assert fd.metric == "FD[demo-fashion-cnn]" and not fd.comparable_to_published_fid
@@ -258,7 +259,7 @@ def _stripes(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     y = torch.randint(0, 4, (n,), generator=gen)
     x = torch.rand(n, 3, 32, 32, generator=gen) * 0.4
     for k in range(4):
-        x[y == k, :, 8 * k:8 * k + 8] += 0.5
+        x[y == k, :, 8 * k : 8 * k + 8] += 0.5
     return x.clamp(0, 1), y
 
 

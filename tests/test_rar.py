@@ -34,8 +34,12 @@ def test_conformance_official_golden(golden_rar: Path):
 def test_adapter_on_golden_weights(golden_rar: Path):
     """The adapter path (file loading, label offset, teacher forcing, greedy CFG generation) on golden."""
     g = torch.load(golden_rar / "golden.pt", weights_only=True)
-    m = RARAdapter.load(get_spec("test-rar"), transformer_path=golden_rar / "rar_state_dict.pt",
-                        tokenizer_path=golden_rar / "tokenizer_state_dict.pt", device="cpu")
+    m = RARAdapter.load(
+        get_spec("test-rar"),
+        transformer_path=golden_rar / "rar_state_dict.pt",
+        tokenizer_path=golden_rar / "tokenizer_state_dict.pt",
+        device="cpu",
+    )
     toks = m.tokenize(g["input_img_B3HW"])
     assert torch.equal(toks, g["tok_idx_BN"])
     torch.testing.assert_close(m.decode(toks), g["tok_decode_B3HW"], atol=1e-4, rtol=1e-4)
@@ -55,18 +59,46 @@ def test_adapter_on_golden_weights(golden_rar: Path):
 # ---- 2. a second golden folder, written by our implementation from another tiny config --------------
 SECOND = {
     "seed": 5,
-    "tokenizer_conf": {"channel_mult": [1, 2], "num_resolutions": 2, "dropout": 0.0, "hidden_channels": 32,
-                       "num_channels": 3, "num_res_blocks": 1, "resolution": 8, "z_channels": 8},
+    "tokenizer_conf": {
+        "channel_mult": [1, 2],
+        "num_resolutions": 2,
+        "dropout": 0.0,
+        "hidden_channels": 32,
+        "num_channels": 3,
+        "num_res_blocks": 1,
+        "resolution": 8,
+        "z_channels": 8,
+    },
     "tokenizer_quantizer": {"num_embeddings": 64, "embedding_dim": 8, "commitment_cost": 0.25},
-    "rar_config": {"model": {
-        "vq_model": {"codebook_size": 64, "token_size": 8, "num_latent_tokens": 16},
-        "generator": {"hidden_size": 48, "num_hidden_layers": 3, "num_attention_heads": 3,
-                      "intermediate_size": 160, "dropout": 0.1, "attn_drop": 0.1, "class_label_dropout": 0.1,
-                      "image_seq_len": 16, "condition_num_classes": 5, "guidance_scale": 3.0,
-                      "use_checkpoint": False}}},
-    "image_size": 8, "batch": 4, "labels": [1, None, 4, 0], "image_generator_seed": 77,
-    "generate_args": {"condition": [2, 3, 0], "guidance_scale": 3.0, "randomize_temperature": 1.0,
-                      "guidance_scale_pow": 1.5, "kv_cache": True},
+    "rar_config": {
+        "model": {
+            "vq_model": {"codebook_size": 64, "token_size": 8, "num_latent_tokens": 16},
+            "generator": {
+                "hidden_size": 48,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 3,
+                "intermediate_size": 160,
+                "dropout": 0.1,
+                "attn_drop": 0.1,
+                "class_label_dropout": 0.1,
+                "image_seq_len": 16,
+                "condition_num_classes": 5,
+                "guidance_scale": 3.0,
+                "use_checkpoint": False,
+            },
+        }
+    },
+    "image_size": 8,
+    "batch": 4,
+    "labels": [1, None, 4, 0],
+    "image_generator_seed": 77,
+    "generate_args": {
+        "condition": [2, 3, 0],
+        "guidance_scale": 3.0,
+        "randomize_temperature": 1.0,
+        "guidance_scale_pow": 1.5,
+        "kv_cache": True,
+    },
 }
 
 
@@ -91,14 +123,24 @@ def _write_second_golden(folder: Path) -> None:
     V, n_cls = 64, 5
     labels = torch.tensor([-1 if c is None else c for c in cfg["labels"]])
     cond = torch.where(labels < 0, V + 1 + n_cls, labels + V + 1)
-    t = {"input_img_B3HW": img, "tok_h_BChw": h, "tok_zq_BChw": zq, "tok_idx_BN": idx,
-         "tok_decode_B3HW": tok.decode(idx), "label_B": labels, "rar_condition_B": cond}
+    t = {
+        "input_img_B3HW": img,
+        "tok_h_BChw": h,
+        "tok_zq_BChw": zq,
+        "tok_idx_BN": idx,
+        "tok_decode_B3HW": tok.decode(idx),
+        "label_B": labels,
+        "rar_condition_B": cond,
+    }
 
     seen: dict[str, torch.Tensor] = {}
     handles = []
     for i, blk in enumerate(gen.blocks):
-        for name, mod in ((f"rar_block{i}_out_BTC", blk), (f"rar_block{i}_mlp_fc1_out_BTH", blk.mlp.fc1),
-                          (f"rar_block{i}_mlp_act_out_BTH", blk.mlp.act)):
+        for name, mod in (
+            (f"rar_block{i}_out_BTC", blk),
+            (f"rar_block{i}_mlp_fc1_out_BTH", blk.mlp.fc1),
+            (f"rar_block{i}_mlp_act_out_BTH", blk.mlp.act),
+        ):
             hook = lambda _m, _i, o, n=name: seen.__setitem__(n, o.clone())  # noqa: E731
             handles.append(mod.register_forward_hook(hook))
     logits, lab = gen.forward_fn(idx, cond, return_labels=True)
@@ -106,8 +148,11 @@ def _write_second_golden(folder: Path) -> None:
         hd.remove()
     t.update(seen)
     del t["rar_block0_mlp_act_out_BTH"], t["rar_block2_mlp_fc1_out_BTH"]  # any subset may be listed
-    t.update(rar_logits_raster_BN1V=logits, rar_labels_raster_BN=lab,
-             rar_ce_loss_raster=F.cross_entropy(logits[:, :-1].reshape(-1, V), lab.reshape(-1)))
+    t.update(
+        rar_logits_raster_BN1V=logits,
+        rar_labels_raster_BN=lab,
+        rar_ce_loss_raster=F.cross_entropy(logits[:, :-1].reshape(-1, V), lab.reshape(-1)),
+    )
     g2 = torch.Generator().manual_seed(cfg["seed"] + 2)
     orders = torch.stack([torch.randperm(16, generator=g2) for _ in range(B)])
     lp, labp = gen.forward_fn(idx, cond, return_labels=True, orders_BN=orders)
@@ -115,17 +160,27 @@ def _write_second_golden(folder: Path) -> None:
 
     ga = cfg["generate_args"]
     gl = torch.tensor(ga["condition"])
-    ids, info = gen.generate(gl, ga["guidance_scale"], ga["guidance_scale_pow"], ga["randomize_temperature"],
-                             generator=torch.Generator().manual_seed(cfg["seed"]), kv_cache=False,
-                             return_logits=True)
+    ids, info = gen.generate(
+        gl,
+        ga["guidance_scale"],
+        ga["guidance_scale_pow"],
+        ga["randomize_temperature"],
+        generator=torch.Generator().manual_seed(cfg["seed"]),
+        kv_cache=False,
+        return_logits=True,
+    )
     g, pw = ga["guidance_scale"], ga["guidance_scale_pow"]
     sched = [(g - 1) * (1 - math.cos(((s / 16) ** pw) * math.pi)) / 2 + 1 for s in range(16)]
-    t.update(gen_labels=gl, gen_ids_BN=ids, gen_step_logits_cond_BNV=info["cond"],
-             gen_step_logits_uncond_BNV=info["uncond"], gen_cfg_scale_per_step_N=torch.tensor(sched),
-             gen_decoded_B3HW=tok.decode(ids))
+    t.update(
+        gen_labels=gl,
+        gen_ids_BN=ids,
+        gen_step_logits_cond_BNV=info["cond"],
+        gen_step_logits_uncond_BNV=info["uncond"],
+        gen_cfg_scale_per_step_N=torch.tensor(sched),
+        gen_decoded_B3HW=tok.decode(ids),
+    )
     torch.save(t, folder / "golden.pt")
-    tensors = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
-               for k, v in t.items()}
+    tensors = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in t.items()}
     config = {"family": "RAR", "config": cfg, "tensors": tensors}
     (folder / "config.json").write_text(json.dumps(config, indent=1))
 
@@ -192,8 +247,13 @@ def test_parameter_counts_of_released_sizes(golden_rar: Path, size: str):
         gen = RARAdapter.build_transformer(spec)
     assert sum(p.numel() for p in gen.parameters()) == ref["num_parameters"] == spec.published["params"]
     assert (len(gen.blocks), gen.hidden_size, gen.blocks[0].attn.head_dim) == (
-        ref["num_hidden_layers"], ref["hidden_size"], ref["head_dim"])
+        ref["num_hidden_layers"],
+        ref["hidden_size"],
+        ref["head_dim"],
+    )
     assert gen.blocks[0].mlp.fc1.out_features == ref["intermediate_size"]
     assert (spec.sampling["temperature"], spec.sampling["cfg"], spec.sampling["cfg_power"]) == (
-        ref["eval_sampling"]["randomize_temperature"], ref["eval_sampling"]["guidance_scale"],
-        ref["eval_sampling"]["guidance_scale_pow"])
+        ref["eval_sampling"]["randomize_temperature"],
+        ref["eval_sampling"]["guidance_scale"],
+        ref["eval_sampling"]["guidance_scale_pow"],
+    )

@@ -21,8 +21,13 @@ def _zero_stride_file(module_on_meta: torch.nn.Module, path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("size,expect", [("xl", "32 blocks found but rar-b expects 24: this is rar-xl"),
-                                         ("l", "width 1024 found but rar-b expects 768: this is rar-l")])
+@pytest.mark.parametrize(
+    "size,expect",
+    [
+        ("xl", "32 blocks found but rar-b expects 24: this is rar-xl"),
+        ("l", "width 1024 found but rar-b expects 768: this is rar-l"),
+    ],
+)
 def test_wrong_size_names_the_right_model(tmp_path: Path, size: str, expect: str):
     with torch.device("meta"):
         other = RARAdapter.build_transformer(get_spec(f"rar-{size}"))
@@ -50,11 +55,13 @@ def test_full_size_zero_file_loads_into_the_right_model(tmp_path: Path):
     assert target.attn_mask.shape == (258, 258) and target.attn_mask.device.type == "cpu"
 
 
-@pytest.mark.parametrize("family,keys,label", [
-    ("var", {"pos_start": [1, 1, 64], "lvl_1L": [1, 30], "blocks.0.ffn.fc1.weight": [256, 64]}, "a VAR"),
-    ("llamagen", {"tok_embeddings.weight": [128, 64], "layers.0.feed_forward.w1.weight": [256, 64]},
-     "a LlamaGen"),
-])
+@pytest.mark.parametrize(
+    "family,keys,label",
+    [
+        ("var", {"pos_start": [1, 1, 64], "lvl_1L": [1, 30], "blocks.0.ffn.fc1.weight": [256, 64]}, "a VAR"),
+        ("llamagen", {"tok_embeddings.weight": [128, 64], "layers.0.feed_forward.w1.weight": [256, 64]}, "a LlamaGen"),
+    ],
+)
 def test_other_family_file_is_named(tmp_path: Path, family: str, keys: dict, label: str):
     f = tmp_path / f"{family}.pth"
     torch.save({k: torch.zeros(shape) for k, shape in keys.items()}, f)

@@ -30,13 +30,17 @@ def _mixed_tf_logits(m, ids, labels, cfg, power):
     return uncond + (cond - uncond) * scale[None, :, None]
 
 
-@pytest.mark.parametrize("cfg,power,n_prefix",
-                         [(0.0, 0.0, 0), (4.0, 1.5, 0), (16.0, 2.75, 11), (0.0, 0.0, 35)])
+@pytest.mark.parametrize("cfg,power,n_prefix", [(0.0, 0.0, 0), (4.0, 1.5, 0), (16.0, 2.75, 11), (0.0, 0.0, 35)])
 def test_kv_generation_equals_teacher_forcing(m, cfg, power, n_prefix):
     prefix = torch.randint(0, m.vocab_size, (3, m.n_tokens), generator=torch.Generator().manual_seed(1))
-    ids, info = m.transformer.generate(LABELS, guidance_scale=cfg, guidance_scale_pow=power, top_k=1,
-                                       prefix_BP=prefix[:, :n_prefix] if n_prefix else None,
-                                       return_logits=True)
+    ids, info = m.transformer.generate(
+        LABELS,
+        guidance_scale=cfg,
+        guidance_scale_pow=power,
+        top_k=1,
+        prefix_BP=prefix[:, :n_prefix] if n_prefix else None,
+        return_logits=True,
+    )
     assert torch.equal(ids[:, :n_prefix], prefix[:, :n_prefix])
     steps = slice(n_prefix, None)
     tf_cond = m.teacher_forced_logits(ids, LABELS)
@@ -56,9 +60,15 @@ def test_kv_generation_equals_teacher_forcing(m, cfg, power, n_prefix):
     assert torch.equal(same, ids)
 
 
-@pytest.mark.parametrize("kw", [dict(top_k=1), dict(top_k=1, cfg=4.0, cfg_power=0.0, n_prefix=7),
-                                dict(top_k=0, temperature=1.0, seed=3),
-                                dict(top_k=20, top_p=0.9, temperature=1.3, cfg=2.0, seed=4)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(top_k=1),
+        dict(top_k=1, cfg=4.0, cfg_power=0.0, n_prefix=7),
+        dict(top_k=0, temperature=1.0, seed=3),
+        dict(top_k=20, top_p=0.9, temperature=1.3, cfg=2.0, seed=4),
+    ],
+)
 def test_no_cache_gives_identical_ids(m, kw):
     prefix = torch.randint(0, m.vocab_size, (3, m.n_tokens), generator=torch.Generator().manual_seed(2))
     kw = dict(kw, prefix=prefix if kw.get("n_prefix") else None)
@@ -107,8 +117,7 @@ def test_hooks_see_each_generation_call(m):
 
     def rec(block, acts, info):
         if block == 0:
-            calls.append((info.target_index.tolist(), acts.shape[0], acts.shape[1], info.cfg_doubled,
-                          info.mode))
+            calls.append((info.target_index.tolist(), acts.shape[0], acts.shape[1], info.cfg_doubled, info.mode))
 
     with hooks.capture(m.transformer, rec):
         m.generate(LABELS[:2], cfg=3.0, top_k=1)
@@ -138,14 +147,17 @@ def test_hooks_see_each_generation_call(m):
 def test_unit_hooks_are_gelu_of_fc1(m):
     toks = torch.randint(0, m.vocab_size, (2, m.n_tokens), generator=torch.Generator().manual_seed(3))
     got = {}
-    with hooks.capture(m.transformer, lambda b, a, i: got.setdefault(("post", b), a.clone())), \
-            hooks.capture(m.transformer, lambda b, a, i: got.setdefault(("pre", b), a.clone()), names=hooks.PRE):
+    with (
+        hooks.capture(m.transformer, lambda b, a, i: got.setdefault(("post", b), a.clone())),
+        hooks.capture(m.transformer, lambda b, a, i: got.setdefault(("pre", b), a.clone()), names=hooks.PRE),
+    ):
         m.teacher_forced_logits(toks, LABELS[:2])
     for b in range(m.n_blocks):
         torch.testing.assert_close(got[("post", b)], torch.nn.functional.gelu(got[("pre", b)]))
         assert got[("post", b)].shape == (2, m.n_tokens + 2, m.n_units)
     assert [(s.block, s.module, s.n_units, s.hook) for s in m.unit_sites()] == [
-        (b, f"blocks.{b}.mlp", 256, f"blocks.{b}.mlp.hook_post") for b in range(2)]
+        (b, f"blocks.{b}.mlp", 256, f"blocks.{b}.mlp.hook_post") for b in range(2)
+    ]
     assert m.token_grids == [(6, 6)] and m.vocab_size == 128 and m.n_tokens == 36
 
 

@@ -55,11 +55,25 @@ def test_tokenizer_training_forward_is_straight_through():
 
 def test_config_validation():
     with pytest.raises(ValueError, match="divisible by 32"):
-        MaskGITVQGAN(channel_mult=(1, 2), num_resolutions=2, hidden_channels=24, resolution=8, z_channels=8,
-                     num_embeddings=16, embedding_dim=8)
+        MaskGITVQGAN(
+            channel_mult=(1, 2),
+            num_resolutions=2,
+            hidden_channels=24,
+            resolution=8,
+            z_channels=8,
+            num_embeddings=16,
+            embedding_dim=8,
+        )
     with pytest.raises(ValueError, match="must equal z_channels"):
-        MaskGITVQGAN(channel_mult=(1, 2), num_resolutions=2, hidden_channels=32, resolution=8, z_channels=8,
-                     num_embeddings=16, embedding_dim=4)
+        MaskGITVQGAN(
+            channel_mult=(1, 2),
+            num_resolutions=2,
+            hidden_channels=32,
+            resolution=8,
+            z_channels=8,
+            num_embeddings=16,
+            embedding_dim=4,
+        )
 
 
 def test_rar_training_forward():

@@ -73,9 +73,7 @@ def test_save_load_round_trip_and_manifest(st):
         assert arrays[name].dtype == a.dtype and np.array_equal(arrays[name], a)
     assert meta == {"n_images": 500, "note": "x"}
     mm, _ = st.load(k, mmap=True)
-    assert isinstance(mm["unitmem_GU"], np.memmap) and np.array_equal(
-        mm["unitmem_GU"], _arrays()["unitmem_GU"]
-    )
+    assert isinstance(mm["unitmem_GU"], np.memmap) and np.array_equal(mm["unitmem_GU"], _arrays()["unitmem_GU"])
     (row,) = st.list()
     assert row["key"] == k and row["kind"] == "unitmem" and row["spec"] == SPEC
     assert row["arrays"]["unitmem_GU"] == {"shape": [3, 4], "dtype": "<f4", "bytes": 48}
@@ -190,9 +188,7 @@ def test_corrupt_entry_is_reported_and_left_in_place(st):
     vdir = st._live_version(st.result_dir(k), k, "result")
     f = vdir / "unitmem_GU.npy"
     f.write_bytes(f.read_bytes()[:-8])
-    with pytest.raises(
-        CorruptEntryError, match=r"damaged: unitmem_GU.npy does not match its sha256.*left in place"
-    ):
+    with pytest.raises(CorruptEntryError, match=r"damaged: unitmem_GU.npy does not match its sha256.*left in place"):
         st.load(k)
     with pytest.raises(CorruptEntryError, match="unreadable"):
         st.load(k, verify=False)

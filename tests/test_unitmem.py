@@ -57,8 +57,15 @@ class KnownAdapter(IARAdapter):
     family = "toy"
 
     def __init__(self, n_ids: int = 16):
-        spec = ModelSpec(name="known", family="var", image_size=8, num_classes=10, tokenizer={}, transformer={},
-                         train_augmentation="none")
+        spec = ModelSpec(
+            name="known",
+            family="var",
+            image_size=8,
+            num_classes=10,
+            tokenizer={},
+            transformer={},
+            train_augmentation="none",
+        )
         super().__init__(spec, nn.Identity(), _KnownTransformer(n_ids, 4), torch.device("cpu"))
         self.n_ids = n_ids
 
@@ -138,8 +145,10 @@ def _brute_force_mu(adapter, images, labels, ids, cfg, plan):
     """Per-image mu [N, L, G, U] computed by a separate path: plain forward hooks on the GELU modules."""
     views = data.augment_views(images, cfg.augmentation, cfg.n_augs - 1, cfg.seed, ids)
     acts = {}
-    handles = [blk.ffn.act.register_forward_hook(lambda m, i, o, b=b: acts.__setitem__(b, o.detach()))
-               for b, blk in enumerate(adapter.transformer.blocks)]
+    handles = [
+        blk.ffn.act.register_forward_hook(lambda m, i, o, b=b: acts.__setitem__(b, o.detach()))
+        for b, blk in enumerate(adapter.transformer.blocks)
+    ]
     try:
         total = 0
         for v in range(cfg.n_augs):
@@ -163,8 +172,9 @@ def test_streaming_equals_brute_force(rest):
     n = 13
     images, labels = ds.images(np.arange(n), size=8), ds.labels_tensor(np.arange(n))
     keys = ds.ids[:n]
-    cfg = unitmem.UnitMemConfig(n_augs=3, augmentation="shift", rest=rest, group_kinds=("scale", "position"),
-                                top_images=4)
+    cfg = unitmem.UnitMemConfig(
+        n_augs=3, augmentation="shift", rest=rest, group_kinds=("scale", "position"), top_images=4
+    )
     p = unitmem.UnitMemPass(ad, n, cfg)
     for s, e in ((i, min(n, i + 5)) for i in range(0, n, 5)):
         p.step(images[s:e], labels[s:e], keys=keys[s:e])

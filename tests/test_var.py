@@ -100,9 +100,7 @@ def _write_alt_folder(d):
     cfg = ALT_CONFIG
     g = torch.Generator().manual_seed(cfg["image_generator_seed"])
     B, H = cfg["batch"], cfg["image_size"]
-    img = (torch.rand(B, 3, H, H, generator=g) - 0.5 + torch.rand(B, 3, 1, 1, generator=g) * 1.2 - 0.6).clamp(
-        -1, 1
-    )
+    img = (torch.rand(B, 3, H, H, generator=g) - 0.5 + torch.rand(B, 3, 1, 1, generator=g) * 1.2 - 0.6).clamp(-1, 1)
     label_B = torch.tensor(cfg["labels"])
     t: dict = {"input_img_B3HW": img, "label_B": label_B}
     with torch.no_grad():
@@ -122,9 +120,7 @@ def _write_alt_folder(d):
         for i, b in enumerate(var.blocks):
             for mod, name in ((b.ffn.fc1, "ffn_fc1_out_BLH"), (b.ffn.act, "ffn_act_out_BLH"), (b, "out_BLC")):
                 handles.append(
-                    mod.register_forward_hook(
-                        lambda m, a, o, k=f"var_block{i}_{name}": t.__setitem__(k, o.clone())
-                    )
+                    mod.register_forward_hook(lambda m, a, o, k=f"var_block{i}_{name}": t.__setitem__(k, o.clone()))
                 )
         t["var_logits_BLV"] = var(label_B, x)
         for h in handles:
@@ -146,9 +142,7 @@ def _write_alt_folder(d):
             ar_img_B3HW=(vae.idxBl_to_img(toks, same_shape=True, last_one=True) + 1) * 0.5,
         )
     torch.save(t, d / "golden.pt")
-    (d / "config.json").write_text(
-        json.dumps({"family": "VAR", "config": cfg, "tensors": {k: {} for k in t}})
-    )
+    (d / "config.json").write_text(json.dumps({"family": "VAR", "config": cfg, "tensors": {k: {} for k in t}}))
     return t
 
 
@@ -180,10 +174,7 @@ def test_runner_is_generic_over_configs(alt_folder):
     assert rep["tensors"]["var_block2_ffn_act_out_BLH"]["ok"]
     assert [x.shape[1] for x in tensors["ar_idx_Bl_list"]] == [1, 4, 16]
     # the chosen inputs are not degenerate: several distinct tokens at the last scale
-    assert (
-        tensors["ar_idx_Bl_list"][-1].unique().numel() > 4
-        and tensors["vae_idx_Bl_list"][-1].unique().numel() > 4
-    )
+    assert tensors["ar_idx_Bl_list"][-1].unique().numel() > 4 and tensors["vae_idx_Bl_list"][-1].unique().numel() > 4
 
 
 def test_runner_fails_a_perturbed_float_tensor(alt_folder, tmp_path):

@@ -50,9 +50,7 @@ def test_adapter_with_golden_weights_reproduces_golden(golden_var):
         m.teacher_forced_logits(toks, gold["label_B"]), gold["var_logits_BLV"], atol=1e-4, rtol=1e-4
     )
     prog = m.decode_progressive(toks)
-    torch.testing.assert_close(
-        torch.stack(prog), (gold["vae_recon_all_scales_SB3HW"] + 1) / 2, atol=1e-4, rtol=0
-    )
+    torch.testing.assert_close(torch.stack(prog), (gold["vae_recon_all_scales_SB3HW"] + 1) / 2, atol=1e-4, rtol=0)
     torch.testing.assert_close(m.decode(toks), prog[-1])
     gen = m.generate(gold["ar_label_B"], cfg=1.5, top_k=1, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(gen, gold["ar_idx_Bl_list"]))

@@ -26,9 +26,7 @@ def images():
 def _ramp(m, cfg):
     """t per flat token: cfg * si / (S-1) over the scales, [1, N, 1]."""
     S = len(m.token_grids)
-    t = torch.cat(
-        [torch.full((s.stop - s.start,), cfg * si / (S - 1)) for si, s in enumerate(m.scale_slices)]
-    )
+    t = torch.cat([torch.full((s.stop - s.start,), cfg * si / (S - 1)) for si, s in enumerate(m.scale_slices)])
     return t[None, :, None]
 
 
@@ -137,9 +135,7 @@ def test_hooks_see_each_scale_and_the_cfg_batch(model, images):
     with hooks.capture(m.transformer, rec, names="blocks.0.mlp.hook_post"):
         m.generate(LABELS, cfg=1.5, top_k=1)
     assert [c[2] for c in calls] == ranges
-    assert all(
-        c[0] == 0 and c[1] == (2 * B, len(c[2]), n_units) and c[3] and c[4] == "generate" for c in calls
-    )
+    assert all(c[0] == 0 and c[1] == (2 * B, len(c[2]), n_units) and c[3] and c[4] == "generate" for c in calls)
 
     calls.clear()
     with hooks.capture(m.transformer, rec, names=hooks.PRE):
@@ -172,9 +168,7 @@ def test_hook_names_and_unit_sites(model):
     ]
     assert not any("hook" in k for k in m.transformer.state_dict())
     groups = m.position_groups()
-    assert [g.name for g in groups] == ["1x1", "2x2", "3x3", "4x4"] and groups[2].index.tolist() == list(
-        range(5, 14)
-    )
+    assert [g.name for g in groups] == ["1x1", "2x2", "3x3", "4x4"] and groups[2].index.tolist() == list(range(5, 14))
 
 
 def test_edit_changes_output_and_is_undone(model, images):

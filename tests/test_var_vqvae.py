@@ -43,9 +43,7 @@ def test_phi_state_dict_layouts(share, n_scales, keys):
 
 def test_phi_choice_per_scale():
     # 4 shared Phi over the 10 VAR-256 scales: ticks 1/12, 5/12... nearest to si/9
-    q = VQVAE(
-        vocab_size=8, z_channels=4, ch=32, ch_mult=(1,), v_patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-    ).quantize
+    q = VQVAE(vocab_size=8, z_channels=4, ch=32, ch_mult=(1,), v_patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16)).quantize
     picks = [q.quant_resi._phis.index(q.phi(si, 10)) for si in range(10)]
     assert picks == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
     q2 = VQVAE(**TINY, share_quant_resi=2).quantize  # K=2: ticks 1/4, 3/4
@@ -56,9 +54,7 @@ def test_phi_value():
     vae = _tiny()
     phi = vae.quantize.phi(1, 3)
     h = torch.randn(2, 4, 4, 4)
-    torch.testing.assert_close(
-        phi(h), 0.5 * h + 0.5 * torch.nn.functional.conv2d(h, phi.weight, phi.bias, padding=1)
-    )
+    torch.testing.assert_close(phi(h), 0.5 * h + 0.5 * torch.nn.functional.conv2d(h, phi.weight, phi.bias, padding=1))
 
 
 def test_training_forward_loss_and_straight_through():

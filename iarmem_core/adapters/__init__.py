@@ -28,16 +28,23 @@ def adapter_class(family: str) -> type[IARAdapter]:
     return getattr(importlib.import_module(mod), cls)
 
 
-def load_adapter(name: str, *, checkpoint: str | os.PathLike | None = None,
-                 tokenizer_checkpoint: str | os.PathLike | None = None, device: str | torch.device = "auto",
-                 dtype: torch.dtype = torch.float32, seed: int = 0) -> IARAdapter:
+def load_adapter(
+    name: str,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    tokenizer_checkpoint: str | os.PathLike | None = None,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> IARAdapter:
     """Load registry model `name`; `checkpoint` is the transformer file, `tokenizer_checkpoint` the tokenizer's.
 
     Without files, a demo model loads its bundled weights and any other model gets seeded random weights.
     """
     spec = get_spec(name)
-    return adapter_class(spec.family).load(spec, transformer_path=checkpoint, tokenizer_path=tokenizer_checkpoint,
-                                           device=device, dtype=dtype, seed=seed)
+    return adapter_class(spec.family).load(
+        spec, transformer_path=checkpoint, tokenizer_path=tokenizer_checkpoint, device=device, dtype=dtype, seed=seed
+    )
 
 
 __all__ = ["IARAdapter", "PositionGroup", "UnitSite", "adapter_class", "load_adapter", "resolve_device"]

@@ -61,8 +61,15 @@ class IARAdapter(ABC):
 
     family: ClassVar[str]
 
-    def __init__(self, spec: ModelSpec, tokenizer: nn.Module, transformer: nn.Module, device: torch.device,
-                 dtype: torch.dtype = torch.float32, identity: dict | None = None):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        tokenizer: nn.Module,
+        transformer: nn.Module,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        identity: dict | None = None,
+    ):
         self.spec = spec
         self.tokenizer = tokenizer
         self.transformer = transformer
@@ -83,9 +90,16 @@ class IARAdapter(ABC):
         """A transformer module of `spec.transformer` (may be built on meta)."""
 
     @classmethod
-    def load(cls, spec: ModelSpec, *, transformer_path: str | os.PathLike | None = None,
-             tokenizer_path: str | os.PathLike | None = None, device: str | torch.device = "auto",
-             dtype: torch.dtype = torch.float32, seed: int = 0) -> IARAdapter:
+    def load(
+        cls,
+        spec: ModelSpec,
+        *,
+        transformer_path: str | os.PathLike | None = None,
+        tokenizer_path: str | os.PathLike | None = None,
+        device: str | torch.device = "auto",
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+    ) -> IARAdapter:
         """Build `spec` and load its weights.
 
         Paths default to the spec's bundled files (demo models). With no path at all the weights are
@@ -190,9 +204,19 @@ class IARAdapter(ABC):
         """Logits [B, N, V] with true tokens as input; no CFG, no dropout; [:, n] predicts flat token n."""
 
     @abstractmethod
-    def generate(self, labels: torch.Tensor, prefix: Tokens | None = None, n_prefix: int = 0, cfg: float = 0.0,
-                 top_k: int = 1, top_p: float = 0.0, temperature: float = 1.0, seed: int = 0,
-                 kv_cache: bool = True, **family_kw: Any) -> Tokens:
+    def generate(
+        self,
+        labels: torch.Tensor,
+        prefix: Tokens | None = None,
+        n_prefix: int = 0,
+        cfg: float = 0.0,
+        top_k: int = 1,
+        top_p: float = 0.0,
+        temperature: float = 1.0,
+        seed: int = 0,
+        kv_cache: bool = True,
+        **family_kw: Any,
+    ) -> Tokens:
         """Generate tokens; the first `n_prefix` flat tokens are copied from `prefix` (teacher-forced).
 
         Greedy is ``top_k=1``. ``cfg`` follows the family's official schedule (VAR: linear ramp over
@@ -224,8 +248,9 @@ class IARAdapter(ABC):
         """Units per block (the same in every block of these architectures)."""
         return self.unit_sites()[0].n_units
 
-    def position_groups(self, kinds: Sequence[str] = ("scale",), scales: Sequence[int] | None = None
-                        ) -> list[PositionGroup]:
+    def position_groups(
+        self, kinds: Sequence[str] = ("scale",), scales: Sequence[int] | None = None
+    ) -> list[PositionGroup]:
         """Groups of flat token indices.
 
         ``"scale"``: one per scale (next-token: one group with all positions); ``"row"``: each row of the

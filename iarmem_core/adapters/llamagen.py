@@ -101,9 +101,7 @@ class LlamaGenAdapter(IARAdapter):
         """Token ids [B, N] (int64); see the module docstring for the CFG, top-k and top-p conventions."""
         cfg_interval = family_kw.pop("cfg_interval", -1)
         if family_kw:
-            raise TypeError(
-                f"LlamaGen generate got unknown options {sorted(family_kw)}; it takes cfg_interval"
-            )
+            raise TypeError(f"LlamaGen generate got unknown options {sorted(family_kw)}; it takes cfg_interval")
         labels_B = self._check_labels(labels)
         self.check_prefix(n_prefix)
         prefix_BP = None
@@ -148,8 +146,7 @@ class LlamaGenAdapter(IARAdapter):
             raise ValueError(f"expected token ids [B, N], got shape {list(idx_BN.shape)}")
         if idx_BN.numel() and (int(idx_BN.min()) < 0 or int(idx_BN.max()) >= self.vocab_size):
             raise ValueError(
-                f"token ids must be in [0, {self.vocab_size - 1}], got [{int(idx_BN.min())}, "
-                f"{int(idx_BN.max())}]"
+                f"token ids must be in [0, {self.vocab_size - 1}], got [{int(idx_BN.min())}, {int(idx_BN.max())}]"
             )
         return idx_BN
 

@@ -110,8 +110,9 @@ class RARAdapter(IARAdapter):
         return self.transformer.forward_fn(toks_BN, cond_B)[:, :-1].float()
 
     @torch.no_grad()
-    def permuted_logits(self, tokens: torch.Tensor, labels: torch.Tensor, orders_BN: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    def permuted_logits(
+        self, tokens: torch.Tensor, labels: torch.Tensor, orders_BN: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """RAR's training view in token order `orders_BN` [B, N]: (logits [B, N, V], targets [B, N]).
 
         logits[:, k] predicts targets[:, k] = tokens[:, orders[:, k]].
@@ -122,16 +123,28 @@ class RARAdapter(IARAdapter):
             orders = orders.expand(toks_BN.shape[0], -1)
         ref = torch.arange(self.n_tokens, device=self.device).expand_as(orders)
         if orders.shape != toks_BN.shape or not torch.equal(orders.sort(dim=1).values, ref):
-            raise ValueError(f"orders must be one permutation of 0..{self.n_tokens - 1} per image, "
-                             f"shape {list(toks_BN.shape)}; got shape {list(orders.shape)}")
+            raise ValueError(
+                f"orders must be one permutation of 0..{self.n_tokens - 1} per image, "
+                f"shape {list(toks_BN.shape)}; got shape {list(orders.shape)}"
+            )
         cond_B = self.transformer.preprocess_condition(self._labels(labels))
         logits, targets = self.transformer.forward_fn(toks_BN, cond_B, return_labels=True, orders_BN=orders)
         return logits[:, :-1].float(), targets
 
     @torch.no_grad()
-    def generate(self, labels: torch.Tensor, prefix: torch.Tensor | None = None, n_prefix: int = 0,
-                 cfg: float = 0.0, top_k: int = 1, top_p: float = 0.0, temperature: float = 1.0,
-                 seed: int = 0, kv_cache: bool = True, **family_kw: Any) -> torch.Tensor:
+    def generate(
+        self,
+        labels: torch.Tensor,
+        prefix: torch.Tensor | None = None,
+        n_prefix: int = 0,
+        cfg: float = 0.0,
+        top_k: int = 1,
+        top_p: float = 0.0,
+        temperature: float = 1.0,
+        seed: int = 0,
+        kv_cache: bool = True,
+        **family_kw: Any,
+    ) -> torch.Tensor:
         """Token ids [B, N]. `cfg` is RAR's guidance_scale (0: no CFG, no batch doubling).
 
         Family keyword: ``cfg_power`` (guidance_scale_pow; default the spec's published value, 0 when it has
@@ -139,8 +152,9 @@ class RARAdapter(IARAdapter):
         """
         unknown = set(family_kw) - {"cfg_power"}
         if unknown:
-            raise TypeError(f"RAR generate got unknown keyword(s) {sorted(unknown)}; "
-                            f"the only family keyword is cfg_power")
+            raise TypeError(
+                f"RAR generate got unknown keyword(s) {sorted(unknown)}; the only family keyword is cfg_power"
+            )
         cfg_power = family_kw.get("cfg_power")
         if cfg_power is None:
             cfg_power = float(self.spec.sampling.get("cfg_power", 0.0))
@@ -152,16 +166,24 @@ class RARAdapter(IARAdapter):
                 raise ValueError(f"n_prefix={n_prefix} needs prefix tokens [B, >= {n_prefix}]")
             p = self.flatten(prefix).to(self.device, torch.long)
             if p.ndim != 2 or p.shape[0] != labels_B.shape[0] or p.shape[1] < n_prefix:
-                raise ValueError(f"prefix must be [B={labels_B.shape[0]}, >= {n_prefix}] tokens, "
-                                 f"got {list(p.shape)}")
+                raise ValueError(f"prefix must be [B={labels_B.shape[0]}, >= {n_prefix}] tokens, got {list(p.shape)}")
             prefix_BP = p[:, :n_prefix]
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
         return self.transformer.generate(
-            labels_B, guidance_scale=float(cfg), guidance_scale_pow=float(cfg_power),
-            temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), prefix_BP=prefix_BP,
-            generator=gen, kv_cache=kv_cache)
+            labels_B,
+            guidance_scale=float(cfg),
+            guidance_scale_pow=float(cfg_power),
+            temperature=float(temperature),
+            top_k=int(top_k),
+            top_p=float(top_p),
+            prefix_BP=prefix_BP,
+            generator=gen,
+            kv_cache=kv_cache,
+        )
 
     # ---- units -----------------------------------------------------------------------------------
     def unit_sites(self) -> list[UnitSite]:
-        return [UnitSite(i, f"blocks.{i}.mlp", blk.mlp.fc1.out_features, f"blocks.{i}.mlp.hook_post")
-                for i, blk in enumerate(self.transformer.blocks)]
+        return [
+            UnitSite(i, f"blocks.{i}.mlp", blk.mlp.fc1.out_features, f"blocks.{i}.mlp.hook_post")
+            for i, blk in enumerate(self.transformer.blocks)
+        ]

@@ -66,9 +66,7 @@ class VARAdapter(IARAdapter):
             else:
                 p.normal_(0, 0.1)
         if isinstance(module, VQVAE):
-            side = (
-                2 * module.downsample
-            )  # the encoder is convolutional: a small image gives the feature scale
+            side = 2 * module.downsample  # the encoder is convolutional: a small image gives the feature scale
             f = module.img_to_f(torch.rand(1, 3, side, side, device=module.quant_conv.weight.device) * 2 - 1)
             module.quantize.embedding.weight.normal_(0, 1).mul_(f.std())
 

@@ -85,10 +85,21 @@ def _edit_flags(top_percent, units, factor, op, ranking, combine) -> list[str]:
     return out
 
 
-def intervene_command(model: ModelArgs, data: DataArgs, unitmem_cfg, *, top_percent: float | None = None,
-                      units: Mapping[int, Sequence[int]] | None = None, factor: float = 0.5, op: str = "fc1_scale",
-                      ranking: str = "global", combine="max", sweep: bool = False, random_draws: int | None = None,
-                      n_samples: int | None = None) -> str:
+def intervene_command(
+    model: ModelArgs,
+    data: DataArgs,
+    unitmem_cfg,
+    *,
+    top_percent: float | None = None,
+    units: Mapping[int, Sequence[int]] | None = None,
+    factor: float = 0.5,
+    op: str = "fc1_scale",
+    ranking: str = "global",
+    combine="max",
+    sweep: bool = False,
+    random_draws: int | None = None,
+    n_samples: int | None = None,
+) -> str:
     """`intervene` (one edit, or `sweep=True` for the trade-off table) on the units ranked by `unitmem_cfg`."""
     from iarmem_core import intervention as iv
     from iarmem_core.cli.unitmem import unitmem_flags
@@ -104,10 +115,21 @@ def intervene_command(model: ModelArgs, data: DataArgs, unitmem_cfg, *, top_perc
     return _join("intervene", parts + ["--json"])
 
 
-def sample_command(model: ModelArgs, data: DataArgs, unitmem_cfg, *, labels: Sequence[int],
-                   top_percent: float | None = None, units: Mapping[int, Sequence[int]] | None = None,
-                   factor: float = 0.5, op: str = "fc1_scale", ranking: str = "global", combine="max",
-                   random_units: bool = False, out: str = "samples.png") -> str:
+def sample_command(
+    model: ModelArgs,
+    data: DataArgs,
+    unitmem_cfg,
+    *,
+    labels: Sequence[int],
+    top_percent: float | None = None,
+    units: Mapping[int, Sequence[int]] | None = None,
+    factor: float = 0.5,
+    op: str = "fc1_scale",
+    ranking: str = "global",
+    combine="max",
+    random_units: bool = False,
+    out: str = "samples.png",
+) -> str:
     """`sample` before/after an edit, written as a PNG grid."""
     from iarmem_core.cli.unitmem import unitmem_flags
 

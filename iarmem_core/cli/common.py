@@ -35,8 +35,13 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
 def load_model(args: argparse.Namespace):
     from iarmem_core.adapters import load_adapter
 
-    return load_adapter(args.model, checkpoint=args.checkpoint, tokenizer_checkpoint=args.tokenizer_checkpoint,
-                        device=args.device, seed=args.seed)
+    return load_adapter(
+        args.model,
+        checkpoint=args.checkpoint,
+        tokenizer_checkpoint=args.tokenizer_checkpoint,
+        device=args.device,
+        seed=args.seed,
+    )
 
 
 def load_data(args: argparse.Namespace, image_size: int):

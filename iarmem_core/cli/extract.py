@@ -14,11 +14,18 @@ def add_attack_options(p: argparse.ArgumentParser) -> None:
     from iarmem_core.extraction import ExtractionConfig
 
     d = ExtractionConfig()
-    p.add_argument("--candidates-per-class", type=int, default=d.candidates_per_class,
-                   help="top-k images per class by the per-image memorization score")
+    p.add_argument(
+        "--candidates-per-class",
+        type=int,
+        default=d.candidates_per_class,
+        help="top-k images per class by the per-image memorization score",
+    )
     p.add_argument("--ids", help="explicit candidate image ids, comma separated (instead of top-k per class)")
-    p.add_argument("--prefix", help="prefix lengths in tokens, comma separated (VAR: whole scales); "
-                                    "default: the paper's (VAR 4 scales; next-token 30/256 of the tokens)")
+    p.add_argument(
+        "--prefix",
+        help="prefix lengths in tokens, comma separated (VAR: whole scales); "
+        "default: the paper's (VAR 4 scales; next-token 30/256 of the tokens)",
+    )
     p.add_argument("--similarity", default=d.similarity, help="auto, sscd, token_match, ssim, feature_cosine")
     p.add_argument("--threshold", type=float, help="decision threshold (default: calibrated / published)")
     p.add_argument("--sscd", help="path of sscd_disc_mixup.torchscript.pt (SSCD similarity, threshold 0.75)")
@@ -26,8 +33,9 @@ def add_attack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=d.top_k, help="1 = greedy (the attack's default)")
     p.add_argument("--top-p", type=float, default=d.top_p)
     p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="candidates per batch (halved on out-of-memory)")
+    p.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="candidates per batch (halved on out-of-memory)"
+    )
     p.add_argument("--no-heldout", action="store_true", help="do not attack held-out images")
     p.add_argument("--heldout-n", type=int, default=d.heldout_n, help="demo: held-out images attacked (false rate)")
     p.add_argument("--gallery-size", type=int, default=d.gallery_size, help="stored images are at most this many px")
@@ -41,9 +49,18 @@ def config_from_args(args: argparse.Namespace):
         candidates_per_class=args.candidates_per_class,
         candidate_ids=tuple(i.strip() for i in args.ids.split(",") if i.strip()) if args.ids else None,
         prefix_tokens=common.parse_ints(args.prefix, "--prefix"),
-        similarity=args.similarity, threshold=args.threshold, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-        temperature=args.temperature, batch_size=args.batch_size, heldout=not args.no_heldout, seed=args.seed,
-        heldout_n=args.heldout_n, gallery_size=args.gallery_size)
+        similarity=args.similarity,
+        threshold=args.threshold,
+        cfg=args.cfg,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+        heldout=not args.no_heldout,
+        seed=args.seed,
+        heldout_n=args.heldout_n,
+        gallery_size=args.gallery_size,
+    )
 
 
 def attack_flags(cfg) -> list[str]:
@@ -52,10 +69,18 @@ def attack_flags(cfg) -> list[str]:
 
     d = ExtractionConfig()
     out: list[str] = []
-    simple = [("candidates_per_class", "--candidates-per-class"), ("similarity", "--similarity"),
-              ("threshold", "--threshold"), ("cfg", "--cfg"), ("top_k", "--top-k"), ("top_p", "--top-p"),
-              ("temperature", "--temperature"), ("batch_size", "--batch-size"), ("heldout_n", "--heldout-n"),
-              ("gallery_size", "--gallery-size")]
+    simple = [
+        ("candidates_per_class", "--candidates-per-class"),
+        ("similarity", "--similarity"),
+        ("threshold", "--threshold"),
+        ("cfg", "--cfg"),
+        ("top_k", "--top-k"),
+        ("top_p", "--top-p"),
+        ("temperature", "--temperature"),
+        ("batch_size", "--batch-size"),
+        ("heldout_n", "--heldout-n"),
+        ("gallery_size", "--gallery-size"),
+    ]
     for field, flag in simple:
         v = getattr(cfg, field)
         if v != getattr(d, field) and v is not None:
@@ -79,9 +104,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_output_args(p)
     add_attack_options(p)
     p.add_argument("--heldout-data", help="folder data: an ImageFolder of held-out images (e.g. ImageNet val)")
-    p.add_argument("--calibrate", action="store_true",
-                   help="calibrate the offline thresholds on held-out images (demo: those not in the "
-                        "evaluation sample) and store them for this model")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="calibrate the offline thresholds on held-out images (demo: those not in the "
+        "evaluation sample) and store them for this model",
+    )
     p.add_argument("--max-false-rate", type=float, default=DEFAULT_MAX_FALSE_RATE)
 
 
@@ -104,13 +132,29 @@ def run(args: argparse.Namespace) -> int:
             calib, planted = heldout, None
         else:
             raise ValueError("--calibrate on folder data needs --heldout-data (images the model never saw)")
-        out = extraction.calibrate(model, calib, cfg, store=st, max_false_rate=args.max_false_rate,
-                                   planted_set=planted, sscd_path=args.sscd,
-                                   on_progress=common.progress_printer("calibrate"), force=args.force)
+        out = extraction.calibrate(
+            model,
+            calib,
+            cfg,
+            store=st,
+            max_false_rate=args.max_false_rate,
+            planted_set=planted,
+            sscd_path=args.sscd,
+            on_progress=common.progress_printer("calibrate"),
+            force=args.force,
+        )
         out["calibration_images"] = len(calib)
         common.emit(out, args.json)
         return 0
-    res = extraction.run_extraction(model, image_set, cfg, store=st, heldout_set=heldout, sscd_path=args.sscd,
-                                    on_progress=common.progress_printer("extract"), force=args.force)
+    res = extraction.run_extraction(
+        model,
+        image_set,
+        cfg,
+        store=st,
+        heldout_set=heldout,
+        sscd_path=args.sscd,
+        on_progress=common.progress_printer("extract"),
+        force=args.force,
+    )
     common.emit(res.summary(), args.json)
     return 0

@@ -19,13 +19,15 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
     from iarmem_core import hooks
     from iarmem_core import intervention as iv
 
-    p.add_argument("--top-percent", type=float, default=iv.DEFAULT_TOP_PERCENT,
-                   help="edit the top k%% units by UnitMem")
+    p.add_argument(
+        "--top-percent", type=float, default=iv.DEFAULT_TOP_PERCENT, help="edit the top k%% units by UnitMem"
+    )
     p.add_argument("--factor", type=float, default=iv.DEFAULT_FACTOR, help="fc1 rows x factor (paper: 0.5)")
     p.add_argument("--op", default=iv.DEFAULT_OP, choices=hooks.EDIT_OPS)
     p.add_argument("--ranking", default=iv.DEFAULT_RANKING, choices=iv.RANKINGS)
-    p.add_argument("--combine", default=iv.DEFAULT_COMBINE,
-                   help="VAR: max over scales, or one scale index / group name")
+    p.add_argument(
+        "--combine", default=iv.DEFAULT_COMBINE, help="VAR: max over scales, or one scale index / group name"
+    )
 
 
 def combine_arg(text: str):
@@ -44,12 +46,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--units", help="explicit units instead of the ranking: 'block:unit,block:unit,...'")
     p.add_argument("--sweep", action="store_true", help="the trade-off table over --top-percents")
     p.add_argument("--top-percents", default=",".join(f"{k:g}" for k in iv.DEFAULT_TOP_PERCENTS))
-    p.add_argument("--random-draws", type=int, help="random-unit draws of the control (extraction after each, "
-                                                   "quality for the first; p_value compares the ranked edit with "
-                                                   "them); default 10 on demo and test models, 1 on released ones")
+    p.add_argument(
+        "--random-draws",
+        type=int,
+        help="random-unit draws of the control (extraction after each, "
+        "quality for the first; p_value compares the ranked edit with "
+        "them); default 10 on demo and test models, 1 on released ones",
+    )
     p.add_argument("--n-samples", type=int, default=iv.DEFAULT_N_SAMPLES, help="samples for FD and class accuracy")
-    p.add_argument("--inception", help="NVIDIA's TorchScript inception-2015-12-05.pt: real FID (else the "
-                                       "bundled demo feature space, demo models only)")
+    p.add_argument(
+        "--inception",
+        help="NVIDIA's TorchScript inception-2015-12-05.pt: real FID (else the "
+        "bundled demo feature space, demo models only)",
+    )
     p.add_argument("--reference-data", help="ImageFolder of real images for FD (default: demo held-out)")
     add_unitmem_options(p, prefix="unitmem-")
     add_attack_options(p)
@@ -62,26 +71,55 @@ def run(args: argparse.Namespace) -> int:
     model = common.load_model(args)
     image_set = common.load_data(args, model.image_size)
     st = common.get_store(args)
-    um = unitmem.run_unitmem(model, image_set, unitmem_config(args, model.spec.name, prefix="unitmem-"),
-                             store=st, on_progress=common.progress_printer("unitmem"))
+    um = unitmem.run_unitmem(
+        model,
+        image_set,
+        unitmem_config(args, model.spec.name, prefix="unitmem-"),
+        store=st,
+        on_progress=common.progress_printer("unitmem"),
+    )
     ecfg = attack_config(args)
     ref = None
     if args.reference_data:
         ref = data.load_image_folder(args.reference_data, model.image_size, count=args.n_samples, seed=args.seed)
-    kw = dict(factor=args.factor, op=args.op, ranking=args.ranking, combine=combine_arg(args.combine),
-              cfg_half=args.cfg_half, extraction_cfg=ecfg, n_samples=args.n_samples, feature_space=args.inception,
-              reference_set=ref, seed=args.seed, sscd_path=args.sscd, store=st, random_draws=args.random_draws)
+    kw = dict(
+        factor=args.factor,
+        op=args.op,
+        ranking=args.ranking,
+        combine=combine_arg(args.combine),
+        cfg_half=args.cfg_half,
+        extraction_cfg=ecfg,
+        n_samples=args.n_samples,
+        feature_space=args.inception,
+        reference_set=ref,
+        seed=args.seed,
+        sscd_path=args.sscd,
+        store=st,
+        random_draws=args.random_draws,
+    )
     if args.sweep:
         ks = tuple(float(v) for v in args.top_percents.split(","))
-        df = intervention.run_sweep(model, um, image_set, top_percents=ks, force=args.force,
-                                    on_progress=common.progress_printer("sweep"), **kw)
-        out = {"store_key": df.attrs["store_key"], "how": df.attrs["how"], "columns": list(df.columns),
-               "rows": df.to_dict(orient="records")}
+        df = intervention.run_sweep(
+            model, um, image_set, top_percents=ks, force=args.force, on_progress=common.progress_printer("sweep"), **kw
+        )
+        out = {
+            "store_key": df.attrs["store_key"],
+            "how": df.attrs["how"],
+            "columns": list(df.columns),
+            "rows": df.to_dict(orient="records"),
+        }
         common.emit(out, args.json)
         return 0
     units = common.parse_units(args.units) if args.units else None
-    out = intervention.run_intervention(model, um, image_set, top_percent=args.top_percent, units=units,
-                                        on_progress=common.progress_printer("intervene"), **kw)
+    out = intervention.run_intervention(
+        model,
+        um,
+        image_set,
+        top_percent=args.top_percent,
+        units=units,
+        on_progress=common.progress_printer("intervene"),
+        **kw,
+    )
     common.emit(out.to_dict(), args.json)
     return 0
 
@@ -125,8 +163,13 @@ def run_sample(args: argparse.Namespace) -> int:
         units = common.parse_units(args.units)
     elif args.top_percent > 0:
         image_set = common.load_data(args, model.image_size)
-        um = unitmem.run_unitmem(model, image_set, unitmem_config(args, model.spec.name, prefix="unitmem-"),
-                                 store=common.get_store(args), on_progress=common.progress_printer("unitmem"))
+        um = unitmem.run_unitmem(
+            model,
+            image_set,
+            unitmem_config(args, model.spec.name, prefix="unitmem-"),
+            store=common.get_store(args),
+            on_progress=common.progress_printer("unitmem"),
+        )
         units = intervention.select_units(um, args.top_percent, args.ranking, combine_arg(args.combine))
     if units is not None and args.random_units:
         units = intervention.random_control(units, model.n_units, seed=args.seed)
@@ -136,8 +179,13 @@ def run_sample(args: argparse.Namespace) -> int:
         rows.append(intervention.generate_images(model, labels, edit, seed=args.seed, sampling=sampling))
     grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # [3, rows*H, B*W]
     Image.fromarray((grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(args.out)
-    out = {"out": str(args.out), "labels": labels, "seed": args.seed,
-           "sampling": intervention.sampling_kwargs(model, sampling), "edit": edit.to_dict() if edit else None,
-           "mean_abs_change": float((rows[1] - rows[0]).abs().mean()) if edit is not None else None}
+    out = {
+        "out": str(args.out),
+        "labels": labels,
+        "seed": args.seed,
+        "sampling": intervention.sampling_kwargs(model, sampling),
+        "edit": edit.to_dict() if edit else None,
+        "mean_abs_change": float((rows[1] - rows[0]).abs().mean()) if edit is not None else None,
+    }
     common.emit(out, args.json)
     return 0

@@ -19,9 +19,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from iarmem_core.registry import all_specs
 
-    rows = [{"name": s.name, "family": s.family, "kind": s.kind, "image_size": s.image_size,
-             "files": s.files, "description": s.description}
-            for s in all_specs() if args.family in (None, s.family)]
+    rows = [
+        {
+            "name": s.name,
+            "family": s.family,
+            "kind": s.kind,
+            "image_size": s.image_size,
+            "files": s.files,
+            "description": s.description,
+        }
+        for s in all_specs()
+        if args.family in (None, s.family)
+    ]
     if args.json:
         print(json.dumps({"models": rows}))
     else:

@@ -16,16 +16,24 @@ def add_unitmem_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
 
     d = UnitMemConfig()
     p.add_argument(f"--{prefix}augs", type=int, default=d.n_augs, help="A views per image (view 0 is the image)")
-    p.add_argument(f"--{prefix}augmentation", default=d.augmentation,
-                   help="default (the model's training augmentation), none, shift, crop, flip, crop+flip")
+    p.add_argument(
+        f"--{prefix}augmentation",
+        default=d.augmentation,
+        help="default (the model's training augmentation), none, shift, crop, flip, crop+flip",
+    )
     p.add_argument(f"--{prefix}rest", default=d.rest, choices=REST_MODES)
-    p.add_argument(f"--{prefix}detail", default="auto",
-                   help="finer groups: auto (next-token models: grid rows; VAR: none), none, or a comma list of "
-                        "row,position (position: every token position, the token-grid view)")
-    p.add_argument(f"--{prefix}detail-scales", default="all",
-                   help="scales (0 = coarsest) that get the finer groups: 'all', 'none' or e.g. 3,4")
-    p.add_argument(f"--{prefix}top-images", type=int, default=d.top_images,
-                   help="images kept per unit and scale group")
+    p.add_argument(
+        f"--{prefix}detail",
+        default="auto",
+        help="finer groups: auto (next-token models: grid rows; VAR: none), none, or a comma list of "
+        "row,position (position: every token position, the token-grid view)",
+    )
+    p.add_argument(
+        f"--{prefix}detail-scales",
+        default="all",
+        help="scales (0 = coarsest) that get the finer groups: 'all', 'none' or e.g. 3,4",
+    )
+    p.add_argument(f"--{prefix}top-images", type=int, default=d.top_images, help="images kept per unit and scale group")
     p.add_argument(f"--{prefix}dtype", default=d.dtype, choices=("fp32", "bf16"))
 
 
@@ -46,9 +54,17 @@ def config_from_args(args: argparse.Namespace, model_name: str, prefix: str = ""
         kinds = ("scale",) + extra
     ds = get("detail-scales")
     scales = None if ds == "all" else (() if ds == "none" else common.parse_ints(ds, f"--{prefix}detail-scales"))
-    return unitmem.UnitMemConfig(n_augs=get("augs"), augmentation=get("augmentation"), rest=get("rest"),
-                                 group_kinds=kinds, detail_scales=scales, top_images=get("top-images"),
-                                 dtype=get("dtype"), seed=args.seed, batch_size=getattr(args, "batch_size", 16))
+    return unitmem.UnitMemConfig(
+        n_augs=get("augs"),
+        augmentation=get("augmentation"),
+        rest=get("rest"),
+        group_kinds=kinds,
+        detail_scales=scales,
+        top_images=get("top-images"),
+        dtype=get("dtype"),
+        seed=args.seed,
+        batch_size=getattr(args, "batch_size", 16),
+    )
 
 
 def unitmem_flags(cfg, model_name: str, prefix: str = "") -> list[str]:
@@ -90,8 +106,14 @@ def run(args: argparse.Namespace) -> int:
     model = common.load_model(args)
     image_set = common.load_data(args, model.image_size)
     cfg = config_from_args(args, model.spec.name)
-    res = unitmem.run_unitmem(model, image_set, cfg, store=common.get_store(args), force=args.force,
-                              on_progress=common.progress_printer("unitmem"))
+    res = unitmem.run_unitmem(
+        model,
+        image_set,
+        cfg,
+        store=common.get_store(args),
+        force=args.force,
+        on_progress=common.progress_printer("unitmem"),
+    )
     out = unitmem.summarize(res, top=args.top, kinds=("scale", "row") if "row" in cfg.group_kinds else ("scale",))
     out["skipped_files"] = image_set.report.get("skipped", {}) if image_set.report else {}
     common.emit(out, args.json)

@@ -43,9 +43,7 @@ def build_models(golden_dir: Path, cfg: dict) -> tuple[VQModel, Transformer]:
         vq_kw["ch"] = int(cfg["vq_encoder_decoder_ch_override"])
     fixed = cfg.get("vq_fixed", {})
     if fixed.get("norm_type", "group") != "group" or not fixed.get("resamp_with_conv", True):
-        raise ValueError(
-            f"vq_fixed {fixed}: only GroupNorm and conv resampling (the released VQ) are implemented"
-        )
+        raise ValueError(f"vq_fixed {fixed}: only GroupNorm and conv resampling (the released VQ) are implemented")
     for k in ("in_channels", "out_channels", "num_res_blocks"):
         if k in fixed:
             vq_kw[k] = int(fixed[k])
@@ -152,7 +150,5 @@ def compute(golden_dir: Path, config: dict, golden: dict) -> dict:
         )
         out.update(gen_seq_BN=ids, gen_logits_cfg_BNV=step_logits)
         if ids.shape[1] == gpt.block_size:
-            out["gen_decoded_B3HW"] = vq.decode_code(
-                ids, (ids.shape[0], vq.codebook_embed_dim, gpt.grid, gpt.grid)
-            )
+            out["gen_decoded_B3HW"] = vq.decode_code(ids, (ids.shape[0], vq.codebook_embed_dim, gpt.grid, gpt.grid))
     return out

@@ -71,11 +71,15 @@ def compute(golden_dir: Path, config: dict, golden: dict) -> dict:
     out.update(label_B=labels_B, rar_condition_B=cond_B)
     block_out: dict[int, torch.Tensor] = {}
     mlp: dict[tuple[int, str], torch.Tensor] = {}
-    handles = [blk.register_forward_hook(lambda _m, _i, o, i=i: block_out.__setitem__(i, o.clone()))
-               for i, blk in enumerate(gen.blocks)]
+    handles = [
+        blk.register_forward_hook(lambda _m, _i, o, i=i: block_out.__setitem__(i, o.clone()))
+        for i, blk in enumerate(gen.blocks)
+    ]
     try:
-        with hooks.capture(gen, lambda b, a, _info: mlp.__setitem__((b, "fc1"), a.clone()), names=hooks.PRE), \
-                hooks.capture(gen, lambda b, a, _info: mlp.__setitem__((b, "act"), a.clone())):
+        with (
+            hooks.capture(gen, lambda b, a, _info: mlp.__setitem__((b, "fc1"), a.clone()), names=hooks.PRE),
+            hooks.capture(gen, lambda b, a, _info: mlp.__setitem__((b, "act"), a.clone())),
+        ):
             logits, labels = gen.forward_fn(idx_BN, cond_B, return_labels=True)
     finally:
         for hd in handles:
@@ -102,17 +106,22 @@ def compute(golden_dir: Path, config: dict, golden: dict) -> dict:
     ga = cfg["generate_args"]
     gen_labels = torch.tensor([-1 if c is None else int(c) for c in ga["condition"]], dtype=torch.long)
     out["gen_labels"] = gen_labels
-    ids, info = gen.generate(gen_labels, guidance_scale=float(ga["guidance_scale"]),
-                             guidance_scale_pow=float(ga.get("guidance_scale_pow", 0.0)),
-                             temperature=float(ga.get("randomize_temperature", 1.0)),
-                             generator=torch.Generator().manual_seed(int(cfg["seed"])),
-                             kv_cache=bool(ga.get("kv_cache", True)), return_logits=True)
+    ids, info = gen.generate(
+        gen_labels,
+        guidance_scale=float(ga["guidance_scale"]),
+        guidance_scale_pow=float(ga.get("guidance_scale_pow", 0.0)),
+        temperature=float(ga.get("randomize_temperature", 1.0)),
+        generator=torch.Generator().manual_seed(int(cfg["seed"])),
+        kv_cache=bool(ga.get("kv_cache", True)),
+        return_logits=True,
+    )
     out["gen_ids_BN"] = ids
     out["gen_step_logits_cond_BNV"] = info["cond"]
     if info["uncond"] is not None:
         out["gen_step_logits_uncond_BNV"] = info["uncond"]
     g, pw, n_gen = float(ga["guidance_scale"]), float(ga.get("guidance_scale_pow", 0.0)), ids.shape[1]
-    out["gen_cfg_scale_per_step_N"] = torch.tensor([guidance_schedule(s, n_gen, g, pw) for s in range(n_gen)],
-                                                   dtype=torch.float32)
+    out["gen_cfg_scale_per_step_N"] = torch.tensor(
+        [guidance_schedule(s, n_gen, g, pw) for s in range(n_gen)], dtype=torch.float32
+    )
     out["gen_decoded_B3HW"] = tok.decode(ids)
     return out

@@ -90,9 +90,7 @@ def compute(golden_dir: Path, config: dict, golden: dict) -> dict:
     gt_idx = golden.get("vae_idx_Bl_list", out.get("vae_idx_Bl_list"))
     if gt_idx is not None:
         out["vae_recon_last_B3HW"] = vae.idxBl_to_img(gt_idx, same_shape=True, last_one=True)
-        out["vae_recon_all_scales_SB3HW"] = torch.stack(
-            vae.idxBl_to_img(gt_idx, same_shape=True, last_one=False)
-        )
+        out["vae_recon_all_scales_SB3HW"] = torch.stack(vae.idxBl_to_img(gt_idx, same_shape=True, last_one=False))
         out["var_x_BLCv_wo_first_l"] = vae.quantize.idxBl_to_var_input(gt_idx)
 
     # VAR teacher forcing, with the unit hooks for fc1/act and a forward hook for the residual stream
@@ -107,9 +105,7 @@ def compute(golden_dir: Path, config: dict, golden: dict) -> dict:
             return fn
 
         handles = [
-            b.register_forward_hook(
-                lambda m, i, o, k=f"var_block{bi}_out_BLC": acts.__setitem__(k, o.clone())
-            )
+            b.register_forward_hook(lambda m, i, o, k=f"var_block{bi}_out_BLC": acts.__setitem__(k, o.clone()))
             for bi, b in enumerate(var.blocks)
         ]
         try:

@@ -36,11 +36,7 @@ def _crop_at(x_BCHW: torch.Tensor, top_B: torch.Tensor, left_B: torch.Tensor, h:
     rows_Bh = top_B.to(dev)[:, None] + torch.arange(h, device=dev)
     cols_Bw = left_B.to(dev)[:, None] + torch.arange(w, device=dev)
     b = torch.arange(x_BCHW.shape[0], device=dev)[:, None, None]
-    return (
-        x_BCHW.permute(0, 2, 3, 1)[b, rows_Bh[:, :, None], cols_Bw[:, None, :]]
-        .permute(0, 3, 1, 2)
-        .contiguous()
-    )
+    return x_BCHW.permute(0, 2, 3, 1)[b, rows_Bh[:, :, None], cols_Bw[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
 
 def augment(
@@ -59,9 +55,7 @@ def augment(
             x_B3HW = _crop_at(padded, d_B2[:, 0], d_B2[:, 1], H, W)
         elif op == "crop":
             big_h, big_w = round(H * CROP_RATIO), round(W * CROP_RATIO)
-            big = F.interpolate(x_B3HW, size=(big_h, big_w), mode="bilinear", align_corners=False).clamp_(
-                0, 1
-            )
+            big = F.interpolate(x_B3HW, size=(big_h, big_w), mode="bilinear", align_corners=False).clamp_(0, 1)
             top = torch.randint(0, big_h - H + 1, (B,), generator=generator)
             left = torch.randint(0, big_w - W + 1, (B,), generator=generator)
             x_B3HW = _crop_at(big, top, left, H, W)

@@ -75,9 +75,7 @@ def _load_bundle_cached(path: str, mtime_ns: int) -> _Bundle:
     return _Bundle(
         images_N28=images_N28,
         labels=np.concatenate([arrays["train_labels"], arrays["heldout_labels"]]).astype(np.int64),
-        source_index=np.concatenate([arrays["train_source_index"], arrays["heldout_source_index"]]).astype(
-            np.int64
-        ),
+        source_index=np.concatenate([arrays["train_source_index"], arrays["heldout_source_index"]]).astype(np.int64),
         split=np.array(["train"] * n_tr + ["heldout"] * n_ho),
         count=np.concatenate([arrays["train_counts"], np.zeros(n_ho, np.int64)]).astype(np.int64),
         ids=[f"train/{i:04d}" for i in range(n_tr)] + [f"heldout/{i:04d}" for i in range(n_ho)],
@@ -130,14 +128,10 @@ def load_demo(split: str = "train", bundle_dir: str | os.PathLike | None = None)
         "planted": b.count[idx] > 1,
         "source_index": b.source_index[idx],
     }
-    return ImageSet(
-        backend, idx, [b.ids[i] for i in idx], b.labels[idx], FASHION_CLASSES, meta, f"demo/{split}"
-    )
+    return ImageSet(backend, idx, [b.ids[i] for i in idx], b.labels[idx], FASHION_CLASSES, meta, f"demo/{split}")
 
 
-def demo_training_indices(
-    seed: int = 0, epochs: int = 1, bundle_dir: str | os.PathLike | None = None
-) -> np.ndarray:
+def demo_training_indices(seed: int = 0, epochs: int = 1, bundle_dir: str | os.PathLike | None = None) -> np.ndarray:
     """The demo training stream: indices into load_demo("train"), image i repeated count[i] times,
     shuffled independently each epoch with a seeded generator; length epochs * sum(count)."""
     train = load_demo("train", bundle_dir)
@@ -178,4 +172,3 @@ def select_demo(
 def demo_manifest(bundle_dir: str | os.PathLike | None = None) -> dict:
     """The bundle's split.json (split, seed, sources, counts) as a dict."""
     return load_bundle(bundle_dir).manifest
-

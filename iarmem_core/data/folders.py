@@ -33,7 +33,6 @@ def _check_file(path: Path, check: str) -> str | None:
         return f"not a readable image ({type(e).__name__})"
 
 
-
 def load_image_folder(
     root: str | os.PathLike,
     size: int,
@@ -171,4 +170,3 @@ def load_image_folder(
     backend = _FolderBackend(root_p, rel_paths, size, source, num_workers)
     meta = {"path": np.array(rel_paths)}
     return ImageSet(backend, np.arange(len(rel_paths)), rel_paths, labels, classes, meta, "folder", report)
-

@@ -71,7 +71,6 @@ def _to_rgb(img):
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-
 def to_uint8(x_B3HW: torch.Tensor | np.ndarray, size: int | None = None) -> np.ndarray:
     """float [B,3,H,W] in [0, 1] -> uint8 [B,H,W,3]; with `size`, area-downsampled to at most size x size."""
     x = torch.as_tensor(x_B3HW).detach().float().clamp(0, 1)

@@ -33,9 +33,7 @@ class _DemoBackend:
 class _FolderBackend:
     """Image files decoded on demand (threads: PIL releases the GIL while decoding)."""
 
-    def __init__(
-        self, root: Path, rel_paths: list[str], native_size: int, source: dict, num_workers: int = 4
-    ):
+    def __init__(self, root: Path, rel_paths: list[str], native_size: int, source: dict, num_workers: int = 4):
         self.root = root
         self.rel_paths = rel_paths
         self.native_size = native_size
@@ -63,9 +61,7 @@ class _FolderBackend:
             out = [self._one(i, size) for i in idx]
         else:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(
-                    max_workers=self.num_workers, thread_name_prefix="iarmem-decode"
-                )
+                self._pool = ThreadPoolExecutor(max_workers=self.num_workers, thread_name_prefix="iarmem-decode")
             out = list(self._pool.map(lambda i: self._one(i, size), idx))
         return torch.stack(out) if out else torch.zeros(0, 3, size, size)
 
@@ -182,4 +178,3 @@ class ImageSet:
 def data_fingerprint(image_set: ImageSet) -> dict:
     """The JSON-able identity of a data selection, for result-store keys (same as `image_set.describe()`)."""
     return image_set.describe()
-

@@ -24,4 +24,3 @@ def resolve_inside(path: str | os.PathLike, allowed_roots: Sequence[str | os.Pat
             f"its folder to the allowed roots."
         )
     return p
-

@@ -36,4 +36,3 @@ def class_quotas(
                 left -= add
         return quota
     return list(n_avail)
-

@@ -164,12 +164,8 @@ def build_demo_bundle(
 
     rng = np.random.default_rng(seed)
     seen: set[bytes] = set()  # exact duplicates never enter twice (train and held-out are disjoint in pixels)
-    tr_idx = _pick_unique(
-        [np.flatnonzero(tr_y == c) for c in range(n_classes)], tr_x, N_TRAIN_PER_CLASS, rng, seen
-    )
-    ho_idx = _pick_unique(
-        [np.flatnonzero(te_y == c) for c in range(n_classes)], te_x, N_HELDOUT_PER_CLASS, rng, seen
-    )
+    tr_idx = _pick_unique([np.flatnonzero(tr_y == c) for c in range(n_classes)], tr_x, N_TRAIN_PER_CLASS, rng, seen)
+    ho_idx = _pick_unique([np.flatnonzero(te_y == c) for c in range(n_classes)], te_x, N_HELDOUT_PER_CLASS, rng, seen)
     train_x, train_y = tr_x[tr_idx], tr_y[tr_idx].astype(np.int64)
     ho_x, ho_y = te_x[ho_idx], te_y[ho_idx].astype(np.int64)
 
@@ -269,4 +265,3 @@ def build_demo_bundle(
     (out / "LICENSE_fashion-mnist.txt").write_text(_LICENSE_TEXT)
     (out / "README.md").write_text(_README_TEXT)
     return split
-

@@ -15,10 +15,20 @@ from iarmem_core.metrics.quality import class_accuracy
 ProgressFn = Callable[[int, int, dict], None]
 
 
-def train_feature_net(images_B3HW: torch.Tensor, labels: torch.Tensor, epochs: int = 2, batch_size: int = 128,
-                      seed: int = 0, progress: ProgressFn | None = None, *, lr: float = 3e-3,
-                      weight_decay: float = 1e-4, hflip: bool = True, config: FeatureNetConfig | None = None,
-                      val: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[FeatureNet, dict]:
+def train_feature_net(
+    images_B3HW: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int = 2,
+    batch_size: int = 128,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+    *,
+    lr: float = 3e-3,
+    weight_decay: float = 1e-4,
+    hflip: bool = True,
+    config: FeatureNetConfig | None = None,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[FeatureNet, dict]:
     """Train a FeatureNet on CPU; returns (net in eval mode, stats dict).
 
     `images_B3HW`: float in [0, 1] or uint8, 1 or 3 channels (uint8 [B, 1, 32, 32] keeps 60k images at
@@ -46,10 +56,21 @@ def train_feature_net(images_B3HW: torch.Tensor, labels: torch.Tensor, epochs: i
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total, 1))
-    stats: dict = {"epochs": epochs, "batch_size": batch_size, "steps": total, "lr": lr, "seed": seed,
-                   "weight_decay": weight_decay, "hflip": hflip, "n_train": n, "config": asdict(cfg),
-                   "loss_per_epoch": [], "train_acc_per_epoch": [], "val_acc_per_epoch": [],
-                   "torch_threads": torch.get_num_threads()}
+    stats: dict = {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "steps": total,
+        "lr": lr,
+        "seed": seed,
+        "weight_decay": weight_decay,
+        "hflip": hflip,
+        "n_train": n,
+        "config": asdict(cfg),
+        "loss_per_epoch": [],
+        "train_acc_per_epoch": [],
+        "val_acc_per_epoch": [],
+        "torch_threads": torch.get_num_threads(),
+    }
     t0, c0 = time.perf_counter(), time.process_time()
     step, val_seconds, val_cpu = 0, 0.0, 0.0
     for _ in range(epochs):
@@ -57,7 +78,7 @@ def train_feature_net(images_B3HW: torch.Tensor, labels: torch.Tensor, epochs: i
         perm = torch.randperm(n, generator=gen)
         loss_sum, correct = 0.0, 0
         for i in range(steps_per_epoch):
-            idx = perm[i * batch_size:(i + 1) * batch_size]
+            idx = perm[i * batch_size : (i + 1) * batch_size]
             x = prepare_images(images_B3HW[idx], cfg.in_size)
             if hflip:
                 flip_B = torch.rand(len(idx), generator=gen) < 0.5
@@ -89,5 +110,3 @@ def train_feature_net(images_B3HW: torch.Tensor, labels: torch.Tensor, epochs: i
     stats["val_seconds"] = val_seconds
     stats["cpu_seconds"] = time.process_time() - c0 - val_cpu  # all threads; steadier on a shared machine
     return net, stats
-
-

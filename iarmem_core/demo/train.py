@@ -125,12 +125,14 @@ _VAR_CHOICE = (
     "Pilot curve (4-scale prefix): 64x copies reproduced 0.6 after epoch 6, 0.9 after 7-9 and 1.0 "
     "from epoch 10 on; 16x 0.3-0.6 over epochs 10-14, 0.6-1.0 after; 4x at most 0.2; unique and held-out 0-0.01 "
     "throughout. Epoch 12 has the full dose-response (64x all, 16x about half, 4x rarely, unique never) at "
-    "the lowest cost; from 1-3 scales reproduction needs more epochs (see by_prefix).")
+    "the lowest cost; from 1-3 scales reproduction needs more epochs (see by_prefix)."
+)
 _RAR_CHOICE = (
     "Pilot curve (16-token prefix): 64x copies reproduced 1.0 from epoch 4 on; 16x 0.3 after "
     "epoch 6, 0.8 after 10, 1.0 by 20; 4x 0-0.1 up to epoch 13, 0.2 after 14; unique and held-out at most "
     "0.02 even after 20 epochs (0.10 / 0.06 from a 32-token prefix, half the image). Epoch 10 shows the "
-    "dose-response with 4x still rarely reproduced.")
+    "dose-response with 4x still rarely reproduced."
+)
 
 
 def default_plans() -> dict[str, DemoPlan]:
@@ -140,11 +142,23 @@ def default_plans() -> dict[str, DemoPlan]:
     var_prefixes = tuple(sum(p * p for p in var.tokenizer["v_patch_nums"][:k]) for k in (1, 2, 3, 4))
     return {
         # VAR: 4 scales (30 tokens) as in the paper's attack (4 scales of VAR-256); 1-3 scales reported too
-        "demo-var": DemoPlan(var, TokenizerTrainConfig(), TransformerTrainConfig(epochs=12),
-                             prefixes=var_prefixes, main_prefix=var_prefixes[3], choice=_VAR_CHOICE),
+        "demo-var": DemoPlan(
+            var,
+            TokenizerTrainConfig(),
+            TransformerTrainConfig(epochs=12),
+            prefixes=var_prefixes,
+            main_prefix=var_prefixes[3],
+            choice=_VAR_CHOICE,
+        ),
         # RAR: 16 tokens = the first two token rows, the first row that reaches into most objects
-        "demo-rar": DemoPlan(rar, TokenizerTrainConfig(), TransformerTrainConfig(epochs=10),
-                             prefixes=(8, 16, 24, 32), main_prefix=16, choice=_RAR_CHOICE),
+        "demo-rar": DemoPlan(
+            rar,
+            TokenizerTrainConfig(),
+            TransformerTrainConfig(epochs=10),
+            prefixes=(8, 16, 24, 32),
+            main_prefix=16,
+            choice=_RAR_CHOICE,
+        ),
     }
 
 
@@ -284,8 +298,9 @@ def _codebook(tok: nn.Module) -> nn.Embedding:
 
 
 @torch.no_grad()
-def _revive_dead_codes(tok: nn.Module, family: str, probe_B3HW: torch.Tensor, opt: torch.optim.Optimizer,
-                       gen: torch.Generator) -> int:
+def _revive_dead_codes(
+    tok: nn.Module, family: str, probe_B3HW: torch.Tensor, opt: torch.optim.Optimizer, gen: torch.Generator
+) -> int:
     """Give every code no probe image uses a random candidate vector (plus 1% noise); returns how many."""
     ids, pool = _codes_and_pool(tok, family, probe_B3HW)
     emb = _codebook(tok).weight
@@ -304,8 +319,9 @@ def _revive_dead_codes(tok: nn.Module, family: str, probe_B3HW: torch.Tensor, op
     return len(dead)
 
 
-def train_tokenizer(spec: ModelSpec, cfg: TokenizerTrainConfig, images_B3HW: torch.Tensor, seed: int,
-                    log: Log = _stderr_log) -> tuple[nn.Module, dict]:
+def train_tokenizer(
+    spec: ModelSpec, cfg: TokenizerTrainConfig, images_B3HW: torch.Tensor, seed: int, log: Log = _stderr_log
+) -> tuple[nn.Module, dict]:
     """Train the tokenizer of `spec` on images [N, 3, H, W] in [0, 1]; returns (tokenizer in eval mode, stats)."""
     torch.manual_seed(seed)
     tok = build_tokenizer_for_training(spec)
@@ -326,7 +342,7 @@ def train_tokenizer(spec: ModelSpec, cfg: TokenizerTrainConfig, images_B3HW: tor
                     revived.append([step, n_dead])
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg.warmup_steps, cfg.steps, cfg.lr, cfg.lr_min_ratio)
-            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             x = data.augment(images_B3HW[idx], cfg.augmentation, gen)
             loss, parts = _tokenizer_loss(tok, spec.family, x)
             opt.zero_grad(set_to_none=True)
@@ -334,19 +350,31 @@ def train_tokenizer(spec: ModelSpec, cfg: TokenizerTrainConfig, images_B3HW: tor
             opt.step()
             losses.append([loss.item(), parts["rec"], parts["vq"]])
             if step % 50 == 0 or step == cfg.steps - 1:
-                log(f"[{spec.name} tokenizer] step {step + 1}/{cfg.steps} loss {loss.item():.4f} "
-                    f"(rec {parts['rec']:.4f}, vq {parts['vq']:.4f}) {clock.elapsed():.0f}s")
+                log(
+                    f"[{spec.name} tokenizer] step {step + 1}/{cfg.steps} loss {loss.item():.4f} "
+                    f"(rec {parts['rec']:.4f}, vq {parts['vq']:.4f}) {clock.elapsed():.0f}s"
+                )
     tok.eval().requires_grad_(False)
     ids, _ = _codes_and_pool(tok, spec.family, probe)
     usage = int((torch.bincount(ids, minlength=_codebook(tok).weight.shape[0]) > 0).sum())
     every = max(1, cfg.steps // 50)
     stats = {
-        "config": asdict(cfg), "seed": seed, "n_train_images": N, "steps": cfg.steps,
-        "epochs": round(cfg.steps * cfg.batch_size / N, 2), "params": n_params(tok),
-        "loss_curve": {"every_steps": every, "total_rec_vq": [
-            [round(v, 5) for v in np.mean(losses[i:i + every], axis=0)] for i in range(0, len(losses), every)]},
+        "config": asdict(cfg),
+        "seed": seed,
+        "n_train_images": N,
+        "steps": cfg.steps,
+        "epochs": round(cfg.steps * cfg.batch_size / N, 2),
+        "params": n_params(tok),
+        "loss_curve": {
+            "every_steps": every,
+            "total_rec_vq": [
+                [round(v, 5) for v in np.mean(losses[i : i + every], axis=0)] for i in range(0, len(losses), every)
+            ],
+        },
         "final_loss": round(float(np.mean([x[0] for x in losses[-20:]])), 5),
-        "dead_codes_revived": revived, "codes_used_on_probe": usage, "timing": clock.to_dict(),
+        "dead_codes_revived": revived,
+        "codes_used_on_probe": usage,
+        "timing": clock.to_dict(),
     }
     return tok, stats
 
@@ -370,8 +398,16 @@ def build_transformer_for_training(spec: ModelSpec, seed: int) -> nn.Module:
     raise ValueError(f"train-demo trains VAR and RAR transformers, not {spec.family!r} ({spec.name})")
 
 
-def _transformer_loss(model: nn.Module, tok: nn.Module, family: str, flat_BN: torch.Tensor, labels_B: torch.Tensor,
-                      scale_slices: Sequence[slice], label_dropout: float, gen: torch.Generator) -> torch.Tensor:
+def _transformer_loss(
+    model: nn.Module,
+    tok: nn.Module,
+    family: str,
+    flat_BN: torch.Tensor,
+    labels_B: torch.Tensor,
+    scale_slices: Sequence[slice],
+    label_dropout: float,
+    gen: torch.Generator,
+) -> torch.Tensor:
     """Teacher-forced cross entropy over all tokens, with label dropout to the null class."""
     if family == "var":
         with torch.no_grad():
@@ -390,10 +426,19 @@ def make_adapter(spec: ModelSpec, tok: nn.Module, transformer: nn.Module) -> IAR
     return adapter_class(spec.family)(spec, tok, transformer, torch.device("cpu"))
 
 
-def train_transformer(spec: ModelSpec, cfg: TransformerTrainConfig, tok: nn.Module, tokens_VN: torch.Tensor,
-                      labels_V: torch.Tensor, n_views: int, stream: np.ndarray, seed: int,
-                      on_epoch: Callable[[int, nn.Module], dict] | None = None,
-                      log: Log = _stderr_log, checkpoint_dir: Path | None = None) -> tuple[nn.Module, dict]:
+def train_transformer(
+    spec: ModelSpec,
+    cfg: TransformerTrainConfig,
+    tok: nn.Module,
+    tokens_VN: torch.Tensor,
+    labels_V: torch.Tensor,
+    n_views: int,
+    stream: np.ndarray,
+    seed: int,
+    on_epoch: Callable[[int, nn.Module], dict] | None = None,
+    log: Log = _stderr_log,
+    checkpoint_dir: Path | None = None,
+) -> tuple[nn.Module, dict]:
     """Train the transformer of `spec` on pre-tokenized views; returns (model in eval mode, stats).
 
     `tokens_VN` holds `n_views` token rows per training image (view v of image i at row i * n_views + v;
@@ -408,8 +453,11 @@ def train_transformer(spec: ModelSpec, cfg: TransformerTrainConfig, tok: nn.Modu
     gen = torch.Generator().manual_seed(seed + 2)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "emb" not in n and "pos" not in n]
     keep = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "emb" not in n and "pos" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": keep, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": keep, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=cfg.betas,
+    )
     adapter = make_adapter(spec, tok, model)
     slices = adapter.scale_slices
     rng = np.random.default_rng(seed)
@@ -422,14 +470,18 @@ def train_transformer(spec: ModelSpec, cfg: TransformerTrainConfig, tok: nn.Modu
             perm = rng.permutation(stream)
             ep_losses = []
             for i in range(steps_per_epoch):
-                img = torch.from_numpy(perm[i * cfg.batch_size:(i + 1) * cfg.batch_size])
-                view = (torch.randint(0, n_views, img.shape, generator=gen) if cfg.augmentation == "flip"
-                        else torch.zeros_like(img))
+                img = torch.from_numpy(perm[i * cfg.batch_size : (i + 1) * cfg.batch_size])
+                view = (
+                    torch.randint(0, n_views, img.shape, generator=gen)
+                    if cfg.augmentation == "flip"
+                    else torch.zeros_like(img)
+                )
                 rows = img * n_views + view
                 for g in opt.param_groups:
                     g["lr"] = _lr_at(step, cfg.warmup_steps, None, cfg.lr)
-                loss = _transformer_loss(model, tok, spec.family, tokens_VN[rows], labels_V[rows], slices,
-                                         cfg.label_dropout, gen)
+                loss = _transformer_loss(
+                    model, tok, spec.family, tokens_VN[rows], labels_V[rows], slices, cfg.label_dropout, gen
+                )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip > 0:
@@ -438,12 +490,17 @@ def train_transformer(spec: ModelSpec, cfg: TransformerTrainConfig, tok: nn.Modu
                 step += 1
                 ep_losses.append(loss.item())
             loss_epochs.append(round(float(np.mean(ep_losses)), 5))
-            log(f"[{spec.name} transformer] epoch {epoch + 1}/{cfg.epochs} loss {loss_epochs[-1]:.4f} "
-                f"{clock.elapsed():.0f}s")
+            log(
+                f"[{spec.name} transformer] epoch {epoch + 1}/{cfg.epochs} loss {loss_epochs[-1]:.4f} "
+                f"{clock.elapsed():.0f}s"
+            )
             if checkpoint_dir is not None:
                 save_weights(model, Path(checkpoint_dir) / f"epoch_{epoch + 1}.safetensors", fp16=False)
-            if on_epoch is not None and cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0
-                                                            or epoch + 1 == cfg.epochs):
+            if (
+                on_epoch is not None
+                and cfg.eval_every
+                and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
+            ):
                 model.eval()
                 t0 = time.perf_counter()
                 point = {"epoch": epoch + 1, "train_loss": loss_epochs[-1], **on_epoch(epoch + 1, model)}
@@ -453,11 +510,20 @@ def train_transformer(spec: ModelSpec, cfg: TransformerTrainConfig, tok: nn.Modu
     model.eval().requires_grad_(False)
     eval_s = sum(p["eval_s"] for p in curve)
     stats = {
-        "config": asdict(cfg), "seed": seed, "params": n_params(model), "steps": step, "epochs": cfg.epochs,
-        "steps_per_epoch": steps_per_epoch, "stream_length": int(len(stream)),
-        "n_views": n_views, "loss_per_epoch": loss_epochs,
-        "timing": {**clock.to_dict(), "curve_eval_wall_s": round(eval_s, 1),
-                   "train_only_wall_s": round(clock.wall - eval_s, 1)},
+        "config": asdict(cfg),
+        "seed": seed,
+        "params": n_params(model),
+        "steps": step,
+        "epochs": cfg.epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "stream_length": int(len(stream)),
+        "n_views": n_views,
+        "loss_per_epoch": loss_epochs,
+        "timing": {
+            **clock.to_dict(),
+            "curve_eval_wall_s": round(eval_s, 1),
+            "train_only_wall_s": round(clock.wall - eval_s, 1),
+        },
         "curve": curve,
     }
     return model, stats
@@ -466,8 +532,9 @@ def train_transformer(spec: ModelSpec, cfg: TransformerTrainConfig, tok: nn.Modu
 # ---------------------------------------------------------------------------------------------------
 # 5. Measurements (the numbers of bench/demo_memorization.py and the model cards)
 @torch.no_grad()
-def copy_threshold(adapter: IARAdapter, train_B3HW: torch.Tensor, max_false_rate: float = 0.01,
-                   n_query: int = 500, seed: int = 0) -> dict:
+def copy_threshold(
+    adapter: IARAdapter, train_B3HW: torch.Tensor, max_false_rate: float = 0.01, n_query: int = 500, seed: int = 0
+) -> dict:
     """SSIM threshold above which a generation counts as a copy, calibrated on known *different* pairs.
 
     For n_query training images, the most similar other training image (highest SSIM among the 5 nearest
@@ -492,20 +559,32 @@ def copy_threshold(adapter: IARAdapter, train_B3HW: torch.Tensor, max_false_rate
     rb = torch.cat([adapter.reconstruct(x).cpu() for x in train_B3HW[best].split(250)])
     scores = ssim(ra, rb)
     cal = calibrate_threshold(torch.empty(0), scores, max_false_rate=max_false_rate)
-    return {"measure": "ssim", "threshold": round(cal.threshold, 4), "max_false_rate": max_false_rate,
-            "false_rate": round(cal.false_rate, 4), "n_pairs": int(len(q)),
-            "pixel_ssim_nearest_pairs_p50_p95_p99": [round(float(v), 4) for v in
-                                                      torch.quantile(s.max(1).values, torch.tensor([.5, .95, .99]))],
-            "recon_ssim_nearest_pairs_p50_p95_p99": [round(float(v), 4) for v in
-                                                      torch.quantile(scores, torch.tensor([.5, .95, .99]))],
-            "how": "SSIM between the tokenizer's reconstructions of a training image and of its most similar "
-                   "other training image (top-5 by pixel distance, best SSIM), for 500 training images; the "
-                   "threshold is exceeded by at most max_false_rate of these known-different pairs"}
+    return {
+        "measure": "ssim",
+        "threshold": round(cal.threshold, 4),
+        "max_false_rate": max_false_rate,
+        "false_rate": round(cal.false_rate, 4),
+        "n_pairs": int(len(q)),
+        "pixel_ssim_nearest_pairs_p50_p95_p99": [
+            round(float(v), 4) for v in torch.quantile(s.max(1).values, torch.tensor([0.5, 0.95, 0.99]))
+        ],
+        "recon_ssim_nearest_pairs_p50_p95_p99": [
+            round(float(v), 4) for v in torch.quantile(scores, torch.tensor([0.5, 0.95, 0.99]))
+        ],
+        "how": "SSIM between the tokenizer's reconstructions of a training image and of its most similar "
+        "other training image (top-5 by pixel distance, best SSIM), for 500 training images; the "
+        "threshold is exceeded by at most max_false_rate of these known-different pairs",
+    }
 
 
 @torch.no_grad()
-def memorization_scores(adapter: IARAdapter, images_B3HW: torch.Tensor, labels_B: torch.Tensor,
-                        prefixes: Sequence[int], batch_size: int = 200) -> dict:
+def memorization_scores(
+    adapter: IARAdapter,
+    images_B3HW: torch.Tensor,
+    labels_B: torch.Tensor,
+    prefixes: Sequence[int],
+    batch_size: int = 200,
+) -> dict:
     """Per-image scores: teacher-forced token accuracy [B] and, per prefix P, greedy generation from the
     first P true tokens compared with the tokenizer's reconstruction (SSIM [B], token match [B] over the
     generated positions, exact [B] = every generated token equal)."""
@@ -534,19 +613,34 @@ def _group_summary(scores: dict, idx: np.ndarray, threshold: float, main_prefix:
     by_prefix = {}
     for p, d in scores["prefix"].items():
         s, tm, ex = d["ssim"][sel], d["token_match"][sel], d["exact"][sel]
-        by_prefix[str(p)] = {"reproduced": float((s > threshold).float().mean()), "ssim_mean": float(s.mean()),
-                             "token_match_mean": float(tm.mean()), "exact_match": float(ex.mean())}
+        by_prefix[str(p)] = {
+            "reproduced": float((s > threshold).float().mean()),
+            "ssim_mean": float(s.mean()),
+            "token_match_mean": float(tm.mean()),
+            "exact_match": float(ex.mean()),
+        }
     main = by_prefix[str(main_prefix)]
-    return {"n": int(len(idx)), "token_acc": float(scores["token_acc"][sel].mean()),
-            "reproduced": main["reproduced"], "exact_match": main["exact_match"],
-            "token_match_mean": main["token_match_mean"], "ssim_mean": main["ssim_mean"],
-            "by_prefix": by_prefix}
+    return {
+        "n": int(len(idx)),
+        "token_acc": float(scores["token_acc"][sel].mean()),
+        "reproduced": main["reproduced"],
+        "exact_match": main["exact_match"],
+        "token_match_mean": main["token_match_mean"],
+        "ssim_mean": main["ssim_mean"],
+        "by_prefix": by_prefix,
+    }
 
 
 @torch.no_grad()
-def sample_quality(adapter: IARAdapter, feature_net: nn.Module | None, heldout_B3HW: torch.Tensor | None,
-                   samples_per_class: int, seed: int = 0, batch_size: int = 200,
-                   sampling: dict | None = None) -> dict:
+def sample_quality(
+    adapter: IARAdapter,
+    feature_net: nn.Module | None,
+    heldout_B3HW: torch.Tensor | None,
+    samples_per_class: int,
+    seed: int = 0,
+    batch_size: int = 200,
+    sampling: dict | None = None,
+) -> dict:
     """Class-conditional samples with the spec's CFG settings: class accuracy of the feature net on them,
     and the Frechet distance of their features to the held-out images' (demo-fashion-cnn space)."""
     from iarmem_core.intervention import sampling_kwargs
@@ -575,12 +669,12 @@ def _stratified(labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     per = [n // len(classes) + (1 if c < n % len(classes) else 0) for c in range(len(classes))]
-    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:k]
-                                   for c, k in zip(classes, per)]))
+    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, per)]))
 
 
-def demo_groups(n_unique: int | None, n_heldout: int | None, seed: int = 0,
-                bundle_dir: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def demo_groups(
+    n_unique: int | None, n_heldout: int | None, seed: int = 0, bundle_dir: str | os.PathLike | None = None
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Images [M, 3, 32, 32], labels [M] and {group name: indices into them, ids} for the measured groups:
     planted_<count>x per duplication count, unique (class-stratified sample) and heldout."""
     train = data.load_demo("train", bundle_dir)
@@ -604,9 +698,16 @@ def demo_groups(n_unique: int | None, n_heldout: int | None, seed: int = 0,
     return torch.cat(xs), torch.cat(ys), out
 
 
-def measure_demo_model(adapter: IARAdapter, feature_net: nn.Module | None, prefixes: Sequence[int],
-                       main_prefix: int, cfg: MeasureConfig = MeasureConfig(), threshold: dict | None = None,
-                       bundle_dir: str | os.PathLike | None = None, quality: bool = True) -> dict:
+def measure_demo_model(
+    adapter: IARAdapter,
+    feature_net: nn.Module | None,
+    prefixes: Sequence[int],
+    main_prefix: int,
+    cfg: MeasureConfig = MeasureConfig(),
+    threshold: dict | None = None,
+    bundle_dir: str | os.PathLike | None = None,
+    quality: bool = True,
+) -> dict:
     """The memorization and quality numbers of one demo model (layout of bench/demo_memorization.py).
 
     groups: per planted count, unique and heldout: n, teacher-forced token accuracy, `reproduced` (SSIM of
@@ -619,14 +720,16 @@ def measure_demo_model(adapter: IARAdapter, feature_net: nn.Module | None, prefi
         threshold = copy_threshold(adapter, train.images(), cfg.copy_false_rate, seed=cfg.seed)
     x, y, groups = demo_groups(cfg.n_unique, cfg.n_heldout, cfg.seed, bundle_dir)
     scores = memorization_scores(adapter, x, y, prefixes, cfg.batch_size)
-    M: dict = {"groups": {g: _group_summary(scores, d["rows"], threshold["threshold"], main_prefix)
-                          for g, d in groups.items()}}
+    M: dict = {
+        "groups": {g: _group_summary(scores, d["rows"], threshold["threshold"], main_prefix) for g, d in groups.items()}
+    }
     M["similarity"] = "ssim"
     M["threshold"] = threshold["threshold"]
     M["reproduced_definition"] = (
         f"greedy generation (top-1, no CFG, class-conditional) from the first {main_prefix} true tokens; "
         f"reproduced when SSIM(decoded generation, tokenizer reconstruction) > {threshold['threshold']}; "
-        f"exact_match = every generated token equals the image's own token")
+        f"exact_match = every generated token equals the image's own token"
+    )
     M["threshold_calibration"] = threshold
     M["main_prefix_tokens"] = main_prefix
     M["prefixes_tokens"] = list(prefixes)
@@ -649,8 +752,13 @@ def measure_demo_model(adapter: IARAdapter, feature_net: nn.Module | None, prefi
 
 # ---------------------------------------------------------------------------------------------------
 # 6. The feature network
-def train_features(out_dir: Path, cfg: FeatureNetTrainConfig, seed: int, log: Log = _stderr_log,
-                   bundle_dir: str | os.PathLike | None = None) -> dict:
+def train_features(
+    out_dir: Path,
+    cfg: FeatureNetTrainConfig,
+    seed: int,
+    log: Log = _stderr_log,
+    bundle_dir: str | os.PathLike | None = None,
+) -> dict:
     """Train and save the FeatureNet (`out_dir`/demo-fashion-cnn.safetensors + .json); returns its card."""
     from iarmem_core.demo.features import train_feature_net
     from iarmem_core.metrics import class_accuracy, fashion_to_input, save_feature_net
@@ -663,7 +771,8 @@ def train_features(out_dir: Path, cfg: FeatureNetTrainConfig, seed: int, log: Lo
     src = demo_bundle.DEBIAN_FASHION_DIR
     files = demo_bundle.SOURCE_FILES
     use_debian = cfg.source == "debian" or (
-        cfg.source == "auto" and all((src / files[k]).exists() for k in ("train_images", "train_labels")))
+        cfg.source == "auto" and all((src / files[k]).exists() for k in ("train_images", "train_labels"))
+    )
     if use_debian:
         x = demo_bundle.read_idx(src / demo_bundle.SOURCE_FILES["train_images"], 16).reshape(-1, 28, 28)
         y = demo_bundle.read_idx(src / demo_bundle.SOURCE_FILES["train_labels"], 8).astype(np.int64)
@@ -678,14 +787,27 @@ def train_features(out_dir: Path, cfg: FeatureNetTrainConfig, seed: int, log: Lo
     log(f"[features] training on {len(x)} images from {source}")
     clock = Clock()
     with clock:
-        net, stats = train_feature_net(fashion_to_input(torch.from_numpy(x.copy())), torch.from_numpy(y),
-                                       epochs=cfg.epochs, batch_size=cfg.batch_size, seed=seed)
+        net, stats = train_feature_net(
+            fashion_to_input(torch.from_numpy(x.copy())),
+            torch.from_numpy(y),
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            seed=seed,
+        )
     acc = class_accuracy(net, prepare_images(fashion_to_input(torch.from_numpy(held_x.copy())), 32), held_y)
     log(f"[features] held-out accuracy {acc:.4f} in {clock.wall:.0f}s")
-    card = {"data": {"source": source, "n_train": int(len(x)), "removed_equal_to_heldout": int((~keep).sum()),
-                     "heldout_kept_out": "the bundled held-out images (t10k file) are not trained on"},
-            "heldout_accuracy": round(acc, 4), "training": _json_safe(stats), "timing": clock.to_dict(),
-            "command": "python -m iarmem_core train-demo --only features"}
+    card = {
+        "data": {
+            "source": source,
+            "n_train": int(len(x)),
+            "removed_equal_to_heldout": int((~keep).sum()),
+            "heldout_kept_out": "the bundled held-out images (t10k file) are not trained on",
+        },
+        "heldout_accuracy": round(acc, 4),
+        "training": _json_safe(stats),
+        "timing": clock.to_dict(),
+        "command": "python -m iarmem_core train-demo --only features",
+    }
     save_feature_net(net, out_dir / FEATURE_NET_FILE, card=card)
     return card
 
@@ -705,26 +827,40 @@ def _views(images_B3HW: torch.Tensor, augmentation: str) -> tuple[torch.Tensor, 
     if augmentation == "none":
         return images_B3HW, 1
     if augmentation != "flip":
-        raise ValueError(f"train-demo pre-tokenizes its views: augmentation must be 'none' or 'flip', "
-                         f"got {augmentation!r}")
+        raise ValueError(
+            f"train-demo pre-tokenizes its views: augmentation must be 'none' or 'flip', got {augmentation!r}"
+        )
     return torch.stack([images_B3HW, images_B3HW.flip(-1)], 1).flatten(0, 1), 2
 
 
 def _data_summary(bundle_dir: str | os.PathLike | None) -> dict:
     m = data.demo_manifest(bundle_dir)
-    return {"dataset": m["dataset"], "arrays_sha256": m["arrays_sha256"],
-            "n_train_unique_images": m["n_train_unique_images"], "n_heldout": m["n_heldout"],
-            "n_planted": m["n_planted"], "training_stream_length": m["training_stream_length"],
-            "n_unique_once": m["n_train_unique_images"] - m["n_planted"],
-            "planted_counts": sorted({p["count"] for p in m["planted"]}),
-            "planted": [{k: p[k] for k in ("id", "label", "class_name", "count")} for p in m["planted"]],
-            "counts_per_class": m["counts_per_class"], "source": m["source"]["package"],
-            "licence": m["source"]["licence"]}
+    return {
+        "dataset": m["dataset"],
+        "arrays_sha256": m["arrays_sha256"],
+        "n_train_unique_images": m["n_train_unique_images"],
+        "n_heldout": m["n_heldout"],
+        "n_planted": m["n_planted"],
+        "training_stream_length": m["training_stream_length"],
+        "n_unique_once": m["n_train_unique_images"] - m["n_planted"],
+        "planted_counts": sorted({p["count"] for p in m["planted"]}),
+        "planted": [{k: p[k] for k in ("id", "label", "class_name", "count")} for p in m["planted"]],
+        "counts_per_class": m["counts_per_class"],
+        "source": m["source"]["package"],
+        "licence": m["source"]["licence"],
+    }
 
 
-def train_demo_model(plan: DemoPlan, out_dir: Path, seed: int = 0, feature_net: nn.Module | None = None,
-                     log: Log = _stderr_log, bundle_dir: str | os.PathLike | None = None,
-                     measure: bool = True, checkpoint_dir: Path | None = None) -> dict:
+def train_demo_model(
+    plan: DemoPlan,
+    out_dir: Path,
+    seed: int = 0,
+    feature_net: nn.Module | None = None,
+    log: Log = _stderr_log,
+    bundle_dir: str | os.PathLike | None = None,
+    measure: bool = True,
+    checkpoint_dir: Path | None = None,
+) -> dict:
     """Tokenizer, transformer, fp16 files, measurements on the files as loaded, and the card; returns it."""
     spec = plan.spec
     model_dir = out_dir / spec.name
@@ -732,8 +868,11 @@ def train_demo_model(plan: DemoPlan, out_dir: Path, seed: int = 0, feature_net: 
     keep = np.arange(len(train))
     if plan.train_subset is not None:  # planted images plus a class-stratified sample of unique ones
         u = np.flatnonzero(train.meta["count"] == 1)
-        keep = np.sort(np.concatenate([np.flatnonzero(train.meta["count"] > 1),
-                                       u[_stratified(train.labels[u], plan.train_subset, seed)]]))
+        keep = np.sort(
+            np.concatenate(
+                [np.flatnonzero(train.meta["count"] > 1), u[_stratified(train.labels[u], plan.train_subset, seed)]]
+            )
+        )
     images, labels = train.images(keep), train.labels_tensor(keep)
     uniq = train.meta["count"][keep] == 1
 
@@ -761,49 +900,104 @@ def train_demo_model(plan: DemoPlan, out_dir: Path, seed: int = 0, feature_net: 
     def on_epoch(epoch: int, model: nn.Module) -> dict:
         a = make_adapter(spec, tok, model)
         sc = memorization_scores(a, cx, cy, plan.prefixes, plan.curve_measure.batch_size)
-        point = {g: {k: v for k, v in _group_summary(sc, d["rows"], threshold["threshold"], plan.main_prefix)
-                     .items() if k != "by_prefix"} for g, d in cgroups.items()}
+        point = {
+            g: {
+                k: v
+                for k, v in _group_summary(sc, d["rows"], threshold["threshold"], plan.main_prefix).items()
+                if k != "by_prefix"
+            }
+            for g, d in cgroups.items()
+        }
         point["reproduced_by_prefix"] = {
-            g: {p: round(float((sc["prefix"][p]["ssim"][torch.as_tensor(d["rows"])] > threshold["threshold"])
-                               .float().mean()), 3) for p in plan.prefixes} for g, d in cgroups.items()}
+            g: {
+                p: round(
+                    float(
+                        (sc["prefix"][p]["ssim"][torch.as_tensor(d["rows"])] > threshold["threshold"]).float().mean()
+                    ),
+                    3,
+                )
+                for p in plan.prefixes
+            }
+            for g, d in cgroups.items()
+        }
         if feature_net is not None:  # (no Frechet distance here: 100 samples are too few for 128-d features)
             q = sample_quality(a, feature_net, None, plan.curve_measure.samples_per_class, seed)
             point["sample_class_acc"] = q["sample_class_acc"]
         return point
 
-    model, tr_stats = train_transformer(spec, plan.transformer, tok, tokens_VN, labels_V, n_views, stream, seed,
-                                        on_epoch if plan.transformer.eval_every else None, log,
-                                        checkpoint_dir)
+    model, tr_stats = train_transformer(
+        spec,
+        plan.transformer,
+        tok,
+        tokens_VN,
+        labels_V,
+        n_views,
+        stream,
+        seed,
+        on_epoch if plan.transformer.eval_every else None,
+        log,
+        checkpoint_dir,
+    )
 
     # c. fp16 files, reloaded through the registry's adapter, measured as shipped
     meta = {"format": CARD_FORMAT, "model": spec.name, "seed": seed}
     size_tok = save_weights(tok, model_dir / "tokenizer.safetensors", {**meta, "component": "tokenizer"})
     size_tr = save_weights(model, model_dir / "transformer.safetensors", {**meta, "component": "transformer"})
-    shipped = adapter_class(spec.family).load(spec, transformer_path=model_dir / "transformer.safetensors",
-                                              tokenizer_path=model_dir / "tokenizer.safetensors", device="cpu")
+    shipped = adapter_class(spec.family).load(
+        spec,
+        transformer_path=model_dir / "transformer.safetensors",
+        tokenizer_path=model_dir / "tokenizer.safetensors",
+        device="cpu",
+    )
     card = {
-        "format": CARD_FORMAT, "format_version": 1, "model": spec.name, "family": spec.family,
-        "description": spec.description, "seed": seed,
+        "format": CARD_FORMAT,
+        "format_version": 1,
+        "model": spec.name,
+        "family": spec.family,
+        "description": spec.description,
+        "seed": seed,
         "command": f"python -m iarmem_core train-demo --only {spec.family} --seed {seed}",
-        "files": {"tokenizer": {"path": f"{spec.name}/tokenizer.safetensors", "bytes": size_tok, "dtype": "fp16"},
-                  "transformer": {"path": f"{spec.name}/transformer.safetensors", "bytes": size_tr,
-                                  "dtype": "fp16"}},
+        "files": {
+            "tokenizer": {"path": f"{spec.name}/tokenizer.safetensors", "bytes": size_tok, "dtype": "fp16"},
+            "transformer": {"path": f"{spec.name}/transformer.safetensors", "bytes": size_tr, "dtype": "fp16"},
+        },
         "data": {**_data_summary(bundle_dir), "train_subset": plan.train_subset},
-        "architecture": {"tokenizer": spec.tokenizer, "transformer": spec.transformer,
-                         **{k: v for k, v in shipped.describe().items()
-                            if k in ("token_grids", "n_tokens", "vocab_size", "blocks", "units_per_block",
-                                     "transformer_params", "tokenizer_params")}},
-        "sampling": spec.sampling, "train_augmentation": spec.train_augmentation,
-        "training": {"tokenizer": tok_stats,
-                     "tokenize_views_s": round(tk.wall, 1),
-                     "transformer": {k: v for k, v in tr_stats.items() if k != "curve"},
-                     "order": "raster" if spec.family == "rar" else "next-scale"},
-        "curve": {"what": f"after each epoch: curve sets of {plan.curve_measure.n_unique} unique and "
-                          f"{plan.curve_measure.n_heldout} held-out images, all planted; "
-                          f"{plan.curve_measure.samples_per_class} samples per class",
-                  "points": tr_stats["curve"]},
-        "checkpoint_choice": (f"{plan.transformer.epochs} epochs; the learning rate is constant after the "
-                              f"warm-up, so this model is the last point of its curve. {plan.choice}"),
+        "architecture": {
+            "tokenizer": spec.tokenizer,
+            "transformer": spec.transformer,
+            **{
+                k: v
+                for k, v in shipped.describe().items()
+                if k
+                in (
+                    "token_grids",
+                    "n_tokens",
+                    "vocab_size",
+                    "blocks",
+                    "units_per_block",
+                    "transformer_params",
+                    "tokenizer_params",
+                )
+            },
+        },
+        "sampling": spec.sampling,
+        "train_augmentation": spec.train_augmentation,
+        "training": {
+            "tokenizer": tok_stats,
+            "tokenize_views_s": round(tk.wall, 1),
+            "transformer": {k: v for k, v in tr_stats.items() if k != "curve"},
+            "order": "raster" if spec.family == "rar" else "next-scale",
+        },
+        "curve": {
+            "what": f"after each epoch: curve sets of {plan.curve_measure.n_unique} unique and "
+            f"{plan.curve_measure.n_heldout} held-out images, all planted; "
+            f"{plan.curve_measure.samples_per_class} samples per class",
+            "points": tr_stats["curve"],
+        },
+        "checkpoint_choice": (
+            f"{plan.transformer.epochs} epochs; the learning rate is constant after the "
+            f"warm-up, so this model is the last point of its curve. {plan.choice}"
+        ),
     }
     if measure:
         card = remeasure(plan, out_dir, feature_net, card, log, bundle_dir)
@@ -811,8 +1005,14 @@ def train_demo_model(plan: DemoPlan, out_dir: Path, seed: int = 0, feature_net: 
     return card
 
 
-def remeasure(plan: DemoPlan, out_dir: Path, feature_net: nn.Module | None, card: dict | None = None,
-              log: Log = _stderr_log, bundle_dir: str | os.PathLike | None = None) -> dict:
+def remeasure(
+    plan: DemoPlan,
+    out_dir: Path,
+    feature_net: nn.Module | None,
+    card: dict | None = None,
+    log: Log = _stderr_log,
+    bundle_dir: str | os.PathLike | None = None,
+) -> dict:
     """Measure the shipped files of `plan` in `out_dir` and put the numbers (and the spec's current sampling
     settings) into its card; returns the card (written when it was read from disk)."""
     spec = plan.spec
@@ -820,12 +1020,17 @@ def remeasure(plan: DemoPlan, out_dir: Path, feature_net: nn.Module | None, card
     write = card is None
     if card is None:
         card = json.loads((model_dir / "card.json").read_text())
-    shipped = adapter_class(spec.family).load(spec, transformer_path=model_dir / "transformer.safetensors",
-                                              tokenizer_path=model_dir / "tokenizer.safetensors", device="cpu")
+    shipped = adapter_class(spec.family).load(
+        spec,
+        transformer_path=model_dir / "transformer.safetensors",
+        tokenizer_path=model_dir / "tokenizer.safetensors",
+        device="cpu",
+    )
     log(f"[{spec.name}] measuring the shipped (fp16) weights")
     with Clock() as mc:
-        card["measurements"] = measure_demo_model(shipped, feature_net, plan.prefixes, plan.main_prefix,
-                                                  plan.measure, None, bundle_dir)
+        card["measurements"] = measure_demo_model(
+            shipped, feature_net, plan.prefixes, plan.main_prefix, plan.measure, None, bundle_dir
+        )
     card["measure_timing"] = {**mc.to_dict(), "torch_threads": torch.get_num_threads()}
     card["sampling"] = spec.sampling
     if write:
@@ -833,9 +1038,16 @@ def remeasure(plan: DemoPlan, out_dir: Path, feature_net: nn.Module | None, card
     return card
 
 
-def train_demo(out: str | os.PathLike = ASSETS, only: Sequence[str] = ("features", "var", "rar"), seed: int = 0,
-               plans: dict[str, DemoPlan] | None = None, features_cfg: FeatureNetTrainConfig = FeatureNetTrainConfig(),
-               log: Log = _stderr_log, bundle_dir: str | os.PathLike | None = None, measure: bool = True) -> dict:
+def train_demo(
+    out: str | os.PathLike = ASSETS,
+    only: Sequence[str] = ("features", "var", "rar"),
+    seed: int = 0,
+    plans: dict[str, DemoPlan] | None = None,
+    features_cfg: FeatureNetTrainConfig = FeatureNetTrainConfig(),
+    log: Log = _stderr_log,
+    bundle_dir: str | os.PathLike | None = None,
+    measure: bool = True,
+) -> dict:
     """Re-create the demo assets in `out` (features first: the models' measurements use it)."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -849,8 +1061,10 @@ def train_demo(out: str | os.PathLike = ASSETS, only: Sequence[str] = ("features
             report["parts"]["features"] = {"timing": c.to_dict(), "heldout_accuracy": card["heldout_accuracy"]}
         feature_net = load_demo_feature_net(out_dir)
         if feature_net is None and measure:
-            log(f"[train-demo] no {FEATURE_NET_FILE} in {out_dir}: class accuracy and FD are skipped "
-                f"(run --only features first)")
+            log(
+                f"[train-demo] no {FEATURE_NET_FILE} in {out_dir}: class accuracy and FD are skipped "
+                f"(run --only features first)"
+            )
         for fam in ("var", "rar"):
             if fam not in only:
                 continue
@@ -859,14 +1073,31 @@ def train_demo(out: str | os.PathLike = ASSETS, only: Sequence[str] = ("features
                 card = train_demo_model(plan, out_dir, seed, feature_net, log, bundle_dir, measure)
             tr = card["training"]
             report["parts"][plan.spec.name] = {
-                "timing": c.to_dict(), "tokenizer_s": tr["tokenizer"]["timing"]["wall_s"],
+                "timing": c.to_dict(),
+                "tokenizer_s": tr["tokenizer"]["timing"]["wall_s"],
                 "transformer_s": tr["transformer"]["timing"]["wall_s"],
-                "measure_s": card.get("measure_timing", {}).get("wall_s")}
+                "measure_s": card.get("measure_timing", {}).get("wall_s"),
+            }
     report["timing"] = total.to_dict()
     return report
 
 
-__all__ = ["DemoPlan", "FeatureNetTrainConfig", "MeasureConfig", "TokenizerTrainConfig", "TransformerTrainConfig",
-           "copy_threshold", "default_plans", "demo_groups", "measure_demo_model", "memorization_scores",
-           "sample_quality", "save_weights", "train_demo", "train_demo_model", "train_features", "train_tokenizer",
-           "train_transformer"]
+__all__ = [
+    "DemoPlan",
+    "FeatureNetTrainConfig",
+    "MeasureConfig",
+    "TokenizerTrainConfig",
+    "TransformerTrainConfig",
+    "copy_threshold",
+    "default_plans",
+    "demo_groups",
+    "measure_demo_model",
+    "memorization_scores",
+    "sample_quality",
+    "save_weights",
+    "train_demo",
+    "train_demo_model",
+    "train_features",
+    "train_tokenizer",
+    "train_transformer",
+]

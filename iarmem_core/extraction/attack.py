@@ -52,18 +52,30 @@ class _Plan:
         return torch.cat(xs), torch.cat(ys)
 
 
-def _item_columns(image_set: data.ImageSet, idx: np.ndarray, scores: np.ndarray, ranks: np.ndarray,
-                  split: str) -> dict[str, np.ndarray]:
+def _item_columns(
+    image_set: data.ImageSet, idx: np.ndarray, scores: np.ndarray, ranks: np.ndarray, split: str
+) -> dict[str, np.ndarray]:
     m = image_set.meta
-    return {"image_id": np.array([image_set.ids[i] for i in idx], dtype=str), "label": image_set.labels[idx],
-            "score": scores.astype(np.float32), "split": np.full(len(idx), split, dtype="<U7"), "rank": ranks,
-            "item": idx.astype(np.int64),
-            "planted": m["planted"][idx].astype(np.int8) if "planted" in m else np.full(len(idx), -1, np.int8),
-            "count": m["count"][idx].astype(np.int64) if "count" in m else np.full(len(idx), -1, np.int64)}
+    return {
+        "image_id": np.array([image_set.ids[i] for i in idx], dtype=str),
+        "label": image_set.labels[idx],
+        "score": scores.astype(np.float32),
+        "split": np.full(len(idx), split, dtype="<U7"),
+        "rank": ranks,
+        "item": idx.astype(np.int64),
+        "planted": m["planted"][idx].astype(np.int8) if "planted" in m else np.full(len(idx), -1, np.int8),
+        "count": m["count"][idx].astype(np.int64) if "count" in m else np.full(len(idx), -1, np.int64),
+    }
 
 
-def _make_plan(adapter: IARAdapter, image_set: data.ImageSet, heldout_set: data.ImageSet | None,
-               cfg: ExtractionConfig, store, progress: Callable[[str], Callable[[float, str], None]]) -> _Plan:
+def _make_plan(
+    adapter: IARAdapter,
+    image_set: data.ImageSet,
+    heldout_set: data.ImageSet | None,
+    cfg: ExtractionConfig,
+    store,
+    progress: Callable[[str], Callable[[float, str], None]],
+) -> _Plan:
     """Score the images (reusing UnitMem / memscore results) and choose the candidates."""
     bs = max(cfg.batch_size, 32)
     acc_tr, smeta = memorization_scores(adapter, image_set, store=store, batch_size=bs, on_progress=progress("train"))
@@ -73,8 +85,10 @@ def _make_plan(adapter: IARAdapter, image_set: data.ImageSet, heldout_set: data.
         pos = {k: i for i, k in enumerate(image_set.ids)}
         missing = [c for c in cfg.candidate_ids if c not in pos]
         if missing:
-            raise ValueError(f"candidate ids not in the data selection {image_set.name}: {missing[:5]}"
-                             f"{' ...' if len(missing) > 5 else ''}")
+            raise ValueError(
+                f"candidate ids not in the data selection {image_set.name}: {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}"
+            )
         chosen = np.array([pos[c] for c in cfg.candidate_ids], np.int64)
         ranks = np.full(len(chosen), -1, np.int64)
     else:
@@ -83,27 +97,43 @@ def _make_plan(adapter: IARAdapter, image_set: data.ImageSet, heldout_set: data.
     sets, set_of, idx = [image_set], [np.zeros(len(chosen), np.int64)], [chosen]
     cols = [_item_columns(image_set, chosen, scores_tr[chosen], ranks, "train")]
     if heldout_set is not None and len(heldout_set):
-        acc_ho, _ = memorization_scores(adapter, heldout_set, store=store, batch_size=bs,
-                                        on_progress=progress("held-out"))
+        acc_ho, _ = memorization_scores(
+            adapter, heldout_set, store=store, batch_size=bs, on_progress=progress("held-out")
+        )
         all_ho = np.arange(len(heldout_set))
         sets.append(heldout_set)
         set_of.append(np.ones(len(all_ho), np.int64))
         idx.append(all_ho)
-        cols.append(_item_columns(heldout_set, all_ho, acc_ho[:, gi], class_ranks(acc_ho[:, gi], heldout_set.labels),
-                                  "heldout"))
+        cols.append(
+            _item_columns(heldout_set, all_ho, acc_ho[:, gi], class_ranks(acc_ho[:, gi], heldout_set.labels), "heldout")
+        )
     columns = {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}
     return _Plan(sets, np.concatenate(set_of), np.concatenate(idx), columns, smeta)
 
 
 def _gen_kwargs(adapter: IARAdapter, cfg: ExtractionConfig) -> dict:
-    return {"cfg": float(cfg.cfg), "top_k": int(cfg.top_k), "top_p": float(cfg.top_p),
-            "temperature": float(cfg.temperature)}
+    return {
+        "cfg": float(cfg.cfg),
+        "top_k": int(cfg.top_k),
+        "top_p": float(cfg.top_p),
+        "temperature": float(cfg.temperature),
+    }
 
 
 @torch.no_grad()
-def attack_batch(adapter: IARAdapter, images_B3HW: torch.Tensor, labels_B: torch.Tensor, prefixes: Sequence[int],
-                 measures: Sequence[str], gen_kw: dict, *, seed: int = 0, edit: UnitEdit | None = None,
-                 sscd_path=None, kv_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor, list]:
+def attack_batch(
+    adapter: IARAdapter,
+    images_B3HW: torch.Tensor,
+    labels_B: torch.Tensor,
+    prefixes: Sequence[int],
+    measures: Sequence[str],
+    gen_kw: dict,
+    *,
+    seed: int = 0,
+    edit: UnitEdit | None = None,
+    sscd_path=None,
+    kv_cache: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, list]:
     """Attack one batch of candidates at every prefix: (true tokens [B, N], reconstructions [B, 3, H, W],
     [(generated tokens [B, N], generated images, {measure: [B] scores}) per prefix]).
 
@@ -115,24 +145,37 @@ def attack_batch(adapter: IARAdapter, images_B3HW: torch.Tensor, labels_B: torch
     results = []
     for p in prefixes:
         with hooks.edit(adapter.transformer, edit):
-            gen = adapter.generate(labels_B, prefix=tokens if p else None, n_prefix=p, seed=seed + p,
-                                   kv_cache=kv_cache, **gen_kw)
+            gen = adapter.generate(
+                labels_B, prefix=tokens if p else None, n_prefix=p, seed=seed + p, kv_cache=kv_cache, **gen_kw
+            )
         gen_BN = adapter.flatten(gen)
         img = adapter.decode(gen)
         results.append((gen_BN, img, compute_similarities(measures, img, recon, gen_BN, true_BN, p, sscd_path)))
     return true_BN, recon, results
 
 
-def _job_fn(adapter: IARAdapter, image_set: data.ImageSet, heldout_set: data.ImageSet | None,
-            cfg: ExtractionConfig, edit: UnitEdit | None, sscd_path):
+def _job_fn(
+    adapter: IARAdapter,
+    image_set: data.ImageSet,
+    heldout_set: data.ImageSet | None,
+    cfg: ExtractionConfig,
+    edit: UnitEdit | None,
+    sscd_path,
+):
     prefixes = resolve_prefixes(adapter, cfg)
     measures, skipped = available_measures(adapter, cfg, sscd_path)
 
     def fn(ctx) -> tuple[dict, dict]:
         # -- 1. scores and candidates (sub-jobs in the same store, each resumable on its own): 10% of the bar
         t0 = time.perf_counter()
-        plan = _make_plan(adapter, image_set, heldout_set, cfg, ctx.store,
-                          lambda what: lambda f, msg: ctx.progress(0.1 * f, f"{what}: {msg}"))
+        plan = _make_plan(
+            adapter,
+            image_set,
+            heldout_set,
+            cfg,
+            ctx.store,
+            lambda what: lambda f, msg: ctx.progress(0.1 * f, f"{what}: {msg}"),
+        )
         t_score = time.perf_counter() - t0
 
         # -- 2. the table: row r = item * P + prefix index; per-item columns repeat over the prefixes
@@ -141,12 +184,16 @@ def _job_fn(adapter: IARAdapter, image_set: data.ImageSet, heldout_set: data.Ima
         side = min(adapter.image_size, cfg.gallery_size)
         R = I * P
         rows = {k: np.repeat(v, P) for k, v in plan.columns.items()}
-        rows.update({
-            "prefix_tokens": np.tile(np.asarray(prefixes, np.int64), I), "item_row": np.repeat(np.arange(I), P),
-            "gen_tokens_RN": np.zeros((R, n_tok), tok_dtype), "true_tokens_RN": np.zeros((R, n_tok), tok_dtype),
-            "generated_RHW3": np.zeros((R, side, side, 3), np.uint8),
-            **{f"sim_{m}": np.full(R, np.nan, np.float32) for m in measures},
-        })
+        rows.update(
+            {
+                "prefix_tokens": np.tile(np.asarray(prefixes, np.int64), I),
+                "item_row": np.repeat(np.arange(I), P),
+                "gen_tokens_RN": np.zeros((R, n_tok), tok_dtype),
+                "true_tokens_RN": np.zeros((R, n_tok), tok_dtype),
+                "generated_RHW3": np.zeros((R, side, side, 3), np.uint8),
+                **{f"sim_{m}": np.full(R, np.nan, np.float32) for m in measures},
+            }
+        )
         recon_IHW3 = np.zeros((I, side, side, 3), np.uint8)
         results_keys = ["gen_tokens_RN", "true_tokens_RN", "generated_RHW3"] + [f"sim_{m}" for m in measures]
         start, events, bs_now = 0, [], [cfg.batch_size]
@@ -164,18 +211,23 @@ def _job_fn(adapter: IARAdapter, image_set: data.ImageSet, heldout_set: data.Ima
             planted_counts = {str(int(c)): int((c_pl == c).sum()) for c in np.unique(c_pl)}
         thr_rows, cal_auto = resolve_thresholds(adapter.spec.name, adapter.identity, measures, prefixes, ctx.store)
         meta = {
-            "measures": measures, "skipped_measures": skipped, "prefix_tokens": prefixes,
-            "thresholds": thr_rows, "calibrated_measure": cal_auto,
+            "measures": measures,
+            "skipped_measures": skipped,
+            "prefix_tokens": prefixes,
+            "thresholds": thr_rows,
+            "calibrated_measure": cal_auto,
             "similarity": resolve_similarity(cfg.similarity, measures, cal_auto),
-            "planted_counts_in_data": planted_counts, "model": adapter.describe(),
+            "planted_counts_in_data": planted_counts,
+            "model": adapter.describe(),
         }
 
         def partial_state(j: int) -> tuple[dict, dict]:
             """The finished rows (items [0, j)) and what resuming needs; meta_json serves the live gallery."""
             part = {k: v[: j * P] for k, v in rows.items()}
             part["recon_IHW3"] = recon_IHW3[:j]
-            part["meta_json"] = np.array([json.dumps(store_mod.to_jsonable({**meta, "partial": True}, "meta",
-                                                                           allow_nan=True))])
+            part["meta_json"] = np.array(
+                [json.dumps(store_mod.to_jsonable({**meta, "partial": True}, "meta", allow_nan=True))]
+            )
             return part, {"n_items": j, "n_rows": j * P, "batch_size": bs_now[0], "oom_events": events}
 
         # -- 3. generation, batched over items, every prefix per batch; rows are written once a batch succeeded
@@ -185,8 +237,9 @@ def _job_fn(adapter: IARAdapter, image_set: data.ImageSet, heldout_set: data.Ima
         def work(i: int, j: int) -> None:
             bs_now[0] = j - i
             x, y = plan.batch(i, j, adapter.image_size)
-            true_BN, recon, results = attack_batch(adapter, x, y, prefixes, measures, gen_kw,
-                                                   seed=cfg.seed + 1_000_003 * i, edit=edit, sscd_path=sscd_path)
+            true_BN, recon, results = attack_batch(
+                adapter, x, y, prefixes, measures, gen_kw, seed=cfg.seed + 1_000_003 * i, edit=edit, sscd_path=sscd_path
+            )
             recon_IHW3[i:j] = data.to_uint8(recon, side)
             for pi, (gen_BN, img, sims) in enumerate(results):
                 r = np.arange(i, j) * P + pi
@@ -196,34 +249,62 @@ def _job_fn(adapter: IARAdapter, image_set: data.ImageSet, heldout_set: data.Ima
                 for m, sc in sims.items():
                     rows[f"sim_{m}"][r] = sc
 
-        jobs.run_batches(ctx, I, bs_now[0], work, start=start, events=events, what="generation batch",
-                         progress=lambda j: (0.1 + 0.9 * j / I, f"attacked {j}/{I} images x {P} prefix(es)"),
-                         save=partial_state)
+        jobs.run_batches(
+            ctx,
+            I,
+            bs_now[0],
+            work,
+            start=start,
+            events=events,
+            what="generation batch",
+            progress=lambda j: (0.1 + 0.9 * j / I, f"attacked {j}/{I} images x {P} prefix(es)"),
+            save=partial_state,
+        )
         t_gen = time.perf_counter() - t_gen0
-        meta.update({
-            "config": cfg.to_dict(), "data": data.data_fingerprint(image_set),
-            "heldout_data": data.data_fingerprint(heldout_set) if heldout_set is not None else None,
-            "edit": edit.to_dict() if edit is not None else None,
-            "edit_applies_to": "generation only (candidates are scored with the unedited model)",
-            "sscd_file": str(sscd_path) if sscd_path is not None else None,
-            "score": {"definition": "teacher-forced top-1 accuracy, true class, no CFG",
-                      "group": plan.score_meta["score_group"], "source": plan.score_meta["source"]},
-            "generation": {**gen_kw, "kv_cache": True, "greedy": cfg.top_k == 1,
-                           "seed_rule": "seed + 1000003 * first item of the batch + prefix (sampling only)"},
-            "compared_with": "the tokenizer's reconstruction decode(tokenize(x)) of the candidate",
-            "decision": "similarity strictly above the threshold",
-            "oom_events": events, "n_items": I,
-            "timings": {"scoring_s": round(t_score, 3), "generation_s": round(t_gen, 3),
-                        "items_per_s": round((I - start) / t_gen, 3) if t_gen > 0 and I > start else None,
-                        "resumed_at_item": int(start)},
-        })
+        meta.update(
+            {
+                "config": cfg.to_dict(),
+                "data": data.data_fingerprint(image_set),
+                "heldout_data": data.data_fingerprint(heldout_set) if heldout_set is not None else None,
+                "edit": edit.to_dict() if edit is not None else None,
+                "edit_applies_to": "generation only (candidates are scored with the unedited model)",
+                "sscd_file": str(sscd_path) if sscd_path is not None else None,
+                "score": {
+                    "definition": "teacher-forced top-1 accuracy, true class, no CFG",
+                    "group": plan.score_meta["score_group"],
+                    "source": plan.score_meta["source"],
+                },
+                "generation": {
+                    **gen_kw,
+                    "kv_cache": True,
+                    "greedy": cfg.top_k == 1,
+                    "seed_rule": "seed + 1000003 * first item of the batch + prefix (sampling only)",
+                },
+                "compared_with": "the tokenizer's reconstruction decode(tokenize(x)) of the candidate",
+                "decision": "similarity strictly above the threshold",
+                "oom_events": events,
+                "n_items": I,
+                "timings": {
+                    "scoring_s": round(t_score, 3),
+                    "generation_s": round(t_gen, 3),
+                    "items_per_s": round((I - start) / t_gen, 3) if t_gen > 0 and I > start else None,
+                    "resumed_at_item": int(start),
+                },
+            }
+        )
         return {**rows, "recon_IHW3": recon_IHW3}, meta
 
     return fn
 
 
-def job_spec(adapter: IARAdapter, image_set: data.ImageSet, cfg: ExtractionConfig, edit: UnitEdit | None,
-             heldout_set: data.ImageSet | None, sscd_path) -> dict:
+def job_spec(
+    adapter: IARAdapter,
+    image_set: data.ImageSet,
+    cfg: ExtractionConfig,
+    edit: UnitEdit | None,
+    heldout_set: data.ImageSet | None,
+    sscd_path,
+) -> dict:
     """Everything that determines the stored table (the decision measure and threshold are left out)."""
     sscd = None
     if sscd_path is not None:
@@ -231,10 +312,15 @@ def job_spec(adapter: IARAdapter, image_set: data.ImageSet, cfg: ExtractionConfi
         if not p.is_file():
             raise FileNotFoundError(f"SSCD file {p} not found: give the path of sscd_disc_mixup.torchscript.pt")
         sscd = f"{p.name}:{checkpoints.file_fingerprint(p)}"
-    return {"model": adapter.identity, "dtype": str(adapter.dtype), "data": data.data_fingerprint(image_set),
-            "heldout": data.data_fingerprint(heldout_set) if heldout_set is not None else None,
-            "config": cfg.job_dict(), "edit": edit.to_dict() if edit is not None and edit.n_units else None,
-            "sscd": sscd}
+    return {
+        "model": adapter.identity,
+        "dtype": str(adapter.dtype),
+        "data": data.data_fingerprint(image_set),
+        "heldout": data.data_fingerprint(heldout_set) if heldout_set is not None else None,
+        "config": cfg.job_dict(),
+        "edit": edit.to_dict() if edit is not None and edit.n_units else None,
+        "sscd": sscd,
+    }
 
 
 def _prepare(adapter, image_set, cfg, edit, heldout_set, store):
@@ -249,9 +335,18 @@ def _prepare(adapter, image_set, cfg, edit, heldout_set, store):
     return st, cfg, edit, heldout_set
 
 
-def run_extraction(adapter: IARAdapter, image_set: data.ImageSet, cfg: ExtractionConfig | None = None, *,
-                   store=None, edit: UnitEdit | None = None, heldout_set: data.ImageSet | None = None,
-                   sscd_path=None, on_progress=None, force: bool = False) -> ExtractionResult:
+def run_extraction(
+    adapter: IARAdapter,
+    image_set: data.ImageSet,
+    cfg: ExtractionConfig | None = None,
+    *,
+    store=None,
+    edit: UnitEdit | None = None,
+    heldout_set: data.ImageSet | None = None,
+    sscd_path=None,
+    on_progress=None,
+    force: bool = False,
+) -> ExtractionResult:
     """Run (or load from the store) the attack; the result's decision follows `cfg.similarity`/`threshold`.
 
     On the demo data the held-out images default to `demo_heldout_sets(cfg.heldout_n, cfg.seed)[0]`; for
@@ -266,9 +361,18 @@ def run_extraction(adapter: IARAdapter, image_set: data.ImageSet, cfg: Extractio
     return finalize(ExtractionResult(arrays, meta), st, cfg.similarity, cfg.threshold)
 
 
-def start_extraction(adapter: IARAdapter, image_set: data.ImageSet, cfg: ExtractionConfig | None = None, *,
-                     store=None, edit: UnitEdit | None = None, heldout_set: data.ImageSet | None = None,
-                     sscd_path=None, on_progress=None, force: bool = False) -> jobs.JobHandle:
+def start_extraction(
+    adapter: IARAdapter,
+    image_set: data.ImageSet,
+    cfg: ExtractionConfig | None = None,
+    *,
+    store=None,
+    edit: UnitEdit | None = None,
+    heldout_set: data.ImageSet | None = None,
+    sscd_path=None,
+    on_progress=None,
+    force: bool = False,
+) -> jobs.JobHandle:
     """Start the attack as a background job; `load_extraction(store, handle.key)` once done,
     `load_partial_extraction(store, handle.key)` while it runs."""
     st, cfg, edit, heldout_set = _prepare(adapter, image_set, cfg, edit, heldout_set, store)
@@ -277,9 +381,16 @@ def start_extraction(adapter: IARAdapter, image_set: data.ImageSet, cfg: Extract
     return jobs.start_job(KIND, spec, fn, store=st, version=VERSION, force=force, on_progress=on_progress)
 
 
-def extraction_key(adapter: IARAdapter, image_set: data.ImageSet, cfg: ExtractionConfig | None = None, *,
-                   store=None, edit: UnitEdit | None = None, heldout_set=None, sscd_path=None) -> str:
+def extraction_key(
+    adapter: IARAdapter,
+    image_set: data.ImageSet,
+    cfg: ExtractionConfig | None = None,
+    *,
+    store=None,
+    edit: UnitEdit | None = None,
+    heldout_set=None,
+    sscd_path=None,
+) -> str:
     """The store key `run_extraction` would use (to look a result up without running anything)."""
     st, cfg, edit, heldout_set = _prepare(adapter, image_set, cfg, edit, heldout_set, store)
     return st.key(KIND, job_spec(adapter, image_set, cfg, edit, heldout_set, sscd_path), VERSION)
-

@@ -105,4 +105,3 @@ def demo_heldout_sets(n_eval: int = 200, seed: int = 0) -> tuple[data.ImageSet, 
 
 def is_demo_set(image_set: data.ImageSet) -> bool:
     return image_set.describe().get("source") == "demo"
-

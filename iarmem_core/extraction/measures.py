@@ -42,14 +42,27 @@ def demo_space() -> metrics.FeatureSpace | None:
         return None
 
 
-def compute_similarities(measures: Sequence[str], gen_B3HW: torch.Tensor, recon_B3HW: torch.Tensor,
-                         gen_BN: torch.Tensor, true_BN: torch.Tensor, prefix: int, sscd_path=None
-                         ) -> dict[str, np.ndarray]:
+def compute_similarities(
+    measures: Sequence[str],
+    gen_B3HW: torch.Tensor,
+    recon_B3HW: torch.Tensor,
+    gen_BN: torch.Tensor,
+    true_BN: torch.Tensor,
+    prefix: int,
+    sscd_path=None,
+) -> dict[str, np.ndarray]:
     """{measure: [B] float32} for generated vs reconstructed images (tokens for token_match)."""
     out = {}
     for m in measures:
         space = metrics.resolve_space("sscd", sscd_path) if m == "sscd" else demo_space()
-        s = metrics.score(m, images_a=gen_B3HW, images_b=recon_B3HW, tokens_a=gen_BN.cpu(), tokens_b=true_BN.cpu(),
-                          token_start=prefix, space=space)
+        s = metrics.score(
+            m,
+            images_a=gen_B3HW,
+            images_b=recon_B3HW,
+            tokens_a=gen_BN.cpu(),
+            tokens_b=true_BN.cpu(),
+            token_start=prefix,
+            space=space,
+        )
         out[m] = s.float().numpy().astype(np.float32)
     return out

@@ -26,8 +26,12 @@ class ExtractionResult:
 
         a = self.arrays
         cols = {
-            "image_id": a["image_id"].astype(str), "label": a["label"], "score": a["score"],
-            "prefix_tokens": a["prefix_tokens"], "split": a["split"].astype(str), "rank": a["rank"],
+            "image_id": a["image_id"].astype(str),
+            "label": a["label"],
+            "score": a["score"],
+            "prefix_tokens": a["prefix_tokens"],
+            "split": a["split"].astype(str),
+            "rank": a["rank"],
             "item": a["item"],
         }
         for m in self.meta.get("measures", []):
@@ -84,13 +88,13 @@ class ExtractionResult:
         if threshold is not None:
             meta["thresholds"] = [
                 {**r, "threshold": float(threshold), "source": "user"} if r["measure"] == meta["similarity"] else r
-                for r in meta["thresholds"]]
+                for r in meta["thresholds"]
+            ]
         out = ExtractionResult(self.arrays, meta)
         out.meta["threshold"] = out.thresholds()[meta["prefix_tokens"][0]]
         return out
 
-    def count(self, threshold: float | None = None, similarity: str | None = None,
-              prefix: int | None = None) -> dict:
+    def count(self, threshold: float | None = None, similarity: str | None = None, prefix: int | None = None) -> dict:
         """Counts at one prefix (default: the first) for a measure and threshold, against planted truth.
 
         Keys: extracted, candidates, precision_planted (None when nothing is extracted), recall_planted (over
@@ -115,8 +119,7 @@ class ExtractionResult:
         ext = dec & tr
         n_ext = int(ext.sum())
         thr = self.thresholds(m)[p] if threshold is None else float(threshold)
-        out = {"similarity": m, "threshold": thr, "prefix_tokens": p, "candidates": int(tr.sum()),
-               "extracted": n_ext}
+        out = {"similarity": m, "threshold": thr, "prefix_tokens": p, "candidates": int(tr.sum()), "extracted": n_ext}
         planted_in_data = self.meta.get("planted_counts_in_data")
         if planted_in_data:
             planted = a["planted"] == 1
@@ -134,8 +137,9 @@ class ExtractionResult:
             out["recall_planted_max_count"] = by[str(top)]
             out["max_count"] = int(top)
         else:
-            out.update(precision_planted=None, recall_planted=None, recall_planted_by_count={},
-                       recall_planted_max_count=None)
+            out.update(
+                precision_planted=None, recall_planted=None, recall_planted_by_count={}, recall_planted_max_count=None
+            )
         n_ho = int(ho.sum())
         out["heldout_n"] = n_ho
         out["heldout_extracted"] = int((dec & ho).sum())
@@ -145,17 +149,29 @@ class ExtractionResult:
     def summary(self) -> dict:
         """The CLI's JSON: store key, candidates, prefixes, decision, counts."""
         c = self.count()
-        return {"store_key": self.meta.get("store_key"), "candidates": c["candidates"],
-                "prefix_tokens": self.meta["prefix_tokens"], "similarity": c["similarity"],
-                "threshold": c["threshold"], "threshold_source": self._source(c["similarity"], c["prefix_tokens"]),
-                "extracted": c["extracted"], "precision_planted": c["precision_planted"],
-                "recall_planted": c["recall_planted"], "recall_planted_by_count": c["recall_planted_by_count"],
-                "recall_planted_max_count": c["recall_planted_max_count"],
-                "heldout_false_rate": c["heldout_false_rate"], "heldout_n": c["heldout_n"],
-                "heldout_extracted": c["heldout_extracted"], "by_prefix": c["by_prefix"],
-                "measures": self.meta["measures"], "skipped_measures": self.meta.get("skipped_measures", {}),
-                "score": self.meta.get("score", {}), "edit": self.meta.get("edit"),
-                "timings": self.meta.get("timings", {}), "oom_events": self.meta.get("oom_events", [])}
+        return {
+            "store_key": self.meta.get("store_key"),
+            "candidates": c["candidates"],
+            "prefix_tokens": self.meta["prefix_tokens"],
+            "similarity": c["similarity"],
+            "threshold": c["threshold"],
+            "threshold_source": self._source(c["similarity"], c["prefix_tokens"]),
+            "extracted": c["extracted"],
+            "precision_planted": c["precision_planted"],
+            "recall_planted": c["recall_planted"],
+            "recall_planted_by_count": c["recall_planted_by_count"],
+            "recall_planted_max_count": c["recall_planted_max_count"],
+            "heldout_false_rate": c["heldout_false_rate"],
+            "heldout_n": c["heldout_n"],
+            "heldout_extracted": c["heldout_extracted"],
+            "by_prefix": c["by_prefix"],
+            "measures": self.meta["measures"],
+            "skipped_measures": self.meta.get("skipped_measures", {}),
+            "score": self.meta.get("score", {}),
+            "edit": self.meta.get("edit"),
+            "timings": self.meta.get("timings", {}),
+            "oom_events": self.meta.get("oom_events", []),
+        }
 
     def _source(self, m: str, p: int) -> str:
         for r in self.meta["thresholds"]:
@@ -185,9 +201,9 @@ def load_partial_extraction(store, key: str) -> ExtractionResult | None:
     return ExtractionResult(rows, meta)
 
 
-
-def finalize(res: ExtractionResult, store, similarity: str | None = None,
-             threshold: float | None = None) -> ExtractionResult:
+def finalize(
+    res: ExtractionResult, store, similarity: str | None = None, threshold: float | None = None
+) -> ExtractionResult:
     """Re-resolve the thresholds (a calibration saved after the run applies too) and set the decision.
 
     `similarity` None keeps the result's measure ("auto" re-resolves it); `threshold` None keeps the
@@ -195,8 +211,9 @@ def finalize(res: ExtractionResult, store, similarity: str | None = None,
     """
     meta = dict(res.meta)
     model = meta.get("model") or {}
-    rows, auto = resolve_thresholds(model.get("name", ""), model.get("weights", {}), meta["measures"],
-                                    meta["prefix_tokens"], store)
+    rows, auto = resolve_thresholds(
+        model.get("name", ""), model.get("weights", {}), meta["measures"], meta["prefix_tokens"], store
+    )
     meta["thresholds"], meta["calibrated_measure"] = rows, auto
     sim = similarity if similarity is not None else meta.get("similarity", "auto")
     meta["similarity"] = resolve_similarity(metrics.canonical_measure(sim), meta["measures"], auto)
@@ -205,4 +222,3 @@ def finalize(res: ExtractionResult, store, similarity: str | None = None,
         out = out.with_decision(threshold=threshold)
     out.meta["threshold"] = out.thresholds()[meta["prefix_tokens"][0]]  # the decision's, at the first prefix
     return out
-

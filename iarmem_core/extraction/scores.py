@@ -45,9 +45,13 @@ def find_unitmem(store: store_mod.ResultStore, adapter: IARAdapter, image_set: d
     want = store_mod.to_jsonable(want)
     for row in store.list(kind="unitmem"):
         spec = row.get("spec") or {}
-        if (spec.get("model") == want["model"] and spec.get("data") == want["data"]
-                and spec.get("dtype") == want["dtype"] and (spec.get("config") or {}).get("dtype") == "fp32"
-                and "correct_NT" in (row.get("arrays") or {})):
+        if (
+            spec.get("model") == want["model"]
+            and spec.get("data") == want["data"]
+            and spec.get("dtype") == want["dtype"]
+            and (spec.get("config") or {}).get("dtype") == "fp32"
+            and "correct_NT" in (row.get("arrays") or {})
+        ):
             return row["key"]
     return None
 
@@ -70,20 +74,39 @@ def _score_job(adapter: IARAdapter, image_set: data.ImageSet, batch_size: int):
             correct_BN = (logits_BNV.argmax(-1) == adapter.flatten(tokens)).cpu().numpy()
             acc_NG[i:j] = accuracies_from_correct(correct_BN, adapter)
 
-        jobs.run_batches(ctx, n, batch_size, work, start=start, events=events, what="teacher-forced batch",
-                         progress=lambda j: (j / n, f"scoring {j}/{n} images (teacher-forced)"),
-                         save=lambda j: ({"acc_NG": acc_NG}, {"n_done": j}))
+        jobs.run_batches(
+            ctx,
+            n,
+            batch_size,
+            work,
+            start=start,
+            events=events,
+            what="teacher-forced batch",
+            progress=lambda j: (j / n, f"scoring {j}/{n} images (teacher-forced)"),
+            save=lambda j: ({"acc_NG": acc_NG}, {"n_done": j}),
+        )
         gi = [g for g, _ in score_groups(adapter)].index(score_definition(adapter))
-        meta = {"groups": [g for g, _ in score_groups(adapter)], "score_group": score_definition(adapter),
-                "oom_events": events, "source": "teacher-forced pass (memscore job)",
-                "image_ids": list(image_set.ids)}
+        meta = {
+            "groups": [g for g, _ in score_groups(adapter)],
+            "score_group": score_definition(adapter),
+            "oom_events": events,
+            "source": "teacher-forced pass (memscore job)",
+            "image_ids": list(image_set.ids),
+        }
         return {"acc_NG": acc_NG, "score_N": acc_NG[:, gi].copy()}, meta
 
     return fn
 
 
-def memorization_scores(adapter: IARAdapter, image_set: data.ImageSet, *, store=None, batch_size: int = 32,
-                        on_progress=None, force: bool = False) -> tuple[np.ndarray, dict]:
+def memorization_scores(
+    adapter: IARAdapter,
+    image_set: data.ImageSet,
+    *,
+    store=None,
+    batch_size: int = 32,
+    on_progress=None,
+    force: bool = False,
+) -> tuple[np.ndarray, dict]:
     """(acc_NG [N, G] per score group, meta with `groups`, `score_group` and `source`).
 
     Reuses the correct_NT of a stored UnitMem pass of the same model and data when there is one; otherwise
@@ -95,24 +118,43 @@ def memorization_scores(adapter: IARAdapter, image_set: data.ImageSet, *, store=
     if key is not None:
         arrays, _ = st.load(key, mmap=True)
         acc = accuracies_from_correct(np.asarray(arrays["correct_NT"]), adapter)
-        return acc, {"groups": names, "score_group": score_definition(adapter),
-                     "source": f"correct_NT of UnitMem result {key}"}
+        return acc, {
+            "groups": names,
+            "score_group": score_definition(adapter),
+            "source": f"correct_NT of UnitMem result {key}",
+        }
     spec = _score_spec(adapter, image_set)
-    arrays, meta = jobs.run_job(SCORE_KIND, spec, _score_job(adapter, image_set, batch_size), store=st,
-                                version=VERSION, force=force, on_progress=on_progress)
+    arrays, meta = jobs.run_job(
+        SCORE_KIND,
+        spec,
+        _score_job(adapter, image_set, batch_size),
+        store=st,
+        version=VERSION,
+        force=force,
+        on_progress=on_progress,
+    )
     meta = dict(meta)
     meta["store_key"] = st.key(SCORE_KIND, spec, VERSION)
     return np.asarray(arrays["acc_NG"]), meta
 
 
-def per_image_scores(adapter: IARAdapter, image_set: data.ImageSet, *, store=None, batch_size: int = 32,
-                     on_progress=None, force: bool = False, group: str | None = None) -> np.ndarray:
+def per_image_scores(
+    adapter: IARAdapter,
+    image_set: data.ImageSet,
+    *,
+    store=None,
+    batch_size: int = 32,
+    on_progress=None,
+    force: bool = False,
+    group: str | None = None,
+) -> np.ndarray:
     """[N] per-image memorization score (VAR: last scale's accuracy; next-token: last 99 tokens).
 
     `group` picks another stored accuracy instead (a scale "4x4", a row "8x8/row3", or "last99").
     """
-    acc, meta = memorization_scores(adapter, image_set, store=store, batch_size=batch_size,
-                                    on_progress=on_progress, force=force)
+    acc, meta = memorization_scores(
+        adapter, image_set, store=store, batch_size=batch_size, on_progress=on_progress, force=force
+    )
     g = group or meta["score_group"]
     if g not in meta["groups"]:
         raise ValueError(f"no per-image score group {g!r}; stored groups: {', '.join(meta['groups'])}")
@@ -138,4 +180,3 @@ def select_candidates(scores_N: np.ndarray, labels_N: np.ndarray, per_class: int
     ranks = class_ranks(scores_N, labels_N)
     chosen = np.flatnonzero(ranks < per_class)
     return chosen[np.lexsort((ranks[chosen], labels_N[chosen]))].astype(np.int64)
-

@@ -12,8 +12,10 @@ from iarmem_core.extraction.config import CALIBRATION_KIND, SSCD_THRESHOLD
 # model name -> {"weights": identity["transformer"] they were calibrated for, "measure": the auto measure,
 # "thresholds": {measure: {str(prefix): threshold}}, "how": ...}. Filled from
 # `python -m iarmem_core extract --model demo-var --calibrate --json`.
-_DEMO_CALIBRATION_HOW = ("the highest score of 800 held-out images (the demo held-out split minus the 200 evaluation "
-                         "images, seed 0) attacked with the same prefix, rounded up to 4 decimals")
+_DEMO_CALIBRATION_HOW = (
+    "the highest score of 800 held-out images (the demo held-out split minus the 200 evaluation "
+    "images, seed 0) attacked with the same prefix, rounded up to 4 decimals"
+)
 DEMO_CALIBRATION: dict[str, dict] = {
     "demo-var": {
         "weights": "transformer.safetensors:c19bee693785ae1a",
@@ -38,8 +40,6 @@ DEMO_CALIBRATION: dict[str, dict] = {
 }
 
 
-
-
 def _builtin_calibration(model_name: str, identity: dict) -> dict | None:
     cal = DEMO_CALIBRATION.get(model_name)
     if cal is None or cal.get("weights") != identity.get("transformer"):
@@ -60,8 +60,13 @@ def find_calibration(store: store_mod.ResultStore, identity: dict) -> dict | Non
     return None
 
 
-def resolve_thresholds(model_name: str, identity: dict, measures: Sequence[str], prefixes: Sequence[int],
-                       store: store_mod.ResultStore | None) -> tuple[list[dict], str | None]:
+def resolve_thresholds(
+    model_name: str,
+    identity: dict,
+    measures: Sequence[str],
+    prefixes: Sequence[int],
+    store: store_mod.ResultStore | None,
+) -> tuple[list[dict], str | None]:
     """Per (measure, prefix): {"measure", "prefix_tokens", "threshold", "source"}; and the calibrated auto measure.
 
     Order: built-in demo calibration of these weights, the newest stored calibration of these weights, the
@@ -103,4 +108,3 @@ def resolve_similarity(requested: str, measures: Sequence[str], calibrated_auto:
     if calibrated_auto in measures:
         return calibrated_auto
     return "token_match" if "token_match" in measures else measures[0]
-

@@ -47,8 +47,9 @@ class FeatureNetConfig:
 def _stage(c_in: int, c_out: int) -> nn.Sequential:
     # conv3x3 -> BN -> ReLU -> 2x2 max pool: one conv per stage is enough for 0.9 on Fashion-MNIST and
     # keeps an epoch of 60k images under a minute of CPU
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
-                         nn.MaxPool2d(2))
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)
+    )
 
 
 def prepare_images(x_BCHW: torch.Tensor, size: int) -> torch.Tensor:
@@ -116,9 +117,15 @@ def save_feature_net(net: FeatureNet, path: str | os.PathLike, card: dict | None
     sd = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     p.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write_bytes(p, save(sd, metadata=meta))
-    full_card = {"format": FORMAT, "format_version": FORMAT_VERSION, "feature_space": FEATURE_SPACE_NAME,
-                 "weights_file": p.name, "config": asdict(net.config),
-                 "n_parameters": sum(v.numel() for v in sd.values() if v.is_floating_point()), **(card or {})}
+    full_card = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "feature_space": FEATURE_SPACE_NAME,
+        "weights_file": p.name,
+        "config": asdict(net.config),
+        "n_parameters": sum(v.numel() for v in sd.values() if v.is_floating_point()),
+        **(card or {}),
+    }
     cp = card_path(p)
     _atomic_write_bytes(cp, (json.dumps(full_card, indent=2, sort_keys=False) + "\n").encode())
     return cp
@@ -130,36 +137,47 @@ def load_feature_net(path: str | os.PathLike, device: str | torch.device = "cpu"
 
     p = Path(path).expanduser()
     if not p.is_file():
-        raise CheckpointError(f"{p}: no such file. Expected the feature network's .safetensors file "
-                              f"(re-create it with `python -m iarmem_core train-demo`).")
+        raise CheckpointError(
+            f"{p}: no such file. Expected the feature network's .safetensors file "
+            f"(re-create it with `python -m iarmem_core train-demo`)."
+        )
     if p.suffix.lower() != ".safetensors":
-        raise CheckpointError(f"{p}: a FeatureNet is stored as .safetensors (written by save_feature_net), "
-                              f"but this file ends in {p.suffix or '(no suffix)'}.")
+        raise CheckpointError(
+            f"{p}: a FeatureNet is stored as .safetensors (written by save_feature_net), "
+            f"but this file ends in {p.suffix or '(no suffix)'}."
+        )
     try:
         with safe_open(str(p), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except Exception as e:  # safetensors raises its own SafetensorError
-        raise CheckpointError(f"{p}: not a readable safetensors file ({e}). It may be truncated or another "
-                              f"format renamed; re-create it with `python -m iarmem_core train-demo`.") \
-            from None
+        raise CheckpointError(
+            f"{p}: not a readable safetensors file ({e}). It may be truncated or another "
+            f"format renamed; re-create it with `python -m iarmem_core train-demo`."
+        ) from None
     if meta.get("format") != FORMAT:
         keys = ", ".join(sorted(sd)[:6]) + (" ..." if len(sd) > 6 else "")
-        raise CheckpointError(f"{p}: not an iarmem feature network: its metadata has format="
-                              f"{meta.get('format')!r}, expected {FORMAT!r}; tensors found: [{keys}]. "
-                              f"Give the file written by save_feature_net / train-demo.")
+        raise CheckpointError(
+            f"{p}: not an iarmem feature network: its metadata has format="
+            f"{meta.get('format')!r}, expected {FORMAT!r}; tensors found: [{keys}]. "
+            f"Give the file written by save_feature_net / train-demo."
+        )
     if int(meta.get("format_version", "0")) > FORMAT_VERSION:
-        raise CheckpointError(f"{p}: format version {meta['format_version']} is newer than this iarmem "
-                              f"understands ({FORMAT_VERSION}); update iarmem.")
+        raise CheckpointError(
+            f"{p}: format version {meta['format_version']} is newer than this iarmem "
+            f"understands ({FORMAT_VERSION}); update iarmem."
+        )
     cfg = FeatureNetConfig(**json.loads(meta["config"]))
     net = FeatureNet(**asdict(cfg))
     ref = net.state_dict()
     missing, unexpected = sorted(set(ref) - set(sd)), sorted(set(sd) - set(ref))
     bad = [k for k in ref if k in sd and sd[k].shape != ref[k].shape]
     if missing or unexpected or bad:
-        raise CheckpointError(f"{p}: tensors do not fit the FeatureNet config {asdict(cfg)}: missing "
-                              f"{missing[:4]}, unexpected {unexpected[:4]}, wrong shape {bad[:4]}. The file "
-                              f"is damaged; re-create it with `python -m iarmem_core train-demo`.")
+        raise CheckpointError(
+            f"{p}: tensors do not fit the FeatureNet config {asdict(cfg)}: missing "
+            f"{missing[:4]}, unexpected {unexpected[:4]}, wrong shape {bad[:4]}. The file "
+            f"is damaged; re-create it with `python -m iarmem_core train-demo`."
+        )
     net.load_state_dict(sd, strict=True)
     net.eval().to(device)
     for q in net.parameters():

@@ -42,15 +42,19 @@ def frechet_distance(feats_a_ND: torch.Tensor, feats_b_MD: torch.Tensor, chunk: 
 
     for name, f in (("feats_a", feats_a_ND), ("feats_b", feats_b_MD)):
         if not isinstance(f, torch.Tensor) or f.ndim != 2:
-            raise ValueError(f"{name}: expected features [N, D], got "
-                             f"{list(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}")
+            raise ValueError(
+                f"{name}: expected features [N, D], got "
+                f"{list(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}"
+            )
         if f.shape[0] < 2:
             raise ValueError(f"{name}: needs at least 2 samples for a covariance, got {f.shape[0]}")
         if not torch.isfinite(f).all():
             raise ValueError(f"{name}: contains NaN or inf; the feature extractor or the images are broken")
     if feats_a_ND.shape[1] != feats_b_MD.shape[1]:
-        raise ValueError(f"feature sizes differ: {feats_a_ND.shape[1]} vs {feats_b_MD.shape[1]}; both sets "
-                         f"must come from the same feature space")
+        raise ValueError(
+            f"feature sizes differ: {feats_a_ND.shape[1]} vs {feats_b_MD.shape[1]}; both sets "
+            f"must come from the same feature space"
+        )
     dim = feats_a_ND.shape[1]
     a, b = feats_a_ND.detach().cpu().double(), feats_b_MD.detach().cpu().double()
     shift_D = a.mean(0)
@@ -77,8 +81,7 @@ class FrechetResult:
         return asdict(self)
 
 
-def frechet_distance_images(space: FeatureSpace, images_a: torch.Tensor,
-                            images_b: torch.Tensor) -> FrechetResult:
+def frechet_distance_images(space: FeatureSpace, images_a: torch.Tensor, images_b: torch.Tensor) -> FrechetResult:
     """Frechet distance between two image sets [N, 3, H, W], [M, 3, H, W] in [0, 1], in `space`, labelled."""
     fa, fb = space.features(images_a), space.features(images_b)
     return frechet_result(space, fa, fb)
@@ -87,22 +90,28 @@ def frechet_distance_images(space: FeatureSpace, images_a: torch.Tensor,
 def frechet_result(space: FeatureSpace, feats_a_ND: torch.Tensor, feats_b_MD: torch.Tensor) -> FrechetResult:
     """Labelled Frechet distance of features already computed in `space` (e.g. accumulated over batches)."""
     is_fid = space.name == "inception-v3-fid"
-    return FrechetResult(metric="FID" if is_fid else f"FD[{space.name}]",
-                         value=frechet_distance(feats_a_ND, feats_b_MD), feature_space=space.name,
-                         comparable_to_published_fid=is_fid, n_a=feats_a_ND.shape[0], n_b=feats_b_MD.shape[0],
-                         dim=feats_a_ND.shape[1])
+    return FrechetResult(
+        metric="FID" if is_fid else f"FD[{space.name}]",
+        value=frechet_distance(feats_a_ND, feats_b_MD),
+        feature_space=space.name,
+        comparable_to_published_fid=is_fid,
+        n_a=feats_a_ND.shape[0],
+        n_b=feats_b_MD.shape[0],
+        dim=feats_a_ND.shape[1],
+    )
 
 
 @torch.no_grad()
-def class_accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                   batch_size: int = 256) -> float:
+def class_accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
     """Fraction of images [B, 3, H, W] in [0, 1] whose argmax of classifier(images) equals labels [B].
 
     Runs on the device the classifier's parameters live on (the classifier is never moved: it may be shared).
     """
     if classifier.training:
-        raise ValueError("the classifier is in training mode; call .eval() first (BatchNorm and dropout "
-                         "would change its predictions)")
+        raise ValueError(
+            "the classifier is in training mode; call .eval() first (BatchNorm and dropout "
+            "would change its predictions)"
+        )
     x = check_images(images, "class_accuracy images")
     labels = torch.as_tensor(labels).long().reshape(-1)
     if labels.shape[0] != x.shape[0]:

@@ -90,24 +90,53 @@ class MeasureInfo:
 
 
 _UNCALIBRATED = "uncalibrated default: calibrate on the demo"
-SIMILARITY_MEASURES: dict[str, MeasureInfo] = {m.name: m for m in [
-    MeasureInfo(
-        "sscd", sscd_cosine, 0.75,
-        "cosine of SSCD sscd_disc_mixup embeddings (320x320, ImageNet normalisation); the protocol of "
-        "Kowalczuk et al.", True, "images", "sscd", "published (Kowalczuk et al. 2025, cosine > 0.75)"),
-    MeasureInfo(
-        "ssim", ssim, 0.9,
-        "per-image SSIM in [0, 1] pixels (torchmetrics, 11x11 Gaussian window); blank backgrounds "
-        "inflate it, so read it next to token match", True, "images", None, _UNCALIBRATED),
-    MeasureInfo(
-        "feature_cosine", feature_cosine, 0.95,
-        "cosine of features in a FeatureSpace (default: the bundled demo-fashion-cnn)", True, "images",
-        "feature_space", _UNCALIBRATED),
-    MeasureInfo(
-        "token_match", token_match_rate, 0.9,
-        "fraction of generated token positions equal to the candidate's true tokens (prefix excluded)",
-        True, "tokens", None, _UNCALIBRATED),
-]}
+SIMILARITY_MEASURES: dict[str, MeasureInfo] = {
+    m.name: m
+    for m in [
+        MeasureInfo(
+            "sscd",
+            sscd_cosine,
+            0.75,
+            "cosine of SSCD sscd_disc_mixup embeddings (320x320, ImageNet normalisation); the protocol of "
+            "Kowalczuk et al.",
+            True,
+            "images",
+            "sscd",
+            "published (Kowalczuk et al. 2025, cosine > 0.75)",
+        ),
+        MeasureInfo(
+            "ssim",
+            ssim,
+            0.9,
+            "per-image SSIM in [0, 1] pixels (torchmetrics, 11x11 Gaussian window); blank backgrounds "
+            "inflate it, so read it next to token match",
+            True,
+            "images",
+            None,
+            _UNCALIBRATED,
+        ),
+        MeasureInfo(
+            "feature_cosine",
+            feature_cosine,
+            0.95,
+            "cosine of features in a FeatureSpace (default: the bundled demo-fashion-cnn)",
+            True,
+            "images",
+            "feature_space",
+            _UNCALIBRATED,
+        ),
+        MeasureInfo(
+            "token_match",
+            token_match_rate,
+            0.9,
+            "fraction of generated token positions equal to the candidate's true tokens (prefix excluded)",
+            True,
+            "tokens",
+            None,
+            _UNCALIBRATED,
+        ),
+    ]
+}
 MEASURES = ("sscd", "token_match", "ssim", "feature_cosine")  # the order results list them in
 assert set(MEASURES) == set(SIMILARITY_MEASURES)
 
@@ -117,14 +146,23 @@ def canonical_measure(name: str, allow_auto: bool = True) -> str:
     n = str(name).strip().lower().replace("-", "_")
     if (n == "auto" and allow_auto) or n in SIMILARITY_MEASURES:
         return n
-    raise ValueError(f"unknown similarity {name!r}: expected {'auto or ' if allow_auto else ''}one of "
-                     f"{', '.join(SIMILARITY_MEASURES)}")
+    raise ValueError(
+        f"unknown similarity {name!r}: expected {'auto or ' if allow_auto else ''}one of "
+        f"{', '.join(SIMILARITY_MEASURES)}"
+    )
 
 
 @torch.no_grad()
-def score(name: str, *, images_a: torch.Tensor | None = None, images_b: torch.Tensor | None = None,
-          tokens_a: Tokens | None = None, tokens_b: Tokens | None = None, token_start: int = 0,
-          space: FeatureSpace | None = None) -> torch.Tensor:
+def score(
+    name: str,
+    *,
+    images_a: torch.Tensor | None = None,
+    images_b: torch.Tensor | None = None,
+    tokens_a: Tokens | None = None,
+    tokens_b: Tokens | None = None,
+    token_start: int = 0,
+    space: FeatureSpace | None = None,
+) -> torch.Tensor:
     """Scores [B] of measure `name` for pairs (a[i], b[i]): images in [0, 1] or tokens, as the measure needs.
 
     `space` is the feature space of feature_cosine and sscd (`iarmem_core.metrics.resolve_space`).
@@ -150,10 +188,14 @@ class SimilarityResult:
     threshold_source: str
 
     def to_dict(self) -> dict:
-        return {"measure": self.measure, "threshold": self.threshold,
-                "threshold_source": self.threshold_source,
-                "higher_is_more_similar": self.higher_is_more_similar, "scores": self.scores.tolist(),
-                "similar": self.similar.tolist()}
+        return {
+            "measure": self.measure,
+            "threshold": self.threshold,
+            "threshold_source": self.threshold_source,
+            "higher_is_more_similar": self.higher_is_more_similar,
+            "scores": self.scores.tolist(),
+            "similar": self.similar.tolist(),
+        }
 
 
 @dataclass(frozen=True)
@@ -174,16 +216,28 @@ class SimilarityMeasure:
 
     def __call__(self, a, b) -> SimilarityResult:
         scores_B = self.score_fn(a, b).float().cpu()
-        return SimilarityResult(self.name, scores_B, self.threshold, self.decide(scores_B),
-                                self.higher_is_more_similar, self.threshold_source)
+        return SimilarityResult(
+            self.name,
+            scores_B,
+            self.threshold,
+            self.decide(scores_B),
+            self.higher_is_more_similar,
+            self.threshold_source,
+        )
 
     def with_threshold(self, threshold: float, source: str = "calibrated") -> SimilarityMeasure:
         return replace(self, threshold=float(threshold), threshold_source=source)
 
 
-def similarity_measure(name: str, *, threshold: float | None = None, threshold_source: str | None = None,
-                       feature_space: FeatureSpace | None = None, sscd: SSCDFeatureSpace | str | None = None,
-                       token_start: int = 0) -> SimilarityMeasure:
+def similarity_measure(
+    name: str,
+    *,
+    threshold: float | None = None,
+    threshold_source: str | None = None,
+    feature_space: FeatureSpace | None = None,
+    sscd: SSCDFeatureSpace | str | None = None,
+    token_start: int = 0,
+) -> SimilarityMeasure:
     """Build a registered measure; `threshold` overrides the default (e.g. with a calibrated value).
 
     `feature_cosine` uses `feature_space` (default: the bundled demo-fashion-cnn), `sscd` needs the SSCD
@@ -194,8 +248,10 @@ def similarity_measure(name: str, *, threshold: float | None = None, threshold_s
     label = name
     if name == "sscd":
         if sscd is None:
-            raise ValueError("the sscd measure needs the SSCD weights file sscd_disc_mixup.torchscript.pt "
-                             "(pass sscd=path); without it use ssim, feature_cosine or token_match")
+            raise ValueError(
+                "the sscd measure needs the SSCD weights file sscd_disc_mixup.torchscript.pt "
+                "(pass sscd=path); without it use ssim, feature_cosine or token_match"
+            )
         space = sscd if isinstance(sscd, SSCDFeatureSpace) else resolve_space("sscd", sscd)
         fn = lambda a, b: sscd_cosine(space, a, b)  # noqa: E731
     elif name == "ssim":
@@ -210,8 +266,7 @@ def similarity_measure(name: str, *, threshold: float | None = None, threshold_s
         thr, source = info.default_threshold, info.threshold_source
     else:
         thr, source = float(threshold), threshold_source or "user"
-    return SimilarityMeasure(label, fn, thr, info.description, info.higher_is_more_similar, info.inputs,
-                             source)
+    return SimilarityMeasure(label, fn, thr, info.description, info.higher_is_more_similar, info.inputs, source)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -230,8 +285,12 @@ class Calibration:
         return dict(self.__dict__)
 
 
-def calibrate_threshold(scores_same: torch.Tensor, scores_different: torch.Tensor, max_false_rate: float,
-                        higher_is_more_similar: bool = True) -> Calibration:
+def calibrate_threshold(
+    scores_same: torch.Tensor,
+    scores_different: torch.Tensor,
+    max_false_rate: float,
+    higher_is_more_similar: bool = True,
+) -> Calibration:
     """Most permissive threshold whose false-positive rate on 'different' pairs is at most `max_false_rate`.
 
     For a similarity (decision score > t) this is the lowest such t; it is always one of the 'different'
@@ -253,5 +312,6 @@ def calibrate_threshold(scores_same: torch.Tensor, scores_different: torch.Tenso
     t = float(d_sorted[d_sorted.numel() - m_allowed - 1])
     false_rate = float((sign * diff > t).double().mean())
     true_rate = float((sign * same > t).double().mean()) if same.numel() else float("nan")
-    return Calibration(sign * t + 0.0, false_rate, true_rate, float(max_false_rate), same.numel(),
-                       diff.numel(), higher_is_more_similar)
+    return Calibration(
+        sign * t + 0.0, false_rate, true_rate, float(max_false_rate), same.numel(), diff.numel(), higher_is_more_similar
+    )

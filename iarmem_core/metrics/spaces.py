@@ -66,8 +66,10 @@ def check_images(images: torch.Tensor, what: str = "images") -> torch.Tensor:
     if x.numel():
         lo, hi = float(x.min()), float(x.max())
         if lo < -0.01 or hi > 1.01:  # [-1, 1] and [0, 255] are the usual mix-ups
-            raise ValueError(f"{what}: values must lie in [0, 1], found {lo:.3g}..{hi:.3g}. Map [-1, 1] "
-                             f"images with (x + 1) / 2 and [0, 255] images with x / 255.")
+            raise ValueError(
+                f"{what}: values must lie in [0, 1], found {lo:.3g}..{hi:.3g}. Map [-1, 1] "
+                f"images with (x + 1) / 2 and [0, 255] images with x / 255."
+            )
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
@@ -108,8 +110,12 @@ class FeatureSpace(ABC):
 
     def info(self) -> dict:
         """What a result records about the space."""
-        return {"feature_space": self.name, "dim": self.dim, "description": self.description,
-                "comparable_to_published": self.comparable_to_published}
+        return {
+            "feature_space": self.name,
+            "dim": self.dim,
+            "description": self.description,
+            "comparable_to_published": self.comparable_to_published,
+        }
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, device={self.device})"
@@ -119,19 +125,27 @@ class DemoFeatureSpace(FeatureSpace):
     """The bundled FeatureNet's penultimate layer (Fashion-MNIST CNN, 128-d); offline, demo-fashion-cnn."""
 
     name = FEATURE_SPACE_NAME
-    description = ("penultimate layer of iarmem's small CNN trained on Fashion-MNIST; Frechet distances here "
-                   "are not Inception-FID and are not comparable with published numbers")
+    description = (
+        "penultimate layer of iarmem's small CNN trained on Fashion-MNIST; Frechet distances here "
+        "are not Inception-FID and are not comparable with published numbers"
+    )
 
-    def __init__(self, net: FeatureNet | str | os.PathLike | None = None, batch_size: int = 256,
-                 device: str | torch.device = "auto"):
+    def __init__(
+        self,
+        net: FeatureNet | str | os.PathLike | None = None,
+        batch_size: int = 256,
+        device: str | torch.device = "auto",
+    ):
         super().__init__(batch_size, device)
         if net is None:
             net = default_demo_feature_net_path()
         if not isinstance(net, FeatureNet):
             net = load_feature_net(net)
         if net.training:
-            raise ValueError("the FeatureNet is in training mode; call .eval() first (BatchNorm would use "
-                             "batch statistics and features would depend on the batch)")
+            raise ValueError(
+                "the FeatureNet is in training mode; call .eval() first (BatchNorm would use "
+                "batch statistics and features would depend on the batch)"
+            )
         if next(net.parameters()).device != self.device:
             net = copy.deepcopy(net).to(self.device)  # never move a net other code may share
         self.net = net
@@ -150,8 +164,10 @@ def default_demo_feature_net_path() -> Path:
 
     p = ASSETS / DEMO_FEATURE_NET_FILE
     if not p.is_file():
-        raise CheckpointError(f"{p}: the bundled feature network is missing. Re-create the demo assets with "
-                              f"`python -m iarmem_core train-demo`.")
+        raise CheckpointError(
+            f"{p}: the bundled feature network is missing. Re-create the demo assets with "
+            f"`python -m iarmem_core train-demo`."
+        )
     return p
 
 
@@ -168,23 +184,28 @@ def load_torchscript(path: str | os.PathLike, what: str, expected_file: str) -> 
     if not zipfile.is_zipfile(p):
         with open(p, "rb") as f:
             head = f.read(8)
-        raise CheckpointError(f"{p}: not a TorchScript archive (those are zip files written by "
-                              f"torch.jit.save; this one starts with {head!r}). It may be truncated or of "
-                              f"another format. {hint}.")
+        raise CheckpointError(
+            f"{p}: not a TorchScript archive (those are zip files written by "
+            f"torch.jit.save; this one starts with {head!r}). It may be truncated or of "
+            f"another format. {hint}."
+        )
     with zipfile.ZipFile(p) as z:
         names = z.namelist()
     if not any(n.endswith("constants.pkl") or "/code/" in n for n in names):
-        raise CheckpointError(f"{p}: a torch.save checkpoint (pickled weights or model), not a TorchScript "
-                              f"archive; iarmem does not unpickle such files and has no architecture code "
-                              f"for them. {hint}.")
+        raise CheckpointError(
+            f"{p}: a torch.save checkpoint (pickled weights or model), not a TorchScript "
+            f"archive; iarmem does not unpickle such files and has no architecture code "
+            f"for them. {hint}."
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             module = torch.jit.load(str(p), map_location="cpu")
     except Exception as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{p}: TorchScript could not load it ({first}). The file may be damaged. "
-                              f"{hint}.") from None
+        raise CheckpointError(
+            f"{p}: TorchScript could not load it ({first}). The file may be damaged. {hint}."
+        ) from None
     return module.eval()
 
 
@@ -195,8 +216,9 @@ def _probe(module: nn.Module, x: torch.Tensor, p: Path, what: str, hint: str, **
             out = module(x, **kwargs)
     except Exception as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{p}: loads as TorchScript but fails as {what} on a {list(x.shape)} input "
-                              f"({first}). {hint}") from None
+        raise CheckpointError(
+            f"{p}: loads as TorchScript but fails as {what} on a {list(x.shape)} input ({first}). {hint}"
+        ) from None
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:
         got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise CheckpointError(f"{p}: {what} should return features [B, D], got {got}. {hint}")
@@ -207,21 +229,28 @@ class InceptionFeatureSpace(FeatureSpace):
     """Inception-v3 pool3 features (2048-d) from NVIDIA's TorchScript inception-2015-12-05.pt: real FID."""
 
     name = "inception-v3-fid"
-    description = ("Inception-v3 pool3 (2048-d) from inception-2015-12-05.pt (NVIDIA TorchScript of the TF "
-                   "FID graph), 8-bit levels, resized to 299 inside the module as in StyleGAN's FID")
+    description = (
+        "Inception-v3 pool3 (2048-d) from inception-2015-12-05.pt (NVIDIA TorchScript of the TF "
+        "FID graph), 8-bit levels, resized to 299 inside the module as in StyleGAN's FID"
+    )
     comparable_to_published = True
 
     def __init__(self, path: str | os.PathLike, batch_size: int = 32, device: str | torch.device = "auto"):
         super().__init__(batch_size, device)
         self.path = Path(path).expanduser()
-        hint = (f"Expected NVIDIA's {INCEPTION_FILE} (StyleGAN2-ADA / clean-fid), called as "
-                f"module(x_0_255, return_features=True) -> [B, 2048].")
+        hint = (
+            f"Expected NVIDIA's {INCEPTION_FILE} (StyleGAN2-ADA / clean-fid), called as "
+            f"module(x_0_255, return_features=True) -> [B, 2048]."
+        )
         module = load_torchscript(self.path, "Inception FID", INCEPTION_FILE)
-        out = _probe(module, torch.full((1, 3, 299, 299), 128.0), self.path, "Inception FID", hint,
-                     return_features=True)
+        out = _probe(
+            module, torch.full((1, 3, 299, 299), 128.0), self.path, "Inception FID", hint, return_features=True
+        )
         if out.shape[1] != 2048:
-            raise CheckpointError(f"{self.path}: returns {out.shape[1]}-d features with "
-                                  f"return_features=True; FID uses the 2048-d pool3 features. {hint}")
+            raise CheckpointError(
+                f"{self.path}: returns {out.shape[1]}-d features with "
+                f"return_features=True; FID uses the 2048-d pool3 features. {hint}"
+            )
         self.module = module.to(self.device)
 
     @property
@@ -238,12 +267,15 @@ class SSCDFeatureSpace(FeatureSpace):
     """SSCD embeddings from sscd_disc_mixup.torchscript.pt: 320x320, ImageNet norm, L2-normalised."""
 
     name = "sscd-disc-mixup"
-    description = ("SSCD (sscd_disc_mixup.torchscript.pt) embeddings: 320x320 bilinear resize, ImageNet "
-                   "mean/std, L2-normalised; cosine > 0.75 = copy (Kowalczuk et al.)")
+    description = (
+        "SSCD (sscd_disc_mixup.torchscript.pt) embeddings: 320x320 bilinear resize, ImageNet "
+        "mean/std, L2-normalised; cosine > 0.75 = copy (Kowalczuk et al.)"
+    )
     comparable_to_published = True
 
-    def __init__(self, path: str | os.PathLike, batch_size: int = 16, device: str | torch.device = "auto",
-                 size: int = 320):
+    def __init__(
+        self, path: str | os.PathLike, batch_size: int = 16, device: str | torch.device = "auto", size: int = 320
+    ):
         super().__init__(batch_size, device)
         self.path = Path(path).expanduser()
         self.size = size
@@ -316,6 +348,8 @@ def feature_space(name: str, path: str | os.PathLike | None = None, **kwargs) ->
         return DemoFeatureSpace(path, **kwargs)
     if path is None:
         file = INCEPTION_FILE if name == InceptionFeatureSpace.name else SSCD_FILE
-        raise ValueError(f"feature space {name!r} needs the weights file {file}, supplied by you (iarmem "
-                         f"never downloads it); give its path, or use demo-fashion-cnn offline")
+        raise ValueError(
+            f"feature space {name!r} needs the weights file {file}, supplied by you (iarmem "
+            f"never downloads it); give its path, or use demo-fashion-cnn offline"
+        )
     return FEATURE_SPACES[name](path, **kwargs)

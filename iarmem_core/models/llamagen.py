@@ -59,9 +59,7 @@ def precompute_freqs_cis_2d(
 ) -> torch.Tensor:
     """2D RoPE table [cls_token_num + grid^2, head_dim/2, 2] of (cos, sin); the class rows are zeros."""
     if head_dim % 4:
-        raise ValueError(
-            f"2D RoPE needs head_dim divisible by 4 (row and column halves of pairs), got {head_dim}"
-        )
+        raise ValueError(f"2D RoPE needs head_dim divisible by 4 (row and column halves of pairs), got {head_dim}")
     half = head_dim // 2  # pairs; the first half/2 turn with the row, the rest with the column
     k = torch.arange(half // 2, device=device, dtype=torch.float32)
     inv_freq = 1.0 / (base ** (2 * k / half))
@@ -115,10 +113,7 @@ class KVCache:
         device: torch.device,
         dtype: torch.dtype,
     ):
-        self.k = [
-            torch.zeros(batch, n_kv_head, max_len, head_dim, device=device, dtype=dtype)
-            for _ in range(n_layer)
-        ]
+        self.k = [torch.zeros(batch, n_kv_head, max_len, head_dim, device=device, dtype=dtype) for _ in range(n_layer)]
         self.v = [torch.zeros_like(t) for t in self.k]
         self.max_len = max_len
         self.length = 0  # positions filled so far (advanced by Transformer.step after all layers ran)
@@ -197,7 +192,11 @@ class Attention(nn.Module):
             pos = torch.arange(L, device=x_BTC.device)
             mask = pos[None, :] <= pos[L - T :, None]
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
             dropout_p=self.attn_dropout_p if self.training else 0.0,
         )
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, self.dim)))
@@ -313,8 +312,17 @@ class Transformer(nn.Module):
         # 2. blocks, with the official linear drop-path schedule (Python math: works on meta)
         dpr = [drop_path_rate * i / (n_layer - 1) if n_layer > 1 else 0.0 for i in range(n_layer)]
         self.layers = nn.ModuleList(
-            TransformerBlock(dim, n_head, self.n_kv_head, self.ffn_hidden, norm_eps, dpr[i],
-                             attn_dropout_p, resid_dropout_p, ffn_dropout_p)
+            TransformerBlock(
+                dim,
+                n_head,
+                self.n_kv_head,
+                self.ffn_hidden,
+                norm_eps,
+                dpr[i],
+                attn_dropout_p,
+                resid_dropout_p,
+                ffn_dropout_p,
+            )
             for i in range(n_layer)
         )
         # 3. head
@@ -339,9 +347,7 @@ class Transformer(nn.Module):
     def _freqs(self, device: torch.device) -> torch.Tensor:
         if self.freqs_cis.device != device:
             if self.freqs_cis.is_meta:
-                raise RuntimeError(
-                    "the RoPE table is on meta: call init_non_persistent() after loading weights"
-                )
+                raise RuntimeError("the RoPE table is on meta: call init_non_persistent() after loading weights")
             self.freqs_cis = self.freqs_cis.to(device)  # float32 always, like the official table
         return self.freqs_cis
 
@@ -390,9 +396,7 @@ class Transformer(nn.Module):
         """
         h_BTC = self._embed(cond_idx, idx, drop_labels, force_drop_ids)
         if h_BTC.shape[1] > self.cls_token_num + self.block_size:
-            raise ValueError(
-                f"sequence of {h_BTC.shape[1]} rows exceeds class token + {self.block_size} tokens"
-            )
+            raise ValueError(f"sequence of {h_BTC.shape[1]} rows exceeds class token + {self.block_size} tokens")
         logits_BTV = self.output(self._run(h_BTC, 0, None, cfg_doubled, "teacher")).float()
         loss = None
         if targets is not None:
@@ -502,9 +506,7 @@ def generate(
     P = 0 if prefix_BP is None else prefix_BP.shape[1]
     N = model.block_size if max_new_tokens is None else P + max_new_tokens
     if not 0 <= P < N <= model.block_size:
-        raise ValueError(
-            f"asked for {N - P} new tokens after a prefix of {P}; the grid has {model.block_size}"
-        )
+        raise ValueError(f"asked for {N - P} new tokens after a prefix of {P}; the grid has {model.block_size}")
     use_cfg = cfg_scale > 1.0
     if use_cfg and model.cls_embedding.embedding_table.num_embeddings <= model.num_classes:
         raise ValueError("CFG needs the null-class row, but this model was built with class_dropout_prob=0")

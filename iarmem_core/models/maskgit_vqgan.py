@@ -27,8 +27,7 @@ from torch import nn
 class Conv2dSame(nn.Conv2d):
     """Conv2d with TensorFlow "SAME" padding (output = ceil(input / stride)); odd pads go right/bottom."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 bias: bool = True):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, bias: bool = True):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0, bias=bias)
         k, s = self.kernel_size[0], self.stride[0]
         # With stride 1 and an odd kernel SAME is symmetric: let the conv pad (no extra copy of the input).
@@ -83,8 +82,9 @@ class DownBlock(nn.Module):
 
     def __init__(self, block_in: int, block_out: int, num_res_blocks: int, dropout: float, downsample: bool):
         super().__init__()
-        self.block = nn.ModuleList([ResnetBlock(block_in if i == 0 else block_out, block_out, dropout)
-                                    for i in range(num_res_blocks)])
+        self.block = nn.ModuleList(
+            [ResnetBlock(block_in if i == 0 else block_out, block_out, dropout) for i in range(num_res_blocks)]
+        )
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,8 +98,9 @@ class UpBlock(nn.Module):
 
     def __init__(self, block_in: int, block_out: int, num_res_blocks: int, dropout: float, upsample: bool):
         super().__init__()
-        self.block = nn.ModuleList([ResnetBlock(block_in if i == 0 else block_out, block_out, dropout)
-                                    for i in range(num_res_blocks)])
+        self.block = nn.ModuleList(
+            [ResnetBlock(block_in if i == 0 else block_out, block_out, dropout) for i in range(num_res_blocks)]
+        )
         self.upsample = upsample
         if upsample:
             self.upsample_conv = Conv2dSame(block_out, block_out, 3)
@@ -115,17 +116,28 @@ class UpBlock(nn.Module):
 class Encoder(nn.Module):
     """Image [B, 3, H, W] in [0, 1] -> latent [B, z_channels, H/2^(L-1), W/2^(L-1)]."""
 
-    def __init__(self, channel_mult: Sequence[int], num_resolutions: int, dropout: float,
-                 hidden_channels: int, num_channels: int, num_res_blocks: int, z_channels: int):
+    def __init__(
+        self,
+        channel_mult: Sequence[int],
+        num_resolutions: int,
+        dropout: float,
+        hidden_channels: int,
+        num_channels: int,
+        num_res_blocks: int,
+        z_channels: int,
+    ):
         super().__init__()
         ch = hidden_channels
         self.conv_in = Conv2dSame(num_channels, ch, 3, bias=False)
         in_mult = (1,) + tuple(channel_mult)
-        self.down = nn.ModuleList([
-            DownBlock(ch * in_mult[i], ch * channel_mult[i], num_res_blocks, dropout,
-                      downsample=i != num_resolutions - 1)
-            for i in range(num_resolutions)
-        ])
+        self.down = nn.ModuleList(
+            [
+                DownBlock(
+                    ch * in_mult[i], ch * channel_mult[i], num_res_blocks, dropout, downsample=i != num_resolutions - 1
+                )
+                for i in range(num_resolutions)
+            ]
+        )
         mid = ch * channel_mult[-1]
         self.mid = nn.ModuleList([ResnetBlock(mid, mid, dropout) for _ in range(num_res_blocks)])
         self.norm_out = _norm(mid)
@@ -143,19 +155,34 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Latent [B, z_channels, h, w] -> image [B, 3, h*2^(L-1), w*2^(L-1)] (not clamped)."""
 
-    def __init__(self, channel_mult: Sequence[int], num_resolutions: int, dropout: float,
-                 hidden_channels: int, num_channels: int, num_res_blocks: int, z_channels: int):
+    def __init__(
+        self,
+        channel_mult: Sequence[int],
+        num_resolutions: int,
+        dropout: float,
+        hidden_channels: int,
+        num_channels: int,
+        num_res_blocks: int,
+        z_channels: int,
+    ):
         super().__init__()
         ch = hidden_channels
         block_in = ch * channel_mult[num_resolutions - 1]
         self.conv_in = Conv2dSame(z_channels, block_in, 3)
         self.mid = nn.ModuleList([ResnetBlock(block_in, block_in, dropout) for _ in range(num_res_blocks)])
         # up[i] works at level i (i = 0 is full resolution) and runs from the coarsest level down.
-        self.up = nn.ModuleList([
-            UpBlock(ch * channel_mult[min(i + 1, num_resolutions - 1)], ch * channel_mult[i], num_res_blocks,
-                    dropout, upsample=i != 0)
-            for i in range(num_resolutions)
-        ])
+        self.up = nn.ModuleList(
+            [
+                UpBlock(
+                    ch * channel_mult[min(i + 1, num_resolutions - 1)],
+                    ch * channel_mult[i],
+                    num_res_blocks,
+                    dropout,
+                    upsample=i != 0,
+                )
+                for i in range(num_resolutions)
+            ]
+        )
         self.norm_out = _norm(ch * channel_mult[0])
         self.conv_out = Conv2dSame(ch * channel_mult[0], num_channels, 3)
 
@@ -210,27 +237,47 @@ class VectorQuantizer(nn.Module):
 class MaskGITVQGAN(nn.Module):
     """The MaskGIT-VQGAN tokenizer: encode images in [0, 1] to token ids, decode ids to images in [0, 1]."""
 
-    def __init__(self, channel_mult: Sequence[int] = (1, 1, 2, 2, 4), num_resolutions: int = 5,
-                 dropout: float = 0.0, hidden_channels: int = 128, num_channels: int = 3,
-                 num_res_blocks: int = 2, resolution: int = 256, z_channels: int = 256,
-                 num_embeddings: int = 1024, embedding_dim: int = 256, commitment_cost: float = 0.25):
+    def __init__(
+        self,
+        channel_mult: Sequence[int] = (1, 1, 2, 2, 4),
+        num_resolutions: int = 5,
+        dropout: float = 0.0,
+        hidden_channels: int = 128,
+        num_channels: int = 3,
+        num_res_blocks: int = 2,
+        resolution: int = 256,
+        z_channels: int = 256,
+        num_embeddings: int = 1024,
+        embedding_dim: int = 256,
+        commitment_cost: float = 0.25,
+    ):
         super().__init__()
         channel_mult = tuple(int(m) for m in channel_mult)
         if len(channel_mult) != num_resolutions:
             raise ValueError(f"channel_mult {channel_mult} needs num_resolutions={num_resolutions} entries")
         if embedding_dim != z_channels:
-            raise ValueError(f"embedding_dim ({embedding_dim}) must equal z_channels ({z_channels}): "
-                             f"MaskGIT-VQGAN quantizes the encoder output directly (no quant_conv)")
+            raise ValueError(
+                f"embedding_dim ({embedding_dim}) must equal z_channels ({z_channels}): "
+                f"MaskGIT-VQGAN quantizes the encoder output directly (no quant_conv)"
+            )
         bad = [hidden_channels * m for m in (1,) + channel_mult if (hidden_channels * m) % 32]
         if bad:
-            raise ValueError(f"GroupNorm(32) needs channel counts divisible by 32; hidden_channels="
-                             f"{hidden_channels} with channel_mult {channel_mult} gives {bad}: "
-                             f"use a multiple of 32")
+            raise ValueError(
+                f"GroupNorm(32) needs channel counts divisible by 32; hidden_channels="
+                f"{hidden_channels} with channel_mult {channel_mult} gives {bad}: "
+                f"use a multiple of 32"
+            )
         self.resolution = resolution
         self.latent_size = resolution // 2 ** (num_resolutions - 1)
-        arch = dict(channel_mult=channel_mult, num_resolutions=num_resolutions, dropout=dropout,
-                    hidden_channels=hidden_channels, num_channels=num_channels, num_res_blocks=num_res_blocks,
-                    z_channels=z_channels)
+        arch = dict(
+            channel_mult=channel_mult,
+            num_resolutions=num_resolutions,
+            dropout=dropout,
+            hidden_channels=hidden_channels,
+            num_channels=num_channels,
+            num_res_blocks=num_res_blocks,
+            z_channels=z_channels,
+        )
         self.encoder = Encoder(**arch)
         self.decoder = Decoder(**arch)
         self.quantize = VectorQuantizer(num_embeddings, embedding_dim, commitment_cost)

@@ -50,8 +50,13 @@ def guidance_schedule(step: int, num_steps: int, guidance_scale: float, power: f
     return (guidance_scale - 1.0) * ramp + 1.0
 
 
-def sample_logits(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_logits(
+    logits_BV: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Next token ids [B] from logits: greedy when top_k == 1 or temperature <= 0, else top-k/top-p sampling.
 
     ``top_k=0`` and ``top_p=0`` (or 1) disable the filters; without them this is the official
@@ -82,19 +87,26 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class KVCache:
     """Preallocated keys/values of every block for one generation run: [B, heads, T_max, head_dim] each."""
 
-    def __init__(self, n_layers: int, batch: int, heads: int, max_len: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        heads: int,
+        max_len: int,
+        head_dim: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         shape = (batch, heads, max_len, head_dim)
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.length = 0  # rows already stored (the same in every layer)
 
-    def update(self, layer: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this call's keys/values after the cached ones; returns all keys/values so far."""
         end = self.length + k_BHTd.shape[2]
-        self.k[layer][:, :, self.length:end] = k_BHTd
-        self.v[layer][:, :, self.length:end] = v_BHTd
+        self.k[layer][:, :, self.length : end] = k_BHTd
+        self.v[layer][:, :, self.length : end] = v_BHTd
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
@@ -113,16 +125,18 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x_BTC: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x_BTC: torch.Tensor, attn_mask: torch.Tensor | None = None, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         B, T, C = x_BTC.shape
         qkv = self.qkv(x_BTC).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q_BHTd, k_BHTd, v_BHTd = qkv.unbind(0)
         q_BHTd, k_BHTd = self.q_norm(q_BHTd), self.k_norm(k_BHTd)
         if cache is not None:
             k_BHTd, v_BHTd = cache.update(layer, k_BHTd, v_BHTd)
-        y = F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, attn_mask=attn_mask,
-                                           dropout_p=self.attn_drop if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q_BHTd, k_BHTd, v_BHTd, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0
+        )
         return self.proj_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -156,8 +170,14 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, mlp_hidden, drop=drop)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x_BTC: torch.Tensor, c_BTC: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x_BTC: torch.Tensor,
+        c_BTC: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
         # chunk order of the released weights (differs from VAR's)
         mod = self.adaLN_modulation(c_BTC).chunk(6, dim=-1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
@@ -190,10 +210,20 @@ class RAR(nn.Module):
 
     PREFIX = 2  # rows before the image tokens: cls, condition
 
-    def __init__(self, hidden_size: int = 768, num_hidden_layers: int = 24, num_attention_heads: int = 16,
-                 intermediate_size: int = 3072, image_seq_len: int = 256, condition_num_classes: int = 1000,
-                 codebook_size: int = 1024, dropout: float = 0.1, attn_drop: float = 0.1,
-                 class_label_dropout: float = 0.1, use_checkpoint: bool = False):
+    def __init__(
+        self,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 24,
+        num_attention_heads: int = 16,
+        intermediate_size: int = 3072,
+        image_seq_len: int = 256,
+        condition_num_classes: int = 1000,
+        codebook_size: int = 1024,
+        dropout: float = 0.1,
+        attn_drop: float = 0.1,
+        class_label_dropout: float = 0.1,
+        use_checkpoint: bool = False,
+    ):
         super().__init__()
         C = hidden_size
         self.hidden_size, self.image_seq_len = C, image_seq_len
@@ -216,10 +246,12 @@ class RAR(nn.Module):
 
         # 3. blocks; the official code derives the MLP width as int(C * (intermediate / C))
         mlp_hidden = int(C * (intermediate_size / C))
-        self.blocks = nn.ModuleList([
-            Block(C, num_attention_heads, mlp_hidden, drop=dropout, attn_drop=attn_drop)
-            for _ in range(num_hidden_layers)
-        ])
+        self.blocks = nn.ModuleList(
+            [
+                Block(C, num_attention_heads, mlp_hidden, drop=dropout, attn_drop=attn_drop)
+                for _ in range(num_hidden_layers)
+            ]
+        )
         self.embeddings = nn.Embedding(codebook_size + 1 + condition_num_classes + 1, C)
 
         # 4. head
@@ -239,9 +271,18 @@ class RAR(nn.Module):
         """Build from the official config {"model": {"generator": {...}, "vq_model": {"codebook_size"}}}."""
         model = config.get("model", config)
         g = model["generator"]
-        keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "image_seq_len", "condition_num_classes", "dropout", "attn_drop", "class_label_dropout",
-                "use_checkpoint")
+        keys = (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "image_seq_len",
+            "condition_num_classes",
+            "dropout",
+            "attn_drop",
+            "class_label_dropout",
+            "use_checkpoint",
+        )
         return cls(codebook_size=model["vq_model"]["codebook_size"], **{k: g[k] for k in keys if k in g})
 
     @torch.no_grad()
@@ -290,8 +331,9 @@ class RAR(nn.Module):
         self.attn_mask = mask.to(self.cls_token.dtype)
 
     # ---- token space ------------------------------------------------------------------------------
-    def preprocess_condition(self, labels_B: torch.Tensor, cond_drop_prob: float = 0.0,
-                             generator: torch.Generator | None = None) -> torch.Tensor:
+    def preprocess_condition(
+        self, labels_B: torch.Tensor, cond_drop_prob: float = 0.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Raw class ids [B] (-1: null) -> condition token ids; each drops to null with cond_drop_prob."""
         labels_B = labels_B.long()
         cond_B = torch.where(labels_B < 0, self.none_condition_id, labels_B + self.class_offset)
@@ -300,8 +342,13 @@ class RAR(nn.Module):
             cond_B = cond_B.masked_fill(drop_B, self.none_condition_id)
         return cond_B
 
-    def sample_orders(self, batch: int, random_ratio: float, generator: torch.Generator | None = None,
-                      device: torch.device | None = None) -> torch.Tensor:
+    def sample_orders(
+        self,
+        batch: int,
+        random_ratio: float,
+        generator: torch.Generator | None = None,
+        device: torch.device | None = None,
+    ) -> torch.Tensor:
         """Token orders [B, N]: a random permutation with probability random_ratio, else raster."""
         N = self.image_seq_len
         rows = []
@@ -311,8 +358,9 @@ class RAR(nn.Module):
         return torch.stack(rows).to(device or self.cls_token.device)
 
     # ---- the sequence -------------------------------------------------------------------------------
-    def _embed_rows(self, cond_B: torch.Tensor, seq_BK: torch.Tensor, row0: int,
-                    orders_BN: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed_rows(
+        self, cond_B: torch.Tensor, seq_BK: torch.Tensor, row0: int, orders_BN: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs (x_BTC, c_BTC) of rows row0.. of [cls, cond, seq_0 .. seq_{K-1}].
 
         `seq_BK` holds the tokens in the order they are read: seq[:, k] is token orders[:, k] (raster when
@@ -331,14 +379,14 @@ class RAR(nn.Module):
             parts.append(self.cls_token.expand(B, -1, -1))
         if row0 <= 1:
             parts.append(cond_BC[:, None])
-        parts.append(self.embeddings(seq_BK[:, max(row0 - P, 0):]))
+        parts.append(self.embeddings(seq_BK[:, max(row0 - P, 0) :]))
         x_BTC = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
         r_T = torch.arange(row0, T_full, device=seq_BK.device)
         ta_keep_T1 = ((r_T >= 1) & (r_T <= N)).to(x_BTC.dtype)[:, None]
         if orders_BN is None:
             pos = self.pos_embed[:, row0:T_full]
-            ta = self.target_aware_pos_embed[:, row0 + 1:T_full + 1]  # row r -> TA[r + 1]
+            ta = self.target_aware_pos_embed[:, row0 + 1 : T_full + 1]  # row r -> TA[r + 1]
         else:
             o_BN = orders_BN.to(seq_BK.device)
             pos_idx_BT = torch.where(r_T < P, r_T, P + o_BN[:, (r_T - P).clamp(0, N - 1)])
@@ -350,8 +398,9 @@ class RAR(nn.Module):
         return x_BTC, c_BTC
 
     @staticmethod
-    def _targets(row0: int, T_full: int, n_tokens: int, device: torch.device,
-                 orders_BN: torch.Tensor | None = None) -> torch.Tensor:
+    def _targets(
+        row0: int, T_full: int, n_tokens: int, device: torch.device, orders_BN: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Flat token index predicted by rows row0..T_full-1 (-1 for the cls row and the last row).
 
         Shape [T]; with orders that differ across the batch, [B, T].
@@ -364,9 +413,16 @@ class RAR(nn.Module):
         t_BT = torch.where(valid_T, o_BN[:, (r_T - 1).clamp(0, n_tokens - 1)], -1)
         return t_BT[0] if bool((t_BT == t_BT[:1]).all()) else t_BT
 
-    def _run_blocks(self, x_BTC: torch.Tensor, c_BTC: torch.Tensor, target_T: torch.Tensor,
-                    attn_mask: torch.Tensor | None, cache: KVCache | None, cfg_doubled: bool,
-                    mode: str) -> torch.Tensor:
+    def _run_blocks(
+        self,
+        x_BTC: torch.Tensor,
+        c_BTC: torch.Tensor,
+        target_T: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        cache: KVCache | None,
+        cfg_doubled: bool,
+        mode: str,
+    ) -> torch.Tensor:
         if attn_mask is not None and attn_mask.dtype != x_BTC.dtype:
             attn_mask = attn_mask.to(x_BTC.dtype)
         with hook_points.call_scope(target_T, cfg_doubled, mode):
@@ -384,8 +440,13 @@ class RAR(nn.Module):
         return self.lm_head(self.adaln_before_head(x_BTC, c_BTC))
 
     # ---- teacher forcing --------------------------------------------------------------------------
-    def forward_fn(self, input_ids_BN: torch.Tensor, condition_B: torch.Tensor, return_labels: bool = False,
-                   orders_BN: torch.Tensor | None = None):
+    def forward_fn(
+        self,
+        input_ids_BN: torch.Tensor,
+        condition_B: torch.Tensor,
+        return_labels: bool = False,
+        orders_BN: torch.Tensor | None = None,
+    ):
         """Teacher forcing on raster tokens [B, K] (K <= N) with condition *token ids* [B] (already offset).
 
         Returns logits [B, K + 1, V]: row t predicts labels[:, t] (the tokens in the read order; the last
@@ -403,9 +464,14 @@ class RAR(nn.Module):
         logits = self.head(x_BTC[:, 1:], c_BTC[:, 1:])  # the cls row predicts nothing
         return (logits, seq_BK) if return_labels else logits
 
-    def forward(self, input_ids_BN: torch.Tensor, labels_B: torch.Tensor,
-                orders_BN: torch.Tensor | None = None, cond_drop_prob: float = 0.0,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        input_ids_BN: torch.Tensor,
+        labels_B: torch.Tensor,
+        orders_BN: torch.Tensor | None = None,
+        cond_drop_prob: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training/teacher-forcing pass on raw labels [B] (-1 = null): (logits [B, N, V], targets [B, N]).
 
         Class labels are dropped to the null class only with cond_drop_prob > 0 (pass
@@ -417,10 +483,19 @@ class RAR(nn.Module):
 
     # ---- generation -------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, labels_B: torch.Tensor, guidance_scale: float = 0.0, guidance_scale_pow: float = 0.0,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
-                 prefix_BP: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 kv_cache: bool = True, return_logits: bool = False):
+    def generate(
+        self,
+        labels_B: torch.Tensor,
+        guidance_scale: float = 0.0,
+        guidance_scale_pow: float = 0.0,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        prefix_BP: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        kv_cache: bool = True,
+        return_logits: bool = False,
+    ):
         """Raster-order generation: token ids [B, N]; the first P tokens are copied from `prefix_BP`.
 
         Raw labels [B] (-1: null). Whenever guidance_scale != 0 the batch is doubled to [cond; null] and the
@@ -443,8 +518,15 @@ class RAR(nn.Module):
             ids_BN[:, :P] = prefix_BP.to(dev)
         cache = None
         if kv_cache:
-            cache = KVCache(len(self.blocks), cond_in.shape[0], self.num_heads, N + self.PREFIX,
-                            self.hidden_size // self.num_heads, dev, self.cls_token.dtype)
+            cache = KVCache(
+                len(self.blocks),
+                cond_in.shape[0],
+                self.num_heads,
+                N + self.PREFIX,
+                self.hidden_size // self.num_heads,
+                dev,
+                self.cls_token.dtype,
+            )
         rec = {"cond": [], "uncond": [], "cfg": []}
         for step in range(P, N):
             T_full = step + self.PREFIX  # rows [cls, cond, tok_0 .. tok_{step-1}]; the last predicts `step`

@@ -97,9 +97,7 @@ class SelfAttention(nn.Module):
         self.mat_qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(embed_dim))
         self.v_bias = nn.Parameter(torch.zeros(embed_dim))
-        self.register_buffer(
-            "zero_k_bias", torch.zeros(embed_dim)
-        )  # k has no bias; persistent in the official
+        self.register_buffer("zero_k_bias", torch.zeros(embed_dim))  # k has no bias; persistent in the official
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
         self.attn_drop = attn_drop
@@ -155,9 +153,7 @@ class AdaLNSelfAttn(nn.Module):
         super().__init__()
         self.C, self.D = embed_dim, cond_dim
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.attn = SelfAttention(
-            embed_dim, num_heads, attn_drop=attn_drop, proj_drop=drop, attn_l2_norm=attn_l2_norm
-        )
+        self.attn = SelfAttention(embed_dim, num_heads, attn_drop=attn_drop, proj_drop=drop, attn_l2_norm=attn_l2_norm)
         self.ffn = FFN(embed_dim, round(embed_dim * mlp_ratio), drop=drop)
         self.ln_wo_grad = nn.LayerNorm(embed_dim, eps=norm_eps, elementwise_affine=False)
         self.shared_aln = shared_aln
@@ -221,9 +217,7 @@ def sample_with_top_k_top_p_(
         drop_sorted[..., -1:] = False
         logits_BlV.masked_fill_(drop_sorted.scatter(-1, sorted_idx, drop_sorted), -torch.inf)
     probs = logits_BlV.softmax(dim=-1).view(-1, V)
-    return torch.multinomial(probs, num_samples=num_samples, replacement=True, generator=rng).view(
-        B, l, num_samples
-    )
+    return torch.multinomial(probs, num_samples=num_samples, replacement=True, generator=rng).view(B, l, num_samples)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -445,9 +439,7 @@ class VAR(nn.Module):
         """
         quant = vae.quantize
         if tuple(quant.v_patch_nums) != self.patch_nums:
-            raise ValueError(
-                f"VQVAE patch_nums {quant.v_patch_nums} differ from the transformer's {self.patch_nums}"
-            )
+            raise ValueError(f"VQVAE patch_nums {quant.v_patch_nums} differ from the transformer's {self.patch_nums}")
         B = label_B.shape[0]
         dev = self.lvl_1L.device
         if rng is None and g_seed is not None:

@@ -132,9 +132,7 @@ class Encoder(nn.Module):
             if level != n_levels - 1:
                 blk.downsample = Downsample(c_in)
             self.conv_blocks.append(blk)
-        self.mid = nn.ModuleList(
-            [ResnetBlock(c_in, c_in, dropout), AttnBlock(c_in), ResnetBlock(c_in, c_in, dropout)]
-        )
+        self.mid = nn.ModuleList([ResnetBlock(c_in, c_in, dropout), AttnBlock(c_in), ResnetBlock(c_in, c_in, dropout)])
         self.norm_out = _norm(c_in)
         self.conv_out = nn.Conv2d(c_in, z_channels, 3, padding=1)
 
@@ -169,9 +167,7 @@ class Decoder(nn.Module):
         n_levels = len(ch_mult)
         c_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, c_in, 3, padding=1)
-        self.mid = nn.ModuleList(
-            [ResnetBlock(c_in, c_in, dropout), AttnBlock(c_in), ResnetBlock(c_in, c_in, dropout)]
-        )
+        self.mid = nn.ModuleList([ResnetBlock(c_in, c_in, dropout), AttnBlock(c_in), ResnetBlock(c_in, c_in, dropout)])
         self.conv_blocks = nn.ModuleList()
         for level in reversed(range(n_levels)):  # index 0 = the deepest level
             blk = nn.Module()
@@ -259,12 +255,8 @@ class VectorQuantizer(nn.Module):
         else:
             h = w = math.isqrt(idx[0].numel())
             if h * w != idx[0].numel():
-                raise ValueError(
-                    f"{idx[0].numel()} tokens per image is not a square grid: pass shape=(B, C, h, w)"
-                )
-        return (
-            self.codebook()[idx.reshape(B, h * w)].view(B, h, w, self.e_dim).permute(0, 3, 1, 2).contiguous()
-        )
+                raise ValueError(f"{idx[0].numel()} tokens per image is not a square grid: pass shape=(B, C, h, w)")
+        return self.codebook()[idx.reshape(B, h * w)].view(B, h, w, self.e_dim).permute(0, 3, 1, 2).contiguous()
 
 
 class VQModel(nn.Module):

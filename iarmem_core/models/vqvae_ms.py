@@ -239,9 +239,7 @@ class PhiBank(nn.Module):
             self.qresi_ls = nn.ModuleList([make() for _ in range(K)])
             self._phis = list(self.qresi_ls)
         # official ticks: K == 4 -> linspace(1/12, 11/12, 4), else linspace(1/2K, 1-1/2K, K) (float64)
-        self.ticks = (
-            np.linspace(1 / 3 / K, 1 - 1 / 3 / K, K) if K == 4 else np.linspace(1 / 2 / K, 1 - 1 / 2 / K, K)
-        )
+        self.ticks = np.linspace(1 / 3 / K, 1 - 1 / 3 / K, K) if K == 4 else np.linspace(1 / 2 / K, 1 - 1 / 2 / K, K)
 
     def pick(self, at_0_to_1: float) -> nn.Module:
         if len(self._phis) == 1:
@@ -300,10 +298,7 @@ class VectorQuantizer2(nn.Module):
     ) -> list[torch.Tensor]:
         """Features -> per-scale ids [B, pn*pn] (with to_fhat: the cumulative f_hat [B, C, H, W])."""
         B, C, H, W = f_BChw.shape
-        pns = [
-            (p, p) if isinstance(p, int) else (int(p[0]), int(p[1]))
-            for p in (v_patch_nums or self.v_patch_nums)
-        ]
+        pns = [(p, p) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in (v_patch_nums or self.v_patch_nums)]
         if pns[-1] != (H, W):
             raise ValueError(f"the last patch number {pns[-1]} must equal the feature size {(H, W)}")
         f_rest = f_BChw.detach().clone()
@@ -366,9 +361,7 @@ class VectorQuantizer2(nn.Module):
         for si, h_BChw in enumerate(self.idxBl_to_h(gt_ms_idx_Bl[: SN - 1])):
             f_hat = f_hat + self._up(h_BChw, si, SN, H, W)
             pn = self.v_patch_nums[si + 1]
-            nxt.append(
-                F.interpolate(f_hat, size=(pn, pn), mode="area").reshape(B, self.Cvae, -1).transpose(1, 2)
-            )
+            nxt.append(F.interpolate(f_hat, size=(pn, pn), mode="area").reshape(B, self.Cvae, -1).transpose(1, 2))
         return torch.cat(nxt, dim=1) if nxt else None
 
     def get_next_autoregressive_input(
@@ -496,21 +489,15 @@ class VQVAE(nn.Module):
         return self.decoder(self.post_quant_conv(f_hat_BChw)).clamp(-1, 1)
 
     @torch.no_grad()
-    def img_to_idxBl(
-        self, img_B3HW: torch.Tensor, v_patch_nums: Sequence[int] | None = None
-    ) -> list[torch.Tensor]:
+    def img_to_idxBl(self, img_B3HW: torch.Tensor, v_patch_nums: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Image in [-1, 1] -> per-scale token ids, a list of [B, pn*pn] LongTensors."""
-        return self.quantize.f_to_idxBl_or_fhat(
-            self.img_to_f(img_B3HW), to_fhat=False, v_patch_nums=v_patch_nums
-        )
+        return self.quantize.f_to_idxBl_or_fhat(self.img_to_f(img_B3HW), to_fhat=False, v_patch_nums=v_patch_nums)
 
     def idxBl_to_img(
         self, ms_idx_Bl: Sequence[torch.Tensor], same_shape: bool = True, last_one: bool = False
     ) -> torch.Tensor | list[torch.Tensor]:
         """Per-scale ids -> image [B, 3, H, W] in [-1, 1] (last_one) or one image per scale (progressive)."""
-        return self.embed_to_img(
-            self.quantize.idxBl_to_h(ms_idx_Bl), all_to_max_scale=same_shape, last_one=last_one
-        )
+        return self.embed_to_img(self.quantize.idxBl_to_h(ms_idx_Bl), all_to_max_scale=same_shape, last_one=last_one)
 
     def embed_to_img(
         self, ms_h_BChw: Sequence[torch.Tensor], all_to_max_scale: bool = True, last_one: bool = False

@@ -45,18 +45,31 @@ def test_colormap_ends_and_difference_maps():
 
 
 def test_tradeoff_curve_has_both_selections():
-    df = pd.DataFrame({"top_percent": [0, 10, 0, 10], "fd": [1.0, 1.5, 1.0, 1.2], "extracted": [13, 2, 13, 11],
-                       "selection": ["top units", "top units", "random units", "random units"]})
+    df = pd.DataFrame(
+        {
+            "top_percent": [0, 10, 0, 10],
+            "fd": [1.0, 1.5, 1.0, 1.2],
+            "extracted": [13, 2, 13, 11],
+            "selection": ["top units", "top units", "random units", "random units"],
+        }
+    )
     fig = figures.tradeoff_curve(df, "t")
     assert [t.name for t in fig.data] == ["top units", "random units"]
     assert list(fig.data[0].y) == [13, 2] and list(fig.data[0].text) == ["0%", "10%"]
 
 
 def test_tradeoff_curve_shows_the_range_of_the_random_draws():
-    df = pd.DataFrame({"top_percent": [0, 10, 0, 10], "fd": [1.0, 1.5, 1.0, 1.2], "extracted": [13, 9, 13, 12],
-                       "selection": ["top units", "top units", "random units", "random units"],
-                       "random_draws": [0, 5, 0, 5], "random_extracted_min": [13, 11, 13, 11],
-                       "random_extracted_max": [13, 13, 13, 13]})
+    df = pd.DataFrame(
+        {
+            "top_percent": [0, 10, 0, 10],
+            "fd": [1.0, 1.5, 1.0, 1.2],
+            "extracted": [13, 9, 13, 12],
+            "selection": ["top units", "top units", "random units", "random units"],
+            "random_draws": [0, 5, 0, 5],
+            "random_extracted_min": [13, 11, 13, 11],
+            "random_extracted_max": [13, 13, 13, 13],
+        }
+    )
     fig = figures.tradeoff_curve(df, "t")
     top, rnd = fig.data
     assert fig.layout.yaxis.range[0] == 0 and fig.layout.yaxis.range[1] > 13  # room above the highest point
@@ -89,8 +102,9 @@ def test_png_button_says_what_is_missing_without_a_browser(monkeypatch):
 
 def _result(um_LGU: np.ndarray) -> UnitMemResult:
     L, G, U = um_LGU.shape
-    return UnitMemResult({"unitmem_LGU": um_LGU}, {"blocks": list(range(L)), "scale_groups": list(range(G)),
-                                                   "n_units": U})
+    return UnitMemResult(
+        {"unitmem_LGU": um_LGU}, {"blocks": list(range(L)), "scale_groups": list(range(G)), "n_units": U}
+    )
 
 
 def test_select_units_takes_the_top_percent_by_max_over_groups():
@@ -119,10 +133,17 @@ def test_the_library_imports_no_streamlit():
     import subprocess
     import sys
 
-    code = ("import sys, pkgutil, importlib, iarmem_core\n"
-            "for m in pkgutil.walk_packages(iarmem_core.__path__, 'iarmem_core.'):\n"
-            "    if not m.name.endswith('__main__'): importlib.import_module(m.name)\n"
-            "print('streamlit' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+    code = (
+        "import sys, pkgutil, importlib, iarmem_core\n"
+        "for m in pkgutil.walk_packages(iarmem_core.__path__, 'iarmem_core.'):\n"
+        "    if not m.name.endswith('__main__'): importlib.import_module(m.name)\n"
+        "print('streamlit' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]),
+    )
     assert out.stdout.strip() == "False", out.stderr

@@ -60,8 +60,11 @@ def test_memorization_heatmap_is_the_stored_result(app, shipped):
     heat = chart(at, "UnitMem per block")
     tr = heat["data"][0]
     assert tr["type"] == "heatmap"
-    cols = list(meta["scale_groups"]) if len(meta["token_grids"]) > 1 else (
-        list(meta["scale_groups"]) + [i for i, g in enumerate(meta["groups"]) if g["kind"] == "row"])
+    cols = (
+        list(meta["scale_groups"])
+        if len(meta["token_grids"]) > 1
+        else (list(meta["scale_groups"]) + [i for i, g in enumerate(meta["groups"]) if g["kind"] == "row"])
+    )
     want = arrays["block_mean_LG"][:, cols]
     np.testing.assert_allclose(values(tr["z"]), want, rtol=1e-6)
     assert tr["x"] == [meta["groups"][i]["name"] for i in cols]
@@ -104,8 +107,11 @@ def test_url_restores_the_view(app, shipped):
     at = app.run()
     no_errors(at)
     assert at.session_state["summary"] == "top1pct_mean"
-    assert (int(at.session_state["mem_block"]), at.session_state["mem_group"], int(at.session_state["mem_unit"])) \
-        == (b, g, 3)
+    assert (int(at.session_state["mem_block"]), at.session_state["mem_group"], int(at.session_state["mem_unit"])) == (
+        b,
+        g,
+        3,
+    )
     assert at.subheader[0].value == f"Block {b}, {g}"
     # page switches keep the view
     at.switch_page("app_pages/model.py").run()
@@ -188,8 +194,9 @@ def test_heavy_work_is_one_job_shared_by_sessions(app, shipped):
     group = at1.session_state["mem_group"]
     adapter = load_adapter(name, device="cpu")
     sel = data.select_demo(n=config.N_IMAGES, seed=0)
-    akey = ResultStore(config.SHIPPED_STORE, read_only=True).key(activations.KIND,
-                                                          activations.job_spec(adapter, sel, group))
+    akey = ResultStore(config.SHIPPED_STORE, read_only=True).key(
+        activations.KIND, activations.job_spec(adapter, sel, group)
+    )
     import os
 
     st_ = ResultStore(os.environ["IARMEM_STORE"])
@@ -203,22 +210,31 @@ def test_heavy_work_is_one_job_shared_by_sessions(app, shipped):
     block, unit = int(at1.session_state["mem_block"]), int(at1.session_state["mem_unit"])
     gi = next(g for g in adapter.position_groups(("scale", "row")) if g.name == group)
     li = [s.block for s in adapter.unit_sites()].index(block)
-    want = torch.cat([activations.group_activations(adapter, sel.images(range(s, min(s + 100, len(sel))),
-                                                                        size=adapter.image_size),
-                                                    sel.labels_tensor(range(s, min(s + 100, len(sel)))), gi.index)
-                      [li, :, unit] for s in range(0, len(sel), 100)]).numpy()
+    want = torch.cat(
+        [
+            activations.group_activations(
+                adapter,
+                sel.images(range(s, min(s + 100, len(sel))), size=adapter.image_size),
+                sel.labels_tensor(range(s, min(s + 100, len(sel)))),
+                gi.index,
+            )[li, :, unit]
+            for s in range(0, len(sel), 100)
+        ]
+    ).numpy()
     assert len(xs) == len(sel)
     np.testing.assert_allclose(np.sort(xs), np.sort(want.astype(np.float16).astype(np.float64)), rtol=2e-3)
 
 
 def test_extraction_counts_follow_the_threshold(app, shipped):
     from iarmem_core import extraction
+
     name, *_ = shipped
     adapter = load_adapter(name, device="cpu")
     sel = data.select_demo(n=config.N_IMAGES, seed=0)
     st_ = ResultStore(config.SHIPPED_STORE, read_only=True)
-    res = extraction.load_extraction(st_, extraction.extraction_key(adapter, sel, extraction.ExtractionConfig(),
-                                                                     store=st_))
+    res = extraction.load_extraction(
+        st_, extraction.extraction_key(adapter, sel, extraction.ExtractionConfig(), store=st_)
+    )
     at = app.run()
     at.switch_page("app_pages/extraction.py").run()
     no_errors(at)

@@ -41,6 +41,7 @@ def test_shipped_unitmem_key_matches_the_current_code(name):
 @pytest.mark.parametrize("name", config.quick_models())
 def test_shipped_extraction_key_matches_the_current_code(name):
     from iarmem_core import extraction
+
     adapter = load_adapter(name, device="cpu")
     sel = data.select_demo(n=config.N_IMAGES, seed=0)
     st_ = ResultStore(config.SHIPPED_STORE, read_only=True)
@@ -48,8 +49,9 @@ def test_shipped_extraction_key_matches_the_current_code(name):
     assert st_.exists(key), f"{name}: no shipped extraction result under {key}. {STALE}"
     res = extraction.load_extraction(st_, key)
     assert set(res.table["image_id"][res.table["split"] == "train"]) <= set(sel.ids)
-    assert res.count()["candidates"] == len(res.table[(res.table["split"] == "train")
-                                                      & (res.table["prefix_tokens"] == res.meta["prefix_tokens"][0])])
+    assert res.count()["candidates"] == len(
+        res.table[(res.table["split"] == "train") & (res.table["prefix_tokens"] == res.meta["prefix_tokens"][0])]
+    )
 
 
 def test_reading_the_shipped_store_writes_nothing(tmp_path):

@@ -19,8 +19,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent.parent
 CHROMIUM = os.environ.get("IARMEM_CHROMIUM", "/usr/bin/chromium")
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 
 
 def free_port() -> int:
@@ -29,15 +37,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(store: str | os.PathLike, log: str | os.PathLike, timeout_s: float = 60.0
-                 ) -> tuple[subprocess.Popen, str]:
+def start_server(
+    store: str | os.PathLike, log: str | os.PathLike, timeout_s: float = 60.0
+) -> tuple[subprocess.Popen, str]:
     """`streamlit run app.py` on 127.0.0.1 and a free port with IARMEM_STORE=store; (process, url) once healthy."""
     port = free_port()
     env = {**os.environ, "IARMEM_STORE": str(store)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.address",
-         "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false"],
-        cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app.py",
+            "--server.headless",
+            "true",
+            "--server.address",
+            "127.0.0.1",
+            "--server.port",
+            str(port),
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -69,8 +95,13 @@ def chromium(width: int = 1500, height: int = 1800):
     profile = tempfile.mkdtemp(prefix="iarmem-chromium-")
     try:
         with sync_playwright() as p:
-            ctx = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=FLAGS,
-                                                       viewport={"width": width, "height": height})
+            ctx = p.chromium.launch_persistent_context(
+                profile,
+                executable_path=CHROMIUM,
+                headless=True,
+                args=FLAGS,
+                viewport={"width": width, "height": height},
+            )
             try:
                 yield ctx.pages[0]
             finally:
