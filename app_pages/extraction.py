@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from iarmem_app import loaders, results, state, ui
+from iarmem_app import carry, loaders, results, state, ui
 from iarmem_core import extraction, figures, unitmem
 from iarmem_core.cli import commands
 
@@ -206,6 +206,21 @@ def main() -> None:
         return
     _, res_um = results.unitmem_result(adapter, image_set, unitmem.default_config(adapter, seed=mchoice.seed))
     _view(res, key, demo, cli, res_um, mchoice.name)
+    _carry(adapter, image_set, res, mchoice, dchoice)
+
+
+def _carry(adapter, image_set, res, mchoice, dchoice) -> None:
+    """Which units carry one extracted image (per-image causal localization)."""
+    st.subheader("Which units carry this image?")
+    ids = res.extracted_ids()  # at the calibrated threshold: the images the localization judges
+    if not ids:
+        st.caption("No image is extracted at the calibrated threshold: nothing to localize.")
+        return
+    if state.get("image") not in ids:
+        state.set_many(image=ids[0])
+    state.widget(st.selectbox, "image", "Extracted image", ids)
+    cli_prefix = "python -m iarmem_core localize " + " ".join(mchoice.args().flags() + dchoice.args().flags())
+    carry.panel(adapter, image_set, state.get("image"), ids, cli_prefix, key="ex_carry")
 
 
 with ui.guard("The extraction page"):

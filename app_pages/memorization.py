@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from iarmem_app import loaders, results, state, ui
@@ -10,6 +13,11 @@ from iarmem_core import activations, figures, unitmem
 from iarmem_core.cli import commands
 
 SUMMARIES = {"mean": "mean over units", "max": "max over units", "top1pct_mean": "mean of the top 1% units"}
+VIEWS = {
+    "unitmem": "UnitMem",
+    "null": "null control: training vs never-trained images",
+    "class": "class-controlled UnitMem",
+}
 
 st.title("Memorization: which units fire for single training images?")
 ui.explain(r"""
@@ -29,7 +37,19 @@ sits in early blocks at coarse scales and moves deeper as scales get finer; in R
 blocks.
 
 **Note for teaching VAR:** the 1x1 scale's row sees only the class label (attention is block-causal across
-scales), so units at that scale measure class selectivity, not memorization of one image.
+scales), so units at that scale measure class selectivity, not memorization of one image: every image of a
+class gives them the same input, the "image it fires for" is a tie, shown as *class c*.
+
+**What a heatmap cannot show on its own.** A unit that fires for one *atypical* image (a large, bright
+garment) scores as high as one that memorized a training image. Two controls tell them apart:
+- **Null control**: D' mixed with as many images the model never saw. If memorization drives UnitMem, the top
+  units point at training images far more often than at never-trained ones (the share of never-trained
+  images among their argmax images stays well below their share of D', 50%). If the share is about 50%, the
+  pattern is atypicality (or architecture), not memorization.
+- **Class-controlled UnitMem**: the rest statistic is the mean over the *other images of the same class*, so
+  class selectivity scores 0 (exactly 0 where a group sees only the class).
+Which units *carry* a given image is a causal question: the Extraction page's "Which units carry this image?"
+removes them and checks.
 """)
 
 
@@ -110,14 +130,20 @@ def main() -> None:
     name_to_gid = {g["name"]: i for i, g in enumerate(groups)}
 
     # 1. the heatmap -----------------------------------------------------------------------------------
+    c_view, c_sum = st.columns([3, 2])
+    state.widget(c_view.radio, "mem_view", "View", list(VIEWS), format_func=VIEWS.get, horizontal=True)
     state.widget(
-        st.radio,
+        c_sum.radio,
         "summary",
         "Summary over the units of a cell",
         list(SUMMARIES),
         format_func=SUMMARIES.get,
         horizontal=True,
     )
+    if state.get("mem_view") == "null":
+        _null_control(adapter, mchoice, cfg, res)
+    elif state.get("mem_view") == "class":
+        _class_controlled(adapter, image_set, mchoice, dchoice, cfg)
     col_ids = res.heatmap_group_ids()
     x_title = "scale (coarse -> fine)" if is_var else "token positions: all, then each row of the grid"
     z = res.summary(state.get("summary"))[:, col_ids]
@@ -136,10 +162,11 @@ def main() -> None:
     title = f"{mchoice.name}: UnitMem per block x {per} ({SUMMARIES[state.get('summary')]})"
     fig = figures.unitmem_heatmap(df, title, x_title=x_title, selected=(block, gname) if gname in col_names else None)
     ui.plotly(fig, df, title, key="mem_heatmap", cli=cli, on_select=_on_cell)
+    views = (meta.get("views") or {}).get("rule") or f"{meta['config']['n_augs']} views ({meta['augmentation']})"
     st.caption(
-        f"{len(meta['image_ids'])} images x {meta['config']['n_augs']} views ({meta['augmentation']}), "
-        f"mu_rest = {meta['config']['rest']} of the other images; {meta['n_units']} units per block. "
-        f"Result {key}, {results.source_label(key)}. Click a cell to inspect it."
+        f"{len(meta['image_ids'])} images; views: {views}; mu_rest = {meta['config']['rest']} of the other images; "
+        f"{meta['n_units']} units per block. Result {key}, {results.source_label(key)}. Click a cell to inspect it. "
+        f"{_distinct_caption(res, col_ids)}"
     )
 
     # 2. the chosen cell: token grid and its units -------------------------------------------------------
@@ -166,7 +193,9 @@ def main() -> None:
 
     def _fmt(u: int) -> str:
         i = int(argmax[u])
-        return f"unit {u}: UnitMem {um_U[u]:.3f}, fires most for {_image_caption(res, i)}"
+        what = res.argmax_label(block, gid, u)
+        target = _image_caption(res, i) if what == res.image_ids[i] else what
+        return f"unit {u}: UnitMem {um_U[u]:.3f}, fires most for {target}"
 
     with units_col:
         state.widget(
@@ -240,6 +269,125 @@ def main() -> None:
     ddf = figures.distribution_frame(res.unitmem[:, gid, :], blocks)
     dtitle = f"UnitMem of every unit per block, {gname}"
     ui.altair(figures.unitmem_distributions(ddf, dtitle), ddf, dtitle, key="mem_dist", cli=cli)
+
+
+def _distinct_caption(res, col_ids: list[int]) -> str:
+    parts = []
+    for g in col_ids:
+        d = res.distinct_inputs(g)
+        if d is not None:
+            tag = " (= classes: class selectivity only)" if d <= int(res.meta.get("n_classes", 0)) else ""
+            parts.append(f"{res.groups[g]['name']}: {d}{tag}")
+    return ("Distinct inputs per group over D' (class + the tokens its rows see): " + ", ".join(parts)) if parts else ""
+
+
+def _null_control(adapter, mchoice, cfg, res) -> None:
+    """Training vs never-trained images in one D': where do the top units point?"""
+    got = loaders.get_null_data(adapter)
+    if got is None:
+        st.info(
+            "The null control needs never-trained images beside the training images. For an image folder, "
+            "run it from a terminal with --heldout N --heldout-folder PATH (e.g. ImageNet val)."
+        )
+        return
+    nset, nchoice = got
+    nkey, nres = results.unitmem_result(adapter, nset, cfg)
+    ncli = commands.unitmem_command(mchoice.args(), nchoice.args(), cfg)
+    if nres is None:
+        st.markdown(
+            f"The null control runs UnitMem on D' = {nchoice.n} training + {nchoice.heldout} never-trained "
+            f"images ({len(nset)} in all). From a terminal: `{ncli}`"
+        )
+        results.job_panel(
+            nkey,
+            "UnitMem null control",
+            lambda: results.start_unitmem(adapter, nset, cfg),
+            "Compute the null control (job)",
+            done=False,
+            widget_key="um_null",
+        )
+        return
+    col_ids = nres.heatmap_group_ids()
+    names = [nres.groups[i]["name"] for i in col_ids]
+    share0 = nres.never_trained_share_of_data()
+    share = nres.null_share_map(0.1)[:, col_ids]
+    per = "scale" if nres.is_next_scale else "position"
+    sdf = figures.heatmap_frame(share, nres.blocks, names, value="never_trained_share")
+    stitle = f"{mchoice.name}: share of each cell's top 10% units that point at a never-trained image"
+    ui.plotly(
+        figures.signed_heatmap(sdf, stitle, "never_trained_share", center=share0, x_title=per, span=0.5),
+        sdf,
+        stitle,
+        key="mem_null_share",
+        cli=ncli,
+    )
+    st.caption(
+        f"Never-trained images are {100 * share0:.0f}% of this D' (the colour centre). Cells near it: the top "
+        f"units point at never-trained images as often as chance, so the pattern is atypicality or "
+        f"architecture, not memorization; cells well below it: the top units prefer training images."
+    )
+    diff = nres.train_minus_null_map()[:, col_ids]
+    ddf = figures.heatmap_frame(diff, nres.blocks, names, value="train_minus_never_trained")
+    dtitle = (
+        f"{mchoice.name}: mean UnitMem of units pointing at training images minus units pointing at "
+        f"never-trained images"
+    )
+    ui.plotly(
+        figures.signed_heatmap(ddf, dtitle, "train_minus_never_trained", x_title=per),
+        ddf,
+        dtitle,
+        key="mem_null_diff",
+        cli=ncli,
+    )
+    rows = []
+    for g, name in zip(col_ids, names):
+        rows.append(
+            {
+                "group": name,
+                "never-trained share of D'": share0,
+                "among the top 1% units": nres.never_trained_share_among_top(g, 0.01),
+                "among the top 10% units": nres.never_trained_share_among_top(g, 0.10),
+                "distinct inputs": nres.distinct_inputs(g),
+            }
+        )
+    st.dataframe(pd.DataFrame(rows), hide_index=True)
+    st.caption(f"Result {nkey}, {results.source_label(nkey)}. {_distinct_caption(nres, col_ids)}")
+
+
+def _class_controlled(adapter, image_set, mchoice, dchoice, cfg) -> None:
+    """UnitMem with the rest over the other images of the argmax image's class."""
+    ccfg = replace(cfg, rest="class")
+    ckey, cres = results.unitmem_result(adapter, image_set, ccfg)
+    ccli = commands.unitmem_command(mchoice.args(), dchoice.args(), ccfg)
+    if cres is None:
+        st.markdown(f"Class-controlled UnitMem is a pass with rest = class. From a terminal: `{ccli}`")
+        results.job_panel(
+            ckey,
+            "class-controlled UnitMem",
+            lambda: results.start_unitmem(adapter, image_set, ccfg),
+            "Compute class-controlled UnitMem (job)",
+            done=False,
+            widget_key="um_class",
+        )
+        return
+    col_ids = cres.heatmap_group_ids()
+    names = [cres.groups[i]["name"] for i in col_ids]
+    z = cres.summary(state.get("summary"))[:, col_ids]
+    df = figures.heatmap_frame(z, cres.blocks, names)
+    title = f"{mchoice.name}: class-controlled UnitMem ({SUMMARIES[state.get('summary')]})"
+    ui.plotly(
+        figures.unitmem_heatmap(
+            df, title, x_title="scale (coarse -> fine)" if cres.is_next_scale else "token positions: all, then each row"
+        ),
+        df,
+        title,
+        key="mem_class",
+        cli=ccli,
+    )
+    st.caption(
+        f"mu_rest = mean over the other images of the argmax image's class: class selectivity scores 0. "
+        f"Result {ckey}, {results.source_label(ckey)}. {_distinct_caption(cres, col_ids)}"
+    )
 
 
 with ui.guard("The memorization page"):

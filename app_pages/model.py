@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from iarmem_app import loaders, results, state, ui
+from iarmem_app import carry, loaders, results, state, ui
 from iarmem_core import data, figures, unitmem
 from iarmem_core.registry import ASSETS
 
@@ -195,6 +195,25 @@ def _how_it_sees(adapter, image_set, mchoice) -> None:
         with st.expander("Token ids"):
             st.dataframe(pd.DataFrame(flat, index=[f"row {r}" for r in range(h)]))
     _units_for_image(adapter, image_set, mchoice, idx)
+    _carried(adapter, image_set, mchoice, state.get("image"))
+
+
+def _carried(adapter, image_set, mchoice, image_id: str) -> None:
+    """For an image the attack extracts: the units that causally carry it (the localization panel)."""
+    from iarmem_core import extraction
+
+    store = results.user_store()
+    key = extraction.extraction_key(adapter, image_set, extraction.ExtractionConfig(seed=mchoice.seed), store=store)
+    if results.locate(key) is None:
+        return
+    ids = extraction.load_extraction(results.locate(key), key).extracted_ids()
+    if image_id not in ids:
+        st.caption(f"{image_id} is not extracted by the attack at its calibrated threshold: no copy to localize.")
+        return
+    with st.expander(f"Which units carry {image_id}? (it is extracted by the attack)", expanded=False):
+        dchoice = loaders.data_choice(adapter)
+        cli_prefix = "python -m iarmem_core localize " + " ".join(mchoice.args().flags() + dchoice.args().flags())
+        carry.panel(adapter, image_set, image_id, ids, cli_prefix, key="model_carry")
 
 
 def main() -> None:

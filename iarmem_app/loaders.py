@@ -103,9 +103,10 @@ class DataChoice:
     n: int
     seed: int
     size: int
+    heldout: int = 0  # never-trained images added for the null control
 
     def args(self) -> DataArgs:
-        return DataArgs(self.source, self.n)
+        return DataArgs(self.source, self.n, heldout=self.heldout)
 
 
 def data_choice(adapter: IARAdapter) -> DataChoice:
@@ -138,6 +139,24 @@ def get_data(adapter: IARAdapter) -> tuple[data.ImageSet, DataChoice]:
         return _load_data(choice), choice
     except (data.PathNotAllowedError, FileNotFoundError, NotADirectoryError, ValueError, OSError) as e:
         raise UserInputError(f"Could not read the data: {e}") from None
+
+
+N_NULL = 500  # never-trained images added to D' for the null control (as many as the training images)
+
+
+@st.cache_resource(show_spinner="Reading the data ...", max_entries=8)
+def _load_null_data(choice: DataChoice) -> data.ImageSet:
+    return data.select_demo_with_null(n=choice.n, n_heldout=N_NULL, seed=choice.seed)
+
+
+def get_null_data(adapter: IARAdapter) -> tuple[data.ImageSet, DataChoice] | None:
+    """D' for UnitMem's null control: the selection plus as many never-trained images (demo: the held-out split);
+    None for folder data (a folder of never-trained images is not wired into the app yet: use the CLI's
+    --heldout-folder)."""
+    choice = data_choice(adapter)
+    if choice.source != "demo":
+        return None
+    return _load_null_data(choice), DataChoice(choice.source, choice.n, choice.seed, choice.size, heldout=N_NULL)
 
 
 @st.cache_resource(max_entries=4)

@@ -49,6 +49,7 @@ register("seed", 0, "int")
 register("image", "")
 # memorization page
 register("summary", "mean", choices=lambda: ["mean", "max", "top1pct_mean"])
+register("mem_view", "unitmem", choices=lambda: ["unitmem", "null", "class"])
 register("mem_block", -1, "int")
 register("mem_group", "")
 register("mem_unit", -1, "int")

@@ -23,6 +23,7 @@ from plotly.colors import sample_colorscale
 
 SEQUENTIAL = "Viridis"  # magnitudes: UnitMem, activations
 DIFFERENCE = "Cividis"  # |after - before|
+DIVERGING = "PuOr"  # signed quantities around a centre (colour-blind safe)
 FONT_SIZE = 18
 TITLE_SIZE = 22
 SERIES = {
@@ -132,6 +133,42 @@ def unitmem_heatmap(
     fig.update_yaxes(autorange="reversed", title="transformer block")
     fig.update_xaxes(title=x_title, type="category")
     return _layout(fig, title, height=max(320, 70 + 52 * len(blocks)), clickmode="event+select", dragmode=False)
+
+
+def signed_heatmap(
+    df: pd.DataFrame,
+    title: str,
+    value: str,
+    center: float = 0.0,
+    x_title: str = "scale",
+    span: float | None = None,
+    fmt: str = ".2f",
+) -> go.Figure:
+    """A block x group heatmap of a quantity with a meaningful centre (a difference, or a share beside the share
+    expected by chance): a diverging, colour-blind-safe scale centred on `center`."""
+    z, blocks, groups = frame_matrix(df, value)
+    finite = np.abs(z[np.isfinite(z)] - center)
+    half = span if span is not None else max(float(finite.max()) if finite.size else 0.0, 1e-6)
+    text = [["" if not np.isfinite(v) else f"{v:{fmt}}" for v in row] for row in z]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=groups,
+            y=[f"block {b}" for b in blocks],
+            colorscale=DIVERGING,
+            zmid=center,
+            zmin=center - half,
+            zmax=center + half,
+            text=text,
+            texttemplate="%{text}" if z.size <= 120 else None,
+            textfont={"size": 14},
+            colorbar={"title": {"text": value}},
+            hovertemplate="%{y}, %{x}: %{z:" + fmt + "}<extra></extra>",
+        )
+    )
+    fig.update_yaxes(autorange="reversed")
+    fig.update_xaxes(title_text=x_title, type="category")
+    return _layout(fig, title, height=max(320, 60 + 46 * len(blocks)))
 
 
 def grid_frame(z_hw: np.ndarray, value: str = "unitmem") -> pd.DataFrame:

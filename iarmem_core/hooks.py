@@ -20,14 +20,31 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from iarmem_core.models.hook_points import CallInfo, HookPoint, active, hook_points, match_names
+from iarmem_core.models.hook_points import CallInfo, HookPoint, active, hook_points, match_names, observe
 
-__all__ = ["CFG_HALVES", "EDIT_OPS", "PRE", "UNITS", "CallInfo", "UnitEdit", "capture", "edit", "unit_names"]
+__all__ = [
+    "CFG_HALVES",
+    "EDIT_OPS",
+    "PRE",
+    "UNITS",
+    "CallInfo",
+    "UnitEdit",
+    "active",
+    "capture",
+    "edit",
+    "match_unit_names",
+    "unit_names",
+]
 
 UNITS = ("blocks.*.mlp.hook_post",)  # the units: input channels of the MLP output projection, [B, T, U]
 PRE = ("blocks.*.mlp.hook_pre",)  # their pre-activations (fc1 / w1 outputs)
 
 CaptureFn = Callable[[int, torch.Tensor, CallInfo | None], None]
+
+
+def match_unit_names(model: nn.Module) -> frozenset[str]:
+    """The names of every unit hook point of `model` (``UNITS``), for `active`."""
+    return match_names(model, UNITS)
 
 
 def unit_names(blocks: Sequence[int], kind: str = "post") -> tuple[str, ...]:
@@ -43,10 +60,7 @@ def capture(model: nn.Module, fn: CaptureFn, names: Sequence[str] | str = UNITS)
     With a CFG-doubled batch the first half of dim 0 is the conditional half (see ``info.cfg_doubled``).
     """
 
-    def _fn(hp: HookPoint, x: torch.Tensor, info: CallInfo | None) -> None:
-        fn(hp.block, x, info)
-
-    with active(model, match_names(model, names), _fn):
+    with observe(model, names, fn):
         yield
 
 

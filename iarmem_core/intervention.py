@@ -1,7 +1,9 @@
 """Interventions (METHOD.md sections 5 and 6): edit the most memorizing units, measure privacy vs quality.
 
-- Unit selection (`select_units`): the top k% of units by UnitMem. VAR has one UnitMem per scale; a unit's
-  score is its max over the scales (``combine="max"``, the default) or its score at one scale. Ranking
+- Unit selection (`select_units`): the top k% of units by UnitMem. A unit has one UnitMem per group; its
+  score is its max over the groups the attack generates (``combine="generated"``, the default: VAR the
+  scales after the prefix, next-token models the grid rows after it), its max over every scale
+  (``combine="max"``, the paper's choice), or its score at one scale. Ranking
   ``global`` (the k% best units of the whole model, the default), ``per_block`` (k% of every block) or
   ``per_group`` (k% in total, taken in turn from each group's own ranking: VAR scales; next-token
   models the grid rows of a pass that has them). `random_control` draws the same number of units in
@@ -55,7 +57,7 @@ DEFAULT_TOP_PERCENT = 10.0
 DEFAULT_FACTOR = 0.5
 DEFAULT_OP = "fc1_scale"
 DEFAULT_RANKING = "global"
-DEFAULT_COMBINE = "max"
+DEFAULT_COMBINE = "generated"  # each unit's max over the groups the attack generates; "max": over all scales
 DEFAULT_N_SAMPLES = 1000  # samples for FD and class accuracy
 SAMPLING_KEYS = ("cfg", "top_k", "top_p", "temperature")
 FAMILY_SAMPLING_KEYS = {"rar": ("cfg_power",), "llamagen": ("cfg_interval",), "var": ()}
@@ -65,13 +67,9 @@ N_KEEP_SAMPLES = 16  # samples kept with a quality result (a glimpse; sample_pai
 # ---------------------------------------------------------------------------------------------------
 # 1. Unit selection
 def _rank_groups(unitmem_result) -> list[int]:
-    """Groups `per_group` ranks within: the scales (VAR), else the grid rows when the pass has them."""
-    meta = unitmem_result.meta
-    scale_ids = list(meta.get("scale_groups") or [0])
-    if len(scale_ids) > 1:
-        return scale_ids
-    rows = [i for i, g in enumerate(meta.get("groups", [])) if g.get("kind") == "row"]
-    return rows or scale_ids
+    """Groups `per_group` ranks within: the groups the attack generates (VAR: the scales after the prefix;
+    next-token: the grid rows after the prefix, when the pass has them)."""
+    return unitmem_result.generated_group_ids()
 
 
 def n_selected(top_percent: float, n_total: int) -> int:
@@ -101,7 +99,7 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def select_units(
-    unitmem_result, top_percent: float, ranking: str = "global", combine: str | int = "max", exclude=None
+    unitmem_result, top_percent: float, ranking: str = "global", combine: str | int = DEFAULT_COMBINE, exclude=None
 ) -> dict[int, tuple[int, ...]]:
     """{block: units} of the top `top_percent`% units by UnitMem (see the module docstring for the options).
 
@@ -582,7 +580,7 @@ def run_intervention(
     extraction_cfg: extraction.ExtractionConfig | None = None,
     store=None,
     on_progress=None,
-    combine: str | int = "max",
+    combine: str | int = DEFAULT_COMBINE,
     cfg_half: str = "both",
     units: Mapping | None = None,
     n_samples: int = 1000,
@@ -927,7 +925,7 @@ def sweep_spec(
     sscd_path,
     random_draws=None,
 ) -> dict:
-    ecfg = extraction_cfg or extraction.ExtractionConfig()
+    ecfg = extraction_cfg or extraction.ExtractionConfig(seed=int(seed))
     ref = reference_set if reference_set is not None else default_reference_set(adapter)
     return {
         "model": adapter.identity,
@@ -1028,7 +1026,7 @@ def run_sweep(
     factor: float = 0.5,
     op: str = "fc1_scale",
     ranking: str = "global",
-    combine: str | int = "max",
+    combine: str | int = DEFAULT_COMBINE,
     cfg_half: str = "both",
     extraction_cfg: extraction.ExtractionConfig | None = None,
     n_samples: int = 1000,
@@ -1124,7 +1122,7 @@ def start_sweep(
     factor: float = 0.5,
     op: str = "fc1_scale",
     ranking: str = "global",
-    combine: str | int = "max",
+    combine: str | int = DEFAULT_COMBINE,
     cfg_half: str = "both",
     extraction_cfg: extraction.ExtractionConfig | None = None,
     n_samples: int = 1000,

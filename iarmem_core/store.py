@@ -113,6 +113,17 @@ def to_jsonable(obj, where: str = "spec", allow_nan: bool = False):
     )
 
 
+def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
+    """A sha256 over named arrays (names sorted; each name, dtype, shape and bytes): the same digest for the same
+    numbers, whatever wrote them (a local run, a Ray run, a resumed one)."""
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def canonical_json(obj) -> str:
     """Sorted, compact JSON of obj: equal specs give equal strings."""
     return json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)

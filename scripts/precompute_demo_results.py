@@ -1,9 +1,10 @@
 """Precompute the results the app shows first and ship them in assets/store (a read-only fallback store).
 
 For every demo model (demo-var, demo-rar) this runs the app's default analyses exactly as the app and the CLI
-key them: UnitMem on the demo selection (500 images, seed 0) with the app's overview groups, the extraction
-attack with its defaults (plus the held-out control), the default edit's measurements (top 10%, factor 0.5)
-and the trade-off sweep.
+key them: UnitMem on the demo selection (500 images, seed 0) with the app's overview groups, its null control
+(plus 500 never-trained images) and its class-controlled variant, the extraction attack with its defaults
+(plus the held-out control), the localization of every extracted image and their union, the default edit's
+measurements (top 10%, factor 0.5) and the trade-off sweep.
 The results are computed in (or taken from) a working store, then copied to assets/store/results/<key>/,
 and assets/store/index.json lists them. tests/app/test_shipped_store.py fails when a shipped key no
 longer matches what the current code would compute, so rerun this script after changing a model, the data,
@@ -20,12 +21,13 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from iarmem_app import config
-from iarmem_core import data, extraction, intervention, unitmem
+from iarmem_core import data, extraction, intervention, localize, unitmem
 from iarmem_core.adapters import load_adapter
 from iarmem_core.store import ResultStore
 
@@ -49,6 +51,25 @@ def default_keys(name: str, store: ResultStore, sweep: bool = True) -> list[dict
             "run": lambda: unitmem.run_unitmem(adapter, sel, cfg, store=store),
         }
     ]
+    # the Memorization page's controls: the null control (D' + as many never-trained images) and rest = class
+    nsel = data.select_demo_with_null(n=config.N_IMAGES, n_heldout=config.N_IMAGES, seed=SEED)
+    out.append(
+        {
+            "model": name,
+            "kind": unitmem.KIND,
+            "key": unitmem.result_key(adapter, nsel, cfg, store),
+            "run": lambda: unitmem.run_unitmem(adapter, nsel, cfg, store=store),
+        }
+    )
+    ccfg = replace(cfg, rest="class")
+    out.append(
+        {
+            "model": name,
+            "kind": unitmem.KIND,
+            "key": unitmem.result_key(adapter, sel, ccfg, store),
+            "run": lambda: unitmem.run_unitmem(adapter, sel, ccfg, store=store),
+        }
+    )
     ecfg = extraction.ExtractionConfig(seed=SEED)
     ekey = extraction.extraction_key(adapter, sel, ecfg, store=store)
     out.append(
@@ -57,6 +78,25 @@ def default_keys(name: str, store: ResultStore, sweep: bool = True) -> list[dict
             "kind": extraction.KIND,
             "key": ekey,
             "run": lambda: extraction.run_extraction(adapter, sel, ecfg, store=store),
+        }
+    )
+    # "Which units carry this image?" for every extracted image, and their union
+    lcfg = localize.LocalizeConfig(seed=SEED)
+
+    def loc_all():
+        return localize.localize_all(adapter, sel, lcfg, store=store)
+
+    def loc_key():
+        ids = extraction.run_extraction(adapter, sel, ecfg, store=store).extracted_ids()
+        return localize.localize_all_key(adapter, sel, lcfg, ids, store)
+
+    out.append(
+        {
+            "model": name,
+            "kind": localize.ALL_KIND,
+            "key": loc_key,
+            "run": loc_all,
+            "also": lambda: [r["store_key"] for r in loc_all()["images"]],
         }
     )
     if not sweep:
@@ -88,6 +128,19 @@ def default_keys(name: str, store: ResultStore, sweep: bool = True) -> list[dict
     return out
 
 
+def _ship(work: ResultStore, out: Path, item: dict, name: str, t0: float, index: list) -> None:
+    src, dst = work.result_dir(item["key"]), out / "results" / item["key"]
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    for lock in dst.rglob(".lock"):
+        lock.unlink()  # the working store's writer lock; the shipped store is read-only
+    size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
+    index.append(
+        {"model": name, "kind": item["kind"], "key": item["key"], "bytes": size, "seconds": round(time.time() - t0, 1)}
+    )
+    print(f"[{name}] {item['kind']} {item['key']}: {size / 1e6:.2f} MB", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="*", default=None, help="default: the app's demo models")
@@ -104,26 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     for name in models:
         for item in default_keys(name, work, sweep=not args.no_sweep):
             t0 = time.time()
+            if callable(item["key"]):
+                item["key"] = item["key"]()
             if not work.exists(item["key"]):
                 print(f"[{name}] computing {item['kind']} {item['key']} ...", file=sys.stderr, flush=True)
                 item["run"]()
-            src, dst = work.result_dir(item["key"]), out / "results" / item["key"]
-            shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(src, dst)
-            for lock in dst.rglob(".lock"):
-                lock.unlink()  # the working store's writer lock; the shipped store is read-only
-            size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
-            index.append(
-                {
-                    "model": name,
-                    "kind": item["kind"],
-                    "key": item["key"],
-                    "bytes": size,
-                    "seconds": round(time.time() - t0, 1),
-                }
-            )
-            print(f"[{name}] {item['kind']} {item['key']}: {size / 1e6:.2f} MB", file=sys.stderr)
+            extra = [{**item, "key": k, "kind": k.rsplit("-", 1)[0]} for k in item.get("also", lambda: [])()]
+            for it in [item] + extra:
+                _ship(work, out, it, name, t0, index)
     keep = {e["key"] for e in index}
+
     for d in (out / "results").iterdir():
         if d.name not in keep:
             shutil.rmtree(d)  # results of older code or models: stale

@@ -207,7 +207,7 @@ def test_state_roundtrip_resume_equals_uninterrupted():
     ds = data.select_demo(n=40, seed=2)
     n = 12
     images, labels, keys = ds.images(np.arange(n), size=8), ds.labels_tensor(np.arange(n)), ds.ids[:n]
-    cfg = unitmem.UnitMemConfig(n_augs=2, augmentation="crop", top_images=3)
+    cfg = unitmem.UnitMemConfig(n_augs=2, augmentation="crop", top_images=3, block_images=4)
     full = unitmem.UnitMemPass(ad, n, cfg)
     for s, e in ((i, min(n, i + 4)) for i in range(0, n, 4)):
         full.step(images[s:e], labels[s:e], keys[s:e])

@@ -115,9 +115,10 @@ class IARAdapter(ABC):
         for comp, builder in (("tokenizer", cls.build_tokenizer), ("transformer", cls.build_transformer)):
             path = paths[comp]
             if path is None:
-                torch.manual_seed(seed + (0 if comp == "tokenizer" else 1))
-                m = builder(spec)
-                cls.random_init(m)
+                with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's global RNG is left as it was
+                    torch.manual_seed(seed + (0 if comp == "tokenizer" else 1))
+                    m = builder(spec)
+                    cls.random_init(m)
                 identity[comp] = f"random:{seed}"
             else:
                 sd = checkpoints.read_state_dict(path, component=comp)
@@ -201,7 +202,10 @@ class IARAdapter(ABC):
     # ---- transformer ---------------------------------------------------------------------------
     @abstractmethod
     def teacher_forced_logits(self, tokens: Tokens, labels: torch.Tensor) -> torch.Tensor:
-        """Logits [B, N, V] with true tokens as input; no CFG, no dropout; [:, n] predicts flat token n."""
+        """Logits [B, N, V] with true tokens as input; no CFG, no dropout; [:, n] predicts flat token n.
+
+        It follows the caller's grad mode (parameters never require grad; an attribution pass makes the unit
+        activations require it), so analysis passes run it under torch.no_grad()."""
 
     @abstractmethod
     def generate(

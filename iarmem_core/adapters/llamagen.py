@@ -78,7 +78,6 @@ class LlamaGenAdapter(IARAdapter):
         return ((img.float() + 1) / 2).clamp(0, 1)
 
     # ---- transformer ---------------------------------------------------------------------------
-    @torch.no_grad()
     def teacher_forced_logits(self, tokens: Tokens, labels: torch.Tensor) -> torch.Tensor:
         """Logits [B, N, V] (float32); [:, n] predicts token n from the class and tokens < n."""
         idx_BN = self._tokens(tokens)

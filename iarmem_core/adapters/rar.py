@@ -102,7 +102,6 @@ class RARAdapter(IARAdapter):
         return t
 
     # ---- transformer ---------------------------------------------------------------------------
-    @torch.no_grad()
     def teacher_forced_logits(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Logits [B, N, V] in raster order; [:, n] predicts token n. No CFG, no label dropout, eval mode."""
         toks_BN = self._tokens(tokens)

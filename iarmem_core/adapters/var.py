@@ -119,7 +119,6 @@ class VARAdapter(IARAdapter):
         return ((x + 1) * 0.5).float().clamp(0, 1)  # the VQVAE works in [-1, 1]
 
     # ---- transformer ---------------------------------------------------------------------------
-    @torch.no_grad()
     def teacher_forced_logits(self, tokens: Tokens, labels: torch.Tensor) -> torch.Tensor:
         """Logits [B, N, V]: [:, n] predicts flat token n, from the true tokens of the coarser scales."""
         toks = self._token_list(tokens)

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "extract": ("iarmem_core.cli.extract", "add_arguments", "run", "HELP"),
     "intervene": ("iarmem_core.cli.intervene", "add_arguments", "run", "HELP"),
     "sample": ("iarmem_core.cli.intervene", "add_sample_arguments", "run_sample", "SAMPLE_HELP"),
+    "localize": ("iarmem_core.cli.localize", "add_arguments", "run", "HELP"),
     "train-demo": ("iarmem_core.cli.train_demo", "add_arguments", "run", "HELP"),
 }
 

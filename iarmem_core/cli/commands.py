@@ -34,13 +34,21 @@ class ModelArgs:
 
 @dataclass(frozen=True)
 class DataArgs:
-    """What --data and --n say (demo, or an ImageFolder path)."""
+    """What --data and --n say (demo, or an ImageFolder path), and --heldout (never-trained images added to D'
+    for UnitMem's null control; --heldout-folder holds them for folder data)."""
 
     source: str = "demo"
     n: int = 500
+    heldout: int = 0
+    heldout_folder: str | None = None
 
     def flags(self) -> list[str]:
-        return ["--data", self.source, "--n", str(int(self.n))]
+        out = ["--data", self.source, "--n", str(int(self.n))]
+        if self.heldout:
+            out += ["--heldout", str(int(self.heldout))]
+            if self.heldout_folder:
+                out += ["--heldout-folder", self.heldout_folder]
+        return out
 
 
 def _join(command: str, parts: Sequence[str]) -> str:
@@ -95,7 +103,7 @@ def intervene_command(
     factor: float = 0.5,
     op: str = "fc1_scale",
     ranking: str = "global",
-    combine="max",
+    combine="generated",
     sweep: bool = False,
     random_draws: int | None = None,
     n_samples: int | None = None,
@@ -126,7 +134,7 @@ def sample_command(
     factor: float = 0.5,
     op: str = "fc1_scale",
     ranking: str = "global",
-    combine="max",
+    combine="generated",
     random_units: bool = False,
     out: str = "samples.png",
 ) -> str:

@@ -18,12 +18,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def add_data_args(p: argparse.ArgumentParser, n_default: int | None = 500) -> None:
+def add_data_args(p: argparse.ArgumentParser, n_default: int | None = 500, null: bool = False) -> None:
     p.add_argument("--data", default="demo", help="'demo' (bundled Fashion-MNIST) or an ImageFolder path")
     p.add_argument("--split", default="train", help="demo split: train, heldout, planted, unique")
     p.add_argument("--n", type=int, default=n_default, help="number of images (class-stratified)")
     p.add_argument("--fraction", type=float, help="folder data: class-stratified fraction instead of --n")
     p.add_argument("--per-class", type=int, help="folder data: images per class instead of --n")
+    if null:
+        p.add_argument(
+            "--heldout",
+            type=int,
+            default=0,
+            help="null control: add this many never-trained images to D' (demo: its held-out split; "
+            "folder data: from --heldout-folder)",
+        )
+        p.add_argument(
+            "--heldout-folder",
+            help="folder data: an ImageFolder of never-trained images (e.g. ImageNet val) for --heldout",
+        )
 
 
 def add_output_args(p: argparse.ArgumentParser) -> None:
@@ -45,6 +57,29 @@ def load_model(args: argparse.Namespace):
 
 
 def load_data(args: argparse.Namespace, image_size: int):
+    """D' from --data/--n/... (plus --heldout never-trained images when the command has that option)."""
+    from iarmem_core import data
+
+    n_null = int(getattr(args, "heldout", 0) or 0)
+    if n_null < 0:
+        raise ValueError(f"--heldout must be >= 0, got {n_null}")
+    base = _load_base(args, image_size)
+    if not n_null:
+        return base
+    if args.data == "demo":
+        if args.split != "train":
+            raise ValueError("--heldout adds never-trained images to training images: use it with --split train")
+        return data.select_demo_with_null(n=args.n, n_heldout=n_null, seed=args.seed)
+    if not getattr(args, "heldout_folder", None):
+        raise ValueError(
+            "--heldout on folder data needs --heldout-folder: an ImageFolder of never-trained images "
+            "(e.g. ImageNet val)"
+        )
+    null = data.load_image_folder(args.heldout_folder, image_size, count=n_null, seed=args.seed)
+    return data.concat([base, null], trained=[True, False])
+
+
+def _load_base(args: argparse.Namespace, image_size: int):
     from iarmem_core import data
 
     if args.data == "demo":

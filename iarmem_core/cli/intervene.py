@@ -64,9 +64,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_attack_options(p)
 
 
+def top_percents(args: argparse.Namespace) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in args.top_percents.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--top-percents: expected comma-separated numbers, got {args.top_percents!r}") from None
+
+
+def edit_kwargs(args: argparse.Namespace, image_size: int) -> dict:
+    """The keywords of run_intervention / run_sweep these options describe (the store is added by the caller)."""
+    from iarmem_core import data
+
+    ref = None
+    if args.reference_data:
+        ref = data.load_image_folder(args.reference_data, image_size, count=args.n_samples, seed=args.seed)
+    return dict(
+        factor=args.factor,
+        op=args.op,
+        ranking=args.ranking,
+        combine=combine_arg(args.combine),
+        cfg_half=args.cfg_half,
+        extraction_cfg=attack_config(args),
+        n_samples=args.n_samples,
+        feature_space=args.inception,
+        reference_set=ref,
+        seed=args.seed,
+        sscd_path=args.sscd,
+        random_draws=args.random_draws,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """One JSON object (or --sweep: the table as {"rows": [...]})."""
-    from iarmem_core import data, intervention, unitmem
+    from iarmem_core import intervention, unitmem
 
     model = common.load_model(args)
     image_set = common.load_data(args, model.image_size)
@@ -78,29 +108,17 @@ def run(args: argparse.Namespace) -> int:
         store=st,
         on_progress=common.progress_printer("unitmem"),
     )
-    ecfg = attack_config(args)
-    ref = None
-    if args.reference_data:
-        ref = data.load_image_folder(args.reference_data, model.image_size, count=args.n_samples, seed=args.seed)
-    kw = dict(
-        factor=args.factor,
-        op=args.op,
-        ranking=args.ranking,
-        combine=combine_arg(args.combine),
-        cfg_half=args.cfg_half,
-        extraction_cfg=ecfg,
-        n_samples=args.n_samples,
-        feature_space=args.inception,
-        reference_set=ref,
-        seed=args.seed,
-        sscd_path=args.sscd,
-        store=st,
-        random_draws=args.random_draws,
-    )
+    kw = edit_kwargs(args, model.image_size)
+    kw["store"] = st
     if args.sweep:
-        ks = tuple(float(v) for v in args.top_percents.split(","))
         df = intervention.run_sweep(
-            model, um, image_set, top_percents=ks, force=args.force, on_progress=common.progress_printer("sweep"), **kw
+            model,
+            um,
+            image_set,
+            top_percents=top_percents(args),
+            force=args.force,
+            on_progress=common.progress_printer("sweep"),
+            **kw,
         )
         out = {
             "store_key": df.attrs["store_key"],

@@ -35,6 +35,18 @@ def add_unitmem_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     )
     p.add_argument(f"--{prefix}top-images", type=int, default=d.top_images, help="images kept per unit and scale group")
     p.add_argument(f"--{prefix}dtype", default=d.dtype, choices=("fp32", "bf16"))
+    p.add_argument(
+        f"--{prefix}random-views",
+        action="store_true",
+        help="draw random views even where the augmentation family is finite (flip: by default the "
+        "image and its mirror, the exact expectation)",
+    )
+    p.add_argument(
+        f"--{prefix}block-images",
+        type=int,
+        default=d.block_images,
+        help="images per reduction block (the fixed order behind batch-invariant results)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, model_name: str, prefix: str = ""):
@@ -64,6 +76,8 @@ def config_from_args(args: argparse.Namespace, model_name: str, prefix: str = ""
         dtype=get("dtype"),
         seed=args.seed,
         batch_size=getattr(args, "batch_size", 16),
+        exact_views=not get("random-views"),
+        block_images=get("block-images"),
     )
 
 
@@ -88,12 +102,16 @@ def unitmem_flags(cfg, model_name: str, prefix: str = "") -> list[str]:
         out += [f"--{prefix}top-images", str(cfg.top_images)]
     if cfg.dtype != base.dtype:
         out += [f"--{prefix}dtype", cfg.dtype]
+    if not cfg.exact_views:
+        out.append(f"--{prefix}random-views")
+    if cfg.block_images != base.block_images:
+        out += [f"--{prefix}block-images", str(cfg.block_images)]
     return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_model_args(p)
-    common.add_data_args(p)
+    common.add_data_args(p, null=True)
     common.add_output_args(p)
     add_unitmem_options(p)
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (never changes a result)")

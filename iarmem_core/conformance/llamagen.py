@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from iarmem_core import hooks
+from iarmem_core.models import hook_points as hp
 from iarmem_core.models import llamagen as gpt_lib
 from iarmem_core.models.llamagen import Transformer
 from iarmem_core.models.vq import VQModel
@@ -120,7 +120,10 @@ def compute(golden_dir: Path, config: dict, golden: dict) -> dict:
             return lambda b, acts, info: caps.__setitem__(f"gpt_layer{b}_ffn_{name}_BTH", acts.clone())
 
         try:
-            with hooks.capture(gpt, put("w1_out"), names=hooks.PRE), hooks.capture(gpt, put("w2_in")):
+            with (
+                hp.observe(gpt, "blocks.*.mlp.hook_pre", put("w1_out")),
+                hp.observe(gpt, "blocks.*.mlp.hook_post", put("w2_in")),
+            ):
                 logits, loss = gpt(tokens[:, :-1], labels, targets=tokens)
         finally:
             for hd in handles:

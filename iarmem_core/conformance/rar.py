@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from iarmem_core import hooks
+from iarmem_core.models import hook_points as hp
 from iarmem_core.models.maskgit_vqgan import MaskGITVQGAN
 from iarmem_core.models.rar import RAR, guidance_schedule
 
@@ -77,8 +77,8 @@ def compute(golden_dir: Path, config: dict, golden: dict) -> dict:
     ]
     try:
         with (
-            hooks.capture(gen, lambda b, a, _info: mlp.__setitem__((b, "fc1"), a.clone()), names=hooks.PRE),
-            hooks.capture(gen, lambda b, a, _info: mlp.__setitem__((b, "act"), a.clone())),
+            hp.observe(gen, "blocks.*.mlp.hook_pre", lambda b, a, _info: mlp.__setitem__((b, "fc1"), a.clone())),
+            hp.observe(gen, "blocks.*.mlp.hook_post", lambda b, a, _info: mlp.__setitem__((b, "act"), a.clone())),
         ):
             logits, labels = gen.forward_fn(idx_BN, cond_B, return_labels=True)
     finally:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from iarmem_core import hooks
+from iarmem_core.models import hook_points as hp
 from iarmem_core.models.var import VAR
 from iarmem_core.models.vqvae_ms import VQVAE
 
@@ -99,7 +99,7 @@ def compute(golden_dir: Path, config: dict, golden: dict) -> dict:
         acts: dict[str, torch.Tensor] = {}
 
         def keep(kind: str):
-            def fn(block: int, a: torch.Tensor, info: hooks.CallInfo | None) -> None:
+            def fn(block: int, a: torch.Tensor, info: hp.CallInfo | None) -> None:
                 acts[f"var_block{block}_ffn_{kind}_out_BLH"] = a.clone()
 
             return fn
@@ -109,7 +109,10 @@ def compute(golden_dir: Path, config: dict, golden: dict) -> dict:
             for bi, b in enumerate(var.blocks)
         ]
         try:
-            with hooks.capture(var, keep("fc1"), names=hooks.PRE), hooks.capture(var, keep("act")):
+            with (
+                hp.observe(var, "blocks.*.mlp.hook_pre", keep("fc1")),
+                hp.observe(var, "blocks.*.mlp.hook_post", keep("act")),
+            ):
                 out["var_logits_BLV"] = var(label_B, x_in)
         finally:
             for h in handles:

@@ -16,7 +16,14 @@ Example:
     torch.Size([2, 3, 32, 32])
 """
 
-from iarmem_core.data.augment import AUGMENTATIONS, augment, augment_views, parse_augmentation, view_seed
+from iarmem_core.data.augment import (
+    AUGMENTATIONS,
+    apply_view,
+    augment,
+    augment_views,
+    parse_augmentation,
+    view_seed,
+)
 from iarmem_core.data.demo import (
     DEMO_DIR,
     DEMO_SPLITS,
@@ -25,14 +32,16 @@ from iarmem_core.data.demo import (
     demo_training_indices,
     load_demo,
     select_demo,
+    select_demo_with_null,
 )
 from iarmem_core.data.folders import IMAGE_EXTENSIONS, load_image_folder
 from iarmem_core.data.images import DEMO_NATIVE_SIZE, gray_to_input, pil_to_input, resize_square, to_uint8
-from iarmem_core.data.imageset import ImageDecodeError, ImageSet, data_fingerprint
+from iarmem_core.data.imageset import ImageDecodeError, ImageSet, concat, data_fingerprint
 from iarmem_core.data.paths import PathNotAllowedError, resolve_inside
 
 __all__ = [
     "AUGMENTATIONS",
+    "apply_view",
     "DEMO_DIR",
     "DEMO_NATIVE_SIZE",
     "DEMO_SPLITS",
@@ -43,6 +52,7 @@ __all__ = [
     "PathNotAllowedError",
     "augment",
     "augment_views",
+    "concat",
     "data_fingerprint",
     "demo_manifest",
     "demo_training_indices",
@@ -54,6 +64,7 @@ __all__ = [
     "resize_square",
     "resolve_inside",
     "select_demo",
+    "select_demo_with_null",
     "to_uint8",
     "view_seed",
 ]

@@ -84,3 +84,12 @@ def augment_views(
         g = torch.Generator().manual_seed(view_seed(seed, k))
         out.append(augment(x_B3HW[b : b + 1].expand(n_views, -1, -1, -1), aug, g, fill))
     return torch.stack(out)
+
+
+def apply_view(x_B3HW: torch.Tensor, op: str) -> torch.Tensor:
+    """One deterministic member of a finite augmentation family: "none" (the image) or "flip" (its mirror)."""
+    if op == "none":
+        return x_B3HW
+    if op == "flip":
+        return x_B3HW.flip(-1)
+    raise ValueError(f"no deterministic view {op!r}: expected none or flip")

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import numpy as np
 
 from iarmem_core.data.imageset import ImageSet, _DemoBackend
 from iarmem_core.data.sampling import class_quotas
+from iarmem_core.store import arrays_sha256
 
 REPO = Path(__file__).resolve().parent.parent.parent
 DEMO_DIR = Path(os.environ.get("IARMEM_DEMO_DATA", REPO / "assets" / "demo_data"))
@@ -46,15 +46,6 @@ class _Bundle:
     count: np.ndarray  # times in the training stream (0 for held-out)
     ids: list[str]
     manifest: dict = field(default_factory=dict)
-
-
-def arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(arrays):
-        a = np.ascontiguousarray(arrays[k])
-        h.update(f"{k}:{a.dtype.str}:{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 @lru_cache(maxsize=4)
@@ -167,6 +158,20 @@ def select_demo(
     idx = np.sort(np.concatenate([forced, *picked]).astype(np.int64))
     tag = "+planted" if len(forced) else ""
     return base.subset(idx, name=f"demo/{split}[n={n},seed={seed}{tag}]")
+
+
+def select_demo_with_null(
+    n: int | None = 500, n_heldout: int = 500, seed: int = 0, bundle_dir: str | os.PathLike | None = None
+) -> ImageSet:
+    """D' for UnitMem's null control: `select_demo(n, seed)` followed by `n_heldout` never-trained held-out images
+    (class-stratified, seeded); meta "trained" says which is which."""
+    from iarmem_core.data.imageset import concat
+
+    train = select_demo(n=n, seed=seed, bundle_dir=bundle_dir)
+    if n_heldout <= 0:
+        return train
+    held = select_demo(n=n_heldout, seed=seed, split="heldout", bundle_dir=bundle_dir)
+    return concat([train, held], trained=[True, False], name=f"{train.name} + {held.name} (never trained)")
 
 
 def demo_manifest(bundle_dir: str | os.PathLike | None = None) -> dict:

@@ -175,6 +175,75 @@ class ImageSet:
         }
 
 
+class _ConcatBackend:
+    """Several ImageSets one after another (e.g. training images, then never-trained images for a null control)."""
+
+    def __init__(self, parts: Sequence[ImageSet]):
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+        self.native_size = max(p.native_size for p in self.parts)
+        self.source = {"source": "concat", "parts": [p.describe() for p in self.parts]}
+
+    def load(self, src_idx: np.ndarray, size: int) -> torch.Tensor:
+        src_idx = np.asarray(src_idx, dtype=np.int64)
+        part = np.searchsorted(self.offsets, src_idx, side="right") - 1
+        out = torch.zeros(len(src_idx), 3, size, size)
+        for k, p in enumerate(self.parts):
+            sel = np.flatnonzero(part == k)
+            if sel.size:
+                out[torch.from_numpy(sel)] = p.images(src_idx[sel] - self.offsets[k], size=size)
+        return out
+
+
+def concat(sets: Sequence[ImageSet], trained: Sequence[bool] | None = None, name: str | None = None) -> ImageSet:
+    """The images of `sets` one after another as one ImageSet (ids must not collide).
+
+    `trained[k]` (optional) marks whether set k was in the model's training data; it becomes the per-image
+    meta "trained" (the null control of UnitMem: D' mixed with never-trained images). Meta fields missing from
+    a set are filled with neutral values (planted False, count 0, split "heldout" for untrained sets).
+    """
+    sets = list(sets)
+    if not sets:
+        raise ValueError("concat needs at least one ImageSet")
+    ids = [i for s in sets for i in s.ids]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise ValueError(f"image ids repeat across the sets (e.g. {dup}); D' cannot hold an image twice")
+    classes = sets[0].classes
+    for s in sets[1:]:
+        if list(s.classes) != list(classes):
+            raise ValueError(f"{s.name} has other classes than {sets[0].name}; their labels would not match")
+    flags = list(trained) if trained is not None else None
+    if flags is not None and len(flags) != len(sets):
+        raise ValueError(f"trained has {len(flags)} flags for {len(sets)} sets")
+    keys = sorted({k for s in sets for k in s.meta} | ({"trained"} if flags is not None else set()))
+    meta = {}
+    for k in keys:
+        cols = []
+        for si, s in enumerate(sets):
+            if k == "trained" and flags is not None:
+                cols.append(np.full(len(s), bool(flags[si])))
+            elif k in s.meta:
+                cols.append(np.asarray(s.meta[k]))
+            else:
+                untrained = flags is not None and not flags[si]
+                fill = {
+                    "planted": False,
+                    "count": 0,
+                    "split": "heldout" if untrained else "train",
+                    "kind": "heldout" if untrained else "unique",
+                }.get(k, -1)
+                cols.append(np.full(len(s), fill))
+        try:
+            meta[k] = np.concatenate(cols)
+        except (TypeError, ValueError):
+            meta[k] = np.concatenate([c.astype(str) for c in cols])
+    backend = _ConcatBackend(sets)
+    labels = np.concatenate([s.labels for s in sets])
+    name = name or " + ".join(s.name for s in sets)
+    return ImageSet(backend, np.arange(len(ids)), ids, labels, classes, meta, name)
+
+
 def data_fingerprint(image_set: ImageSet) -> dict:
     """The JSON-able identity of a data selection, for result-store keys (same as `image_set.describe()`)."""
     return image_set.describe()

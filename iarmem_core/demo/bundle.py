@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from iarmem_core.data.demo import FASHION_CLASSES, arrays_sha256
+from iarmem_core.data.demo import FASHION_CLASSES
+from iarmem_core.store import arrays_sha256
 
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 SOURCE_FILES = {

@@ -14,6 +14,13 @@ from iarmem_core.extraction.thresholds import resolve_similarity, resolve_thresh
 
 # ---------------------------------------------------------------------------------------------------
 # 4. Results
+def is_extracted(scores, threshold) -> np.ndarray:
+    """The one decision rule of the attack, used by every count and label: similarity strictly above the
+    threshold, compared in float32 (the precision the scores are stored in), so a score equal to the threshold
+    is never extracted wherever it is shown. `threshold` is a number or an array broadcast against `scores`."""
+    return np.asarray(scores, dtype=np.float32) > np.asarray(threshold, dtype=np.float32)
+
+
 @dataclass
 class ExtractionResult:
     """One row per (candidate, prefix): the table, gallery images and meta; `count` recounts instantly."""
@@ -63,7 +70,7 @@ class ExtractionResult:
         return {r["prefix_tokens"]: r["threshold"] for r in self.meta["thresholds"] if r["measure"] == m}
 
     def decision(self, threshold: float | None = None, similarity: str | None = None) -> np.ndarray:
-        """Bool [R]: similarity strictly above the threshold (per prefix when threshold is None)."""
+        """Bool [R]: `is_extracted` (similarity strictly above the threshold; per prefix when threshold is None)."""
         m = metrics.canonical_measure(similarity or self.similarity)
         if m not in self.meta.get("measures", []):
             raise ValueError(f"{m!r} was not computed in this result; it has {', '.join(self.meta['measures'])}")
@@ -73,7 +80,7 @@ class ExtractionResult:
             t = np.array([thr[int(p)] for p in self.arrays["prefix_tokens"]], dtype=np.float64)
         else:
             t = float(threshold)
-        return np.asarray(s > t)
+        return is_extracted(s, t)
 
     def with_decision(self, similarity: str | None = None, threshold: float | None = None) -> ExtractionResult:
         """The same result with another default measure and/or one threshold for every prefix (no recompute)."""
@@ -146,6 +153,16 @@ class ExtractionResult:
         out["heldout_false_rate"] = float((dec & ho).sum() / n_ho) if n_ho else None
         return out
 
+    def extracted_ids(
+        self, threshold: float | None = None, similarity: str | None = None, prefix: int | None = None
+    ) -> list[str]:
+        """Ids of the training candidates extracted at one prefix (default: the first), in table order."""
+        m = metrics.canonical_measure(similarity or self.similarity)
+        p = int(prefix if prefix is not None else self.meta["prefix_tokens"][0])
+        a = self.arrays
+        hit = self.decision(threshold, m) & (a["prefix_tokens"] == p) & (a["split"] == "train")
+        return [str(v) for v in a["image_id"][hit]]
+
     def summary(self) -> dict:
         """The CLI's JSON: store key, candidates, prefixes, decision, counts."""
         c = self.count()
@@ -157,6 +174,7 @@ class ExtractionResult:
             "threshold": c["threshold"],
             "threshold_source": self._source(c["similarity"], c["prefix_tokens"]),
             "extracted": c["extracted"],
+            "extracted_ids": self.extracted_ids(),
             "precision_planted": c["precision_planted"],
             "recall_planted": c["recall_planted"],
             "recall_planted_by_count": c["recall_planted_by_count"],

@@ -46,6 +46,7 @@ __all__ = [
     "current_call",
     "hook_points",
     "match_names",
+    "observe",
     "owner_of",
 ]
 
@@ -184,3 +185,16 @@ def active(model: nn.Module, names: frozenset[str], fn: HookFn) -> Iterator[None
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+@contextmanager
+def observe(
+    model: nn.Module, patterns: Sequence[str] | str, fn: Callable[[int, torch.Tensor, CallInfo | None], None]
+) -> Iterator[None]:
+    """Call ``fn(block, x, info)`` with the value at every point matched by `patterns` (read only)."""
+
+    def _fn(hp: HookPoint, x: torch.Tensor, info: CallInfo | None) -> None:
+        fn(hp.block, x, info)
+
+    with active(model, match_names(model, patterns), _fn):
+        yield
