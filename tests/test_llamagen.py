@@ -361,11 +361,8 @@ def test_top_k_top_p_filter_known_answers():
     assert torch.isfinite(logits).all()  # the input is not modified
 
 
-def test_adapter_sampling_is_seeded_and_greedy_is_argmax():
+def test_adapter_greedy_is_argmax_and_llamagen_options():
     m = load_adapter("test-llamagen", device="cpu", seed=1)
-    a = m.generate([1, 2], top_k=0, temperature=3.0, seed=7)
-    assert torch.equal(a, m.generate([1, 2], top_k=0, temperature=3.0, seed=7))
-    assert not torch.equal(a, m.generate([1, 2], top_k=0, temperature=3.0, seed=8))
     greedy = m.generate([1, 2], top_k=1, temperature=3.0, seed=7)
     assert torch.equal(greedy, m.teacher_forced_logits(greedy, torch.tensor([1, 2])).argmax(-1))
     # cfg <= 1 means no guidance in the official sampler; cfg = 0 as well
@@ -420,34 +417,6 @@ def test_hooks_fire_during_generation_with_targets_and_cfg_batch():
     assert m.unit_sites()[1].module == "layers.1.feed_forward" and m.n_units == 256
 
 
-def test_edit_changes_outputs_is_undone_and_equals_weight_edit():
-    m = load_adapter("test-llamagen", device="cpu")
-    toks, labels = (
-        torch.randint(128, (2, 36), generator=torch.Generator().manual_seed(0)),
-        torch.tensor([1, 8]),
-    )
-    base = m.teacher_forced_logits(toks, labels)
-    units = list(range(0, 256, 3))
-    spec = hooks.UnitEdit(units={0: units, 1: units}, op="fc1_scale", factor=0.5)
-    with hooks.edit(m.transformer, spec):
-        edited = m.teacher_forced_logits(toks, labels)
-        gen_edited = m.generate(labels, cfg=3.0)
-    assert (edited - base).abs().max() > 1e-2
-    # equals halving the rows of the gate projection w1 in a copy of the weights
-    ref = LlamaGenAdapter.build_transformer(m.spec)
-    ref.load_state_dict(m.transformer.state_dict())
-    with torch.no_grad():
-        for layer in ref.layers:
-            layer.feed_forward.w1.weight[units] *= 0.5
-        torch.testing.assert_close(ref.eval()(toks[:, :-1], labels)[0], edited)
-    torch.testing.assert_close(m.teacher_forced_logits(toks, labels), base, rtol=0, atol=0)
-    assert not torch.equal(gen_edited, m.generate(labels, cfg=3.0))
-    with pytest.raises(RuntimeError, match="boom"), hooks.edit(m.transformer, spec):
-        assert not torch.allclose(m.teacher_forced_logits(toks, labels), base)
-        raise RuntimeError("boom")
-    torch.testing.assert_close(m.teacher_forced_logits(toks, labels), base, rtol=0, atol=0)
-
-
 # ---------------------------------------------------------------------------------------------------
 # 6. adapter round trip and the full-size random model
 @pytest.mark.golden
@@ -476,9 +445,3 @@ def test_llamagen_b_256_random_weights_generate_consistently():
     gpt, cond = m.transformer, torch.tensor([207, 360])
     ids, step = gpt_lib.generate(gpt, cond, cfg_scale=2.0, greedy=True, return_logits=True, max_new_tokens=5)
     torch.testing.assert_close(step, _mixed_teacher_logits(gpt, ids, cond, 2.0, -1), atol=1e-4, rtol=1e-4)
-
-
-def test_random_weights_are_seeded_per_load():
-    sd = [load_adapter("test-llamagen", device="cpu", seed=s).transformer.state_dict() for s in (0, 0, 1)]
-    assert all(torch.equal(sd[0][k], sd[1][k]) for k in sd[0])
-    assert not torch.equal(sd[0]["output.weight"], sd[2]["output.weight"])

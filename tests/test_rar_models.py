@@ -119,13 +119,11 @@ def test_adapter_build_off_meta_has_a_real_causal_mask():
     assert (mask[~torch.isinf(mask)] == 0).all()
 
 
-def test_random_weights_are_seeded_and_lively():
+def test_random_weights_are_lively():
+    """(Seeding per load is the adapter contract's, tests/test_adapter_contract.py.)"""
     from iarmem_core.adapters import load_adapter
 
-    a, b, c = (load_adapter("test-rar", device="cpu", seed=s) for s in (0, 0, 1))
-    for x, y in ((a.transformer, b.transformer), (a.tokenizer, b.tokenizer)):
-        assert all(torch.equal(p, q) for p, q in zip(x.state_dict().values(), y.state_dict().values()))
-    assert not torch.equal(a.transformer.lm_head.weight, c.transformer.lm_head.weight)
+    a = load_adapter("test-rar", device="cpu", seed=0)
     assert a.transformer.blocks[0].adaLN_modulation[1].weight.std() > 0.05  # not adaLN-zero
     img = torch.rand(4, 3, 12, 12, generator=torch.Generator().manual_seed(5))
     assert a.tokenize(img).unique().numel() > 20  # the random codebook is spread over the encoder outputs
