@@ -219,8 +219,7 @@ def _carry(adapter, image_set, res, mchoice, dchoice) -> None:
     if state.get("image") not in ids:
         state.set_many(image=ids[0])
     state.widget(st.selectbox, "image", "Extracted image", ids)
-    cli_prefix = "python -m iarmem_core localize " + " ".join(mchoice.args().flags() + dchoice.args().flags())
-    carry.panel(adapter, image_set, state.get("image"), ids, cli_prefix, key="ex_carry")
+    carry.panel(adapter, image_set, state.get("image"), ids, mchoice.args(), dchoice.args(), key="ex_carry")
 
 
 with ui.guard("The extraction page"):

@@ -212,8 +212,7 @@ def _carried(adapter, image_set, mchoice, image_id: str) -> None:
         return
     with st.expander(f"Which units carry {image_id}? (it is extracted by the attack)", expanded=False):
         dchoice = loaders.data_choice(adapter)
-        cli_prefix = "python -m iarmem_core localize " + " ".join(mchoice.args().flags() + dchoice.args().flags())
-        carry.panel(adapter, image_set, image_id, ids, cli_prefix, key="model_carry")
+        carry.panel(adapter, image_set, image_id, ids, mchoice.args(), dchoice.args(), key="model_carry")
 
 
 def main() -> None:

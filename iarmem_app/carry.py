@@ -9,6 +9,7 @@ import streamlit as st
 
 from iarmem_app import results, state, ui
 from iarmem_core import figures, localize
+from iarmem_core.cli import commands
 
 EXPLAIN = r"""
 **The question.** UnitMem says which units fire selectively; it does not say which units the model *needs* to
@@ -29,13 +30,13 @@ different image usually has its own, different set (which is why one global top-
 """
 
 
-def panel(adapter, image_set, image_id: str, extracted: list[str], cli_prefix: str, key: str) -> None:
+def panel(adapter, image_set, image_id: str, extracted: list[str], model_args, data_args, key: str) -> None:
     """The localization of `image_id` (a stored job, or a button that starts it)."""
     cfg = localize.LocalizeConfig(seed=int(state.get("seed")))
     store = results.user_store()
     lkey = localize.localization_key(adapter, image_set, image_id, cfg, extracted, store)
     got = results.load(lkey)
-    cli = f"{cli_prefix} --image {image_id} --json"
+    cli = commands.localize_command(model_args, data_args, image_id, cfg)
     if got is None:
         st.caption(
             f"Finds the smallest set of units whose removal stops the attack from reproducing {image_id}, "

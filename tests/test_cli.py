@@ -121,3 +121,26 @@ def test_errors_are_one_line_and_a_json_object(tmp_path):
     obj = json.loads(out.getvalue().strip().splitlines()[-1])
     assert obj["type"] == "KeyError" and "not in the data selection" in obj["error"]
     assert err.getvalue().strip().splitlines()[-1].startswith("error: ")
+
+
+def test_localize_command_round_trip():
+    from iarmem_core.cli.localize import config_from_args as localize_config
+    from iarmem_core.localize import LocalizeConfig
+
+    cfg = LocalizeConfig(
+        prefix_tokens=14,
+        op="fc1_scale",
+        factor=0.25,
+        max_units=64,
+        random_draws=30,
+        threshold=0.8,
+        nemo_z=2.5,
+        quality_samples=0,
+        seed=4,
+    )
+    args = parse(
+        commands.localize_command(commands.ModelArgs("demo-var", seed=4), commands.DataArgs(), "train/0012", cfg)
+    )
+    assert localize_config(args) == cfg and args.image == "train/0012" and not args.all
+    args = parse(commands.localize_command(commands.ModelArgs("demo-var"), commands.DataArgs()))
+    assert args.all and localize_config(args) == LocalizeConfig()

@@ -148,3 +148,26 @@ def sample_command(
     parts += edit + (["--random-units"] if random_units else [])
     parts += unitmem_flags(unitmem_cfg, model.name, prefix="unitmem-") + ["--out", out]
     return _join("sample", parts)
+
+
+def localize_command(model: ModelArgs, data: DataArgs, image_id: str | None = None, cfg=None) -> str:
+    """`localize` of one image (or `--all` when image_id is None), with a LocalizeConfig (None: the defaults)."""
+    from iarmem_core.localize import LocalizeConfig
+
+    d, cfg = LocalizeConfig(), cfg or LocalizeConfig()
+    parts = model.flags() + data.flags() + (["--image", image_id] if image_id else ["--all"])
+    for field, flag in (
+        ("prefix_tokens", "--prefix"),
+        ("op", "--op"),
+        ("factor", "--factor"),
+        ("max_units", "--max-units"),
+        ("random_draws", "--random-draws"),
+        ("similarity", "--similarity"),
+        ("threshold", "--threshold"),
+        ("nemo_z", "--nemo-z"),
+        ("quality_samples", "--quality-samples"),
+    ):
+        v = getattr(cfg, field)
+        if v != getattr(d, field) and v is not None:
+            parts += [flag, f"{v:g}" if isinstance(v, float) else str(v)]
+    return _join("localize", parts + ["--json"])
