@@ -101,9 +101,10 @@ def _data_card(image_set: data.ImageSet, dchoice) -> None:
     st.subheader("Data")
     if not loaders.is_demo_data(dchoice):
         rep = image_set.report or {}
+        skipped = "; ".join(f"{n} {why}" for why, n in (rep.get("skipped") or {}).items()) or "none"
         st.markdown(
             f"Folder {ui.code_span(dchoice.source)}: {len(image_set)} images in {len(image_set.classes)} classes "
-            f"(class-stratified sample). Skipped files: {ui.md_escape(rep.get('skipped', {}) or 'none')}."
+            f"(class-stratified sample). Skipped files: {ui.md_escape(skipped)}."
         )
         if rep.get("skipped_files"):
             with st.expander(f"Skipped files ({rep.get('skipped_total', len(rep['skipped_files']))})"):

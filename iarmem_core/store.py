@@ -104,11 +104,12 @@ def disk_full_error(path: str | os.PathLike, what: str, needed: int | None = Non
     need = f" (about {needed:,} bytes needed" + (f", {free:,} free)" if free is not None else ")") if needed else ""
     if not need and free is not None:
         need = f" ({free:,} bytes free)"
-    return StoreFullError(
-        errno.ENOSPC,
+    e = StoreFullError(
         f"disk full: could not write {what} under {p}{need}. Nothing stored was changed. Free some space on "
-        f"that disk, or point the store at a larger one ($IARMEM_STORE or --store)",
+        f"that disk, or point the store at a larger one ($IARMEM_STORE or --store)"
     )
+    e.errno = errno.ENOSPC
+    return e
 
 
 def default_root() -> Path:
@@ -279,7 +280,8 @@ class ResultStore:
             for sub in ("results", "partial", "jobs", "tmp"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
             if not os.access(self.root / "tmp", os.W_OK):
-                raise PermissionError(errno.EACCES, "no write permission", str(self.root / "tmp"))
+                ro = bool(os.statvfs(self.root).f_flag & os.ST_RDONLY)
+                raise OSError(errno.EROFS if ro else errno.EACCES, "cannot write", str(self.root / "tmp"))
         except OSError as e:
             if e.errno not in _RO_ERRNOS:
                 raise
