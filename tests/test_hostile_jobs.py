@@ -7,6 +7,7 @@ after the checkpoint is cleared (before "done").
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -121,11 +122,24 @@ def test_cli_ctrl_c_is_one_line_with_the_checkpoint_state(tmp_path, monkeypatch,
     monkeypatch.setattr(cmd, "run", run)
     assert cli.main(["unitmem", "--json"]) == 130
     out, err = capsys.readouterr()
-    import json
-
     obj = json.loads(out)
     assert obj["type"] == "KeyboardInterrupt" and "no checkpoint had been saved yet" in obj["error"]
     assert err.count("\n") == 1 and err.startswith("error: job toy-") and "Traceback" not in err
+
+
+def test_cli_job_cancelled_from_elsewhere_is_one_line(tmp_path, monkeypatch, capsys):
+    from iarmem_core import cli
+    from iarmem_core.cli import unitmem as cmd
+
+    def run(args):
+        jobs.run_job("toy", {"n": 5}, stepping(6, fail_at=2, exc=jobs.Cancelled("stop")), store=ResultStore(tmp_path))
+
+    monkeypatch.setattr(cmd, "run", run)
+    assert cli.main(["unitmem", "--json"]) == 130
+    out, err = capsys.readouterr()
+    obj = json.loads(out)
+    assert obj["type"] == "Cancelled" and "checkpoint kept: starting it again resumes" in obj["error"]
+    assert err.count("\n") == 1 and "Traceback" not in err
 
 
 if __name__ == "__main__":  # the worker of test_job_that_died_after_publishing_reads_as_done

@@ -227,7 +227,7 @@ def _one_line_error(r, kind: str, *phrases: str) -> str:
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(err) == 1, r.stderr
+    assert len(err) == 1 and r.stderr.splitlines()[-1] == err[0], r.stderr  # one line, the last one
     obj = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(obj) == {"error", "type"} and obj["type"] == kind, obj
     for p in phrases:

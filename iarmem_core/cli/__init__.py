@@ -56,6 +56,9 @@ def _one_line(text: str) -> str:
 def _report(msg: str, kind: str, as_json: bool) -> None:
     """One line on stderr; with --json also {"error", "type"} as the one JSON object on stdout."""
     msg = _one_line(msg)
+    from iarmem_core.cli.common import end_progress_line
+
+    end_progress_line()
     if as_json:
         print(json.dumps({"error": msg, "type": kind}), flush=True)
     print(f"error: {msg}", file=sys.stderr, flush=True)
@@ -68,7 +71,8 @@ _EXPECTED = (ValueError, KeyError, LookupError, OSError, RuntimeError)
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every error ends as one line on stderr (and a JSON object with --json), never a
-    traceback, with a non-zero exit code (2: bad input or environment, 130: Ctrl-C, 1: an internal error)."""
+    traceback, with a non-zero exit code (2: bad input or environment, 130: Ctrl-C or a cancel, 1: an internal
+    error)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     as_json = "--json" in argv
     _Parser.json_errors = as_json
@@ -81,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         _report(str(msg), "KeyboardInterrupt", as_json)
         return 130
     except Exception as e:  # noqa: BLE001 - the one place where every failure becomes a message
+        from iarmem_core.jobs import Cancelled
+
+        if isinstance(e, Cancelled):  # a cancel request from another process (the app's Cancel button)
+            _report(str(e), "Cancelled", as_json)
+            return 130
         if os.environ.get("IARMEM_DEBUG"):
             traceback.print_exc()
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)

@@ -122,6 +122,16 @@ def get_store(args: argparse.Namespace):
     return ResultStore(args.store) if args.store else get_store()
 
 
+_LINE_OPEN = [False]  # a progress line is on stderr without its newline yet
+
+
+def end_progress_line() -> None:
+    """End an unfinished progress line, so that what follows on stderr starts a line of its own."""
+    if _LINE_OPEN[0]:
+        print(file=sys.stderr, flush=True)
+        _LINE_OPEN[0] = False
+
+
 def progress_printer(label: str) -> Callable[[float, str], None]:
     state = {"last": -1}
 
@@ -130,8 +140,9 @@ def progress_printer(label: str) -> Callable[[float, str], None]:
         if pct != state["last"]:
             state["last"] = pct
             print(f"\r[{label}] {pct:3d}% {msg}", end="", file=sys.stderr, flush=True)
+            _LINE_OPEN[0] = True
             if pct >= 100:
-                print(file=sys.stderr)
+                end_progress_line()
 
     return show
 
