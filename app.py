@@ -20,6 +20,8 @@ st.set_page_config(
 )
 ui.apply_style()
 state.init()
+for note in state.notes():  # what the URL asked for that could not be used as given (plain text)
+    st.warning(ui.md_escape(note), icon=":material/link_off:")
 
 PAGES = [
     st.Page("app_pages/model.py", title="Model", icon=":material/view_in_ar:", url_path="model"),
@@ -61,8 +63,10 @@ with st.sidebar:
             st.selectbox,
             "other_model",
             "Registry model",
-            config.other_models(),
-            help="Full-size models need their official checkpoints; without them the weights are random.",
+            [""] + config.other_models(),
+            format_func=lambda m: m or "choose a model ...",
+            help="Full-size models need their official checkpoints; without them the weights are random. "
+            "A full-size model loads only after you confirm it (the button says its size).",
         )
         state.widget(
             st.text_input,

@@ -40,8 +40,7 @@ def _load(root: str, key: str, version: str):
 
 
 def _result(key: str):
-    s = results.locate(key)
-    return None if s is None else _load(str(s.root), key, results.version(s, key))
+    return results.load_with(key, _load)  # a damaged copy in the user's store falls back to the shipped one
 
 
 def _best_unit(res_um, image_id: str) -> tuple[float, int, str, int] | None:
@@ -67,7 +66,7 @@ def _gallery(res, rows: np.ndarray, measure: str, thr: float, res_um=None, colum
             pair,
             width="stretch",
             output_format="PNG",
-            caption=f"{r['image_id']}{tag}: {measure} {float(r[measure]):.3f}, {verdict}",
+            caption=ui.md_escape(f"{r['image_id']}{tag}: {measure} {float(r[measure]):.3f}, {verdict}"),
         )
         best = _best_unit(res_um, str(r["image_id"])) if r["split"] != "heldout" else None
         if best is not None:
@@ -202,7 +201,7 @@ def main() -> None:
         live=lambda: _live(key),
     )
     if res is None:
-        st.caption(f"The attack runs as a background job; from a terminal: `{cli}`")
+        st.caption(f"The attack runs as a background job; from a terminal: {ui.code_span(cli)}")
         return
     _, res_um = results.unitmem_result(adapter, image_set, unitmem.default_config(adapter, seed=mchoice.seed))
     _view(res, key, demo, cli, res_um, mchoice.name)

@@ -92,7 +92,7 @@ def main() -> None:
             "Units (block:unit; the 100 with the highest UnitMem, or picked on the Memorization page)",
             list(dict.fromkeys(picks + top)),
         )
-        units = edits.parse_units(state.get("iv_units"))
+        units = ui.picked_units(state.get("iv_units"), res)  # units the model lacks: dropped, with a warning
     state.widget(
         c2.slider,
         "iv_factor",
@@ -293,7 +293,7 @@ def _curve(adapter, image_set, res, cfg, mchoice, dchoice) -> None:
     if got is None:
         st.caption(
             f"Edits the top {', '.join(f'{k}%' for k in intervention.DEFAULT_TOP_PERCENTS)} and as many "
-            f"random units, and measures each. From a terminal: `{cli}`"
+            f"random units, and measures each. From a terminal: {ui.code_span(cli)}"
         )
         return
     meta = got[1]

@@ -112,7 +112,7 @@ def main() -> None:
         st.info(
             f"No UnitMem result for **{mchoice.name}** on this data yet. It runs as a background job "
             f"({len(image_set)} images x {cfg.n_augs} views); you can leave the page or close the tab, and "
-            f"the result lands in the store. The same job from the CLI: `{cli}`"
+            f"the result lands in the store. The same job from the CLI: {ui.code_span(cli)}"
         )
         results.job_panel(
             key,

@@ -59,9 +59,10 @@ def _card(adapter, mchoice) -> None:
         f"{(d['transformer_params'] + d['tokenizer_params']) / 1e6:.2f} M",
         help=f"transformer {d['transformer_params']:,}, tokenizer {d['tokenizer_params']:,}",
     )
+    weights = ", ".join(f"{k} {v}" for k, v in d["weights"].items() if k != "name")  # file names: escaped
     st.caption(
         f"{spec.description or spec.name}. Image size {d['image_size']} px, {d['num_classes']} classes, "
-        f"weights: {', '.join(f'{k} {v}' for k, v in d['weights'].items() if k != 'name')}, on {d['device']}."
+        f"weights: {ui.md_escape(weights)}, on {d['device']}."
     )
     if spec.kind == "test":
         st.warning(
@@ -100,10 +101,14 @@ def _data_card(image_set: data.ImageSet, dchoice) -> None:
     st.subheader("Data")
     if not loaders.is_demo_data(dchoice):
         rep = image_set.report or {}
+        skipped = "; ".join(f"{n} {why}" for why, n in (rep.get("skipped") or {}).items()) or "none"
         st.markdown(
-            f"Folder **{dchoice.source}**: {len(image_set)} images in {len(image_set.classes)} classes "
-            f"(class-stratified sample). Skipped files: {rep.get('skipped', {}) or 'none'}."
+            f"Folder {ui.code_span(dchoice.source)}: {len(image_set)} images in {len(image_set.classes)} classes "
+            f"(class-stratified sample). Skipped files: {ui.md_escape(skipped)}."
         )
+        if rep.get("skipped_files"):
+            with st.expander(f"Skipped files ({rep.get('skipped_total', len(rep['skipped_files']))})"):
+                st.dataframe(pd.DataFrame(rep["skipped_files"], columns=["file", "reason"]), hide_index=True)
         return
     man = data.demo_manifest()
     train, held = data.load_demo("train"), data.load_demo("heldout")

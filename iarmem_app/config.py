@@ -14,6 +14,25 @@ SHIPPED_STORE = REPO / "assets" / "store"  # precomputed results, read-only (scr
 N_IMAGES = 500  # the data selection D' of the app and the CLI default (--n 500)
 DEMO_MODELS = ("demo-var", "demo-rar")
 DEVICES = ("auto", "cpu", "cuda")
+MODEL_MEMORY_ENV = "IARMEM_APP_MODEL_MEMORY_GB"
+
+
+def model_memory_budget() -> int:
+    """Bytes the app's cached models may take together: $IARMEM_APP_MODEL_MEMORY_GB, else half the memory."""
+    raw = os.environ.get(MODEL_MEMORY_ENV, "").strip()
+    if raw:
+        try:
+            gb = float(raw)
+            if gb > 0 and gb < float("inf"):
+                return int(gb * 1e9)
+        except ValueError:
+            pass
+        raise ValueError(f"${MODEL_MEMORY_ENV}={raw!r} is not a positive number of GB (e.g. {MODEL_MEMORY_ENV}=24)")
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 16 * 10**9
+    return int(total // 2)
 
 
 def allowed_roots() -> list[Path]:

@@ -11,19 +11,47 @@ import torch
 from iarmem_core import hooks, intervention
 from iarmem_core.intervention import make_edit, select_units
 
-__all__ = ["make_edit", "select_units", "parse_units", "sampling_settings", "describe_sampling", "samples"]
+__all__ = [
+    "make_edit",
+    "select_units",
+    "parse_units",
+    "unknown_units",
+    "sampling_settings",
+    "describe_sampling",
+    "samples",
+]
 
 
-def parse_units(tags: list[str]) -> dict[int, tuple[int, ...]]:
-    """["3:17", "3:25"] -> {3: (17, 25)}; malformed tags are skipped."""
+def parse_units(tags: list[str], result=None) -> dict[int, tuple[int, ...]]:
+    """["3:17", "3:25"] -> {3: (17, 25)}; malformed tags are skipped. With a UnitMem `result`, units its
+    model does not have (a block it lacks, a unit index past its width: a hand-edited URL) are dropped too
+    (`unknown_units` lists them)."""
     pairs = []
+    blocks = None if result is None else {int(b) for b in result.meta["blocks"]}
+    n_units = None if result is None else int(result.n_units)
     for t in tags:
         try:
             b, u = (int(x) for x in str(t).split(":"))
         except ValueError:
             continue
+        if blocks is not None and (b not in blocks or not 0 <= u < n_units):
+            continue
         pairs.append((b, u))
     return intervention.units_from_pairs(pairs)
+
+
+def unknown_units(tags: list[str], result) -> list[str]:
+    """The tags of `tags` that name a block or unit the model of UnitMem `result` does not have."""
+    blocks = {int(b) for b in result.meta["blocks"]}
+    out = []
+    for t in tags:
+        try:
+            b, u = (int(x) for x in str(t).split(":"))
+        except ValueError:
+            continue
+        if b not in blocks or not 0 <= u < int(result.n_units):
+            out.append(str(t))
+    return out
 
 
 def sampling_settings(adapter) -> dict:

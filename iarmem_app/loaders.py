@@ -1,14 +1,24 @@
 """Cached loading of models and data for every browser session.
 
-A model is loaded once per (name, checkpoint files, device, seed) with st.cache_resource and shared by all
-sessions. It holds no per-session state: edits and captures are `with` blocks from iarmem_core.hooks that
-live in the calling thread only. Typed paths must resolve inside the allowed roots; every failure becomes
-an st.error naming the file and the fix, never a traceback.
+A model is loaded once per (name, checkpoint files, device, seed) and shared by all sessions. It holds no
+per-session state: edits and captures are `with` blocks from iarmem_core.hooks that live in the calling
+thread only. Typed paths must resolve inside the allowed roots; every failure becomes an st.error naming the
+file and the fix, never a traceback.
+
+What a link can make the server do is bounded: the demo and test models are small and load at once; a
+full-size ("released") model that is not loaded yet loads only after a click in this browser session on a
+button that states its size and memory (`NeedsConfirmation`), whatever the URL says; an unknown model name
+loads nothing. Loaded models stay cached while their parameters fit the memory budget
+(`config.model_memory_budget()`, $IARMEM_APP_MODEL_MEMORY_GB); the least recently used ones are dropped to
+make room, and a model larger than the whole budget is refused with a message that says how to raise it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +27,7 @@ import torch
 
 from iarmem_app import config, state
 from iarmem_core import data
-from iarmem_core.adapters import IARAdapter, load_adapter, resolve_device
+from iarmem_core.adapters import IARAdapter, adapter_class, load_adapter, resolve_device
 from iarmem_core.checkpoints import CheckpointError
 from iarmem_core.cli.commands import DataArgs, ModelArgs
 from iarmem_core.registry import get_spec
@@ -27,6 +37,18 @@ log = logging.getLogger("iarmem.app")
 
 class UserInputError(Exception):
     """A problem with what the user typed or chose; its message says what to do."""
+
+
+class NeedsChoice(UserInputError):
+    """Nothing to show until the user chooses something in the sidebar (not an error)."""
+
+
+class NeedsConfirmation(UserInputError):
+    """A full-size model that is not loaded yet: it loads only after a click in this session."""
+
+    def __init__(self, message: str, choice: ModelChoice):
+        super().__init__(message)
+        self.choice = choice
 
 
 @dataclass(frozen=True)
@@ -62,6 +84,11 @@ def _checked_path(raw: str, what: str) -> str | None:
 def model_choice() -> ModelChoice:
     """The sidebar's model settings, with the typed paths checked."""
     name = state.model_name()
+    if not name:
+        raise NeedsChoice(
+            "Choose a registry model in the sidebar (Model: another registry model). Full-size models need "
+            "their official checkpoints; without them their weights are random."
+        )
     ckpt = tok = None
     if state.get("model") == "other":
         ckpt = _checked_path(state.get("ckpt"), "transformer checkpoint")
@@ -74,24 +101,137 @@ def model_choice() -> ModelChoice:
     return ModelChoice(name, ckpt, tok, device, int(state.get("seed")))
 
 
-@st.cache_resource(show_spinner="Loading the model ...", max_entries=4)
+@functools.lru_cache(maxsize=64)
+def model_size(name: str) -> tuple[int, int]:
+    """(parameters, bytes as float32 incl. buffers) of registry model `name`, from a build on the meta
+    device: nothing is allocated, so a 3 B model is sized in a fraction of a second."""
+    spec = get_spec(name)
+    cls = adapter_class(spec.family)
+    with torch.device("meta"):
+        mods = [cls.build_tokenizer(spec), cls.build_transformer(spec)]
+    n = sum(p.numel() for m in mods for p in m.parameters())
+    b = sum(t.numel() * 4 for m in mods for t in [*m.parameters(), *m.buffers()])
+    return int(n), int(b)
+
+
+def _adapter_bytes(adapter: IARAdapter) -> int:
+    mods = (adapter.tokenizer, adapter.transformer)
+    return int(sum(t.numel() * t.element_size() for m in mods for t in [*m.parameters(), *m.buffers()]))
+
+
+_MODELS: OrderedDict[ModelChoice, tuple[IARAdapter, int]] = OrderedDict()  # least recently used first
+_MODELS_MU = threading.Lock()
+_LOADING: dict[ModelChoice, threading.Lock] = {}
+
+
+def _evict_to(limit: int) -> None:
+    """Drop the least recently used models until the cached ones take at most `limit` bytes (lock held)."""
+    while _MODELS and sum(b for _, b in _MODELS.values()) > limit:
+        old, (_, b) = _MODELS.popitem(last=False)
+        log.info("model cache: dropped %s (%.2f GB) to stay within the memory budget", old.name, b / 1e9)
+
+
+def cached_models() -> list[tuple[ModelChoice, int]]:
+    """The loaded models and their bytes, least recently used first."""
+    with _MODELS_MU:
+        return [(c, b) for c, (_, b) in _MODELS.items()]
+
+
+def is_loaded(choice: ModelChoice) -> bool:
+    with _MODELS_MU:
+        return choice in _MODELS
+
+
+def clear_models() -> None:
+    """Forget every cached model (tests; a later request loads again)."""
+    with _MODELS_MU:
+        _MODELS.clear()
+
+
 def _load_model(choice: ModelChoice) -> IARAdapter:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    return load_adapter(
-        choice.name,
-        checkpoint=choice.checkpoint,
-        tokenizer_checkpoint=choice.tokenizer_checkpoint,
-        device=choice.device,
-        seed=choice.seed,
+    """The shared model of `choice`: from the cache, or loaded once (concurrent sessions wait for that load)."""
+    with _MODELS_MU:
+        hit = _MODELS.get(choice)
+        if hit is not None:
+            _MODELS.move_to_end(choice)
+            return hit[0]
+        mu = _LOADING.setdefault(choice, threading.Lock())
+    with mu:
+        with _MODELS_MU:
+            hit = _MODELS.get(choice)
+            if hit is not None:
+                _MODELS.move_to_end(choice)
+                return hit[0]
+        budget = config.model_memory_budget()
+        _, need = model_size(choice.name)
+        if need > budget:
+            raise UserInputError(
+                f"{choice.name} needs about {need / 1e9:.1f} GB of memory, more than the app's model memory budget "
+                f"of {budget / 1e9:.1f} GB. Start the app with {config.MODEL_MEMORY_ENV}=<GB> set higher (the "
+                f"machine must have that much free memory), or use the CLI."
+            )
+        with _MODELS_MU:
+            _evict_to(budget - need)  # room first, so the peak stays within the budget
+        with st.spinner(f"Loading {choice.name} ..."):
+            torch.set_num_threads(max(1, torch.get_num_threads()))
+            adapter = load_adapter(
+                choice.name,
+                checkpoint=choice.checkpoint,
+                tokenizer_checkpoint=choice.tokenizer_checkpoint,
+                device=choice.device,
+                seed=choice.seed,
+            )
+        with _MODELS_MU:
+            _MODELS[choice] = (adapter, _adapter_bytes(adapter))
+            _evict_to(budget)
+            _LOADING.pop(choice, None)
+        return adapter
+
+
+def load_cost(choice: ModelChoice) -> str:
+    """What loading `choice` costs, in words: parameters, memory, weights (for the confirmation button)."""
+    n, b = model_size(choice.name)
+    weights = (
+        "with random weights (no checkpoint given: it has memorized nothing; give the official checkpoints in "
+        "the sidebar to study the released model)"
+        if choice.checkpoint is None
+        else f"from {Path(choice.checkpoint).name}"
+        + (f" and {Path(choice.tokenizer_checkpoint).name}" if choice.tokenizer_checkpoint else "")
+    )
+    try:
+        dev = resolve_device(choice.device)
+    except RuntimeError:
+        dev = choice.device
+    return (
+        f"{choice.name} is a full-size model: {n / 1e6:,.0f} M parameters, about {b / 1e9:.1f} GB of memory on "
+        f"{dev}, {weights}. Loading it takes seconds to minutes and it stays loaded for every "
+        f"session while it fits the app's model memory budget ({config.model_memory_budget() / 1e9:.1f} GB)."
     )
 
 
+def confirm(choice: ModelChoice) -> None:
+    """Record in this browser session that the user asked for `choice` to be loaded (a button callback)."""
+    st.session_state.setdefault("_confirmed_models", set()).add(choice)
+
+
+def needs_confirmation(choice: ModelChoice) -> bool:
+    """True for a full-size model not loaded yet that this session has not asked for with a click."""
+    if get_spec(choice.name).kind != "released" or is_loaded(choice):
+        return False
+    return choice not in st.session_state.get("_confirmed_models", set())
+
+
 def get_model() -> tuple[IARAdapter, ModelChoice]:
-    """The shared model of the sidebar's choice; raises UserInputError with a readable message."""
+    """The shared model of the sidebar's choice; raises UserInputError with a readable message
+    (NeedsConfirmation before a full-size model's first load in this session)."""
     choice = model_choice()
+    if needs_confirmation(choice):
+        raise NeedsConfirmation(load_cost(choice), choice)
     try:
         return _load_model(choice), choice
-    except (CheckpointError, FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
+    except UserInputError:
+        raise
+    except (CheckpointError, FileNotFoundError, KeyError, ValueError, RuntimeError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         log.warning("model load failed: %s", msg)
         raise UserInputError(f"Could not load {choice.name}: {msg}") from None

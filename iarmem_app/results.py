@@ -1,12 +1,16 @@
 """Results for the app: the user's store first, then the shipped read-only store; jobs started and polled.
 
 A stored result never changes under its key, so loaded results are cached per key for every session.
+Every load verifies the files' sha256; a damaged copy in the user's store is never served: the intact copy
+shipped with iarmem is served instead, with a warning that says so (`load_with`).
 Heavy work is a job of iarmem_core.jobs: starting one twice (a rerun, a second tab) returns the running
 job, and the page polls its status file in a fragment until it is done.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,11 +18,15 @@ import numpy as np
 import streamlit as st
 
 from iarmem_app import config
+from iarmem_app.ui import md_escape
 from iarmem_core import jobs, unitmem
 from iarmem_core import store as store_mod
 from iarmem_core.store import ResultStore
 
 ACTIVE = ("queued", "running")
+log = logging.getLogger("iarmem.app")
+_DAMAGED: dict[tuple[str, str], tuple[str, str]] = {}  # (store root, key) -> (live version, problem)
+_DAMAGED_MU = threading.Lock()
 
 
 def user_store() -> ResultStore:
@@ -31,11 +39,52 @@ def shipped_store() -> ResultStore:
     return ResultStore(config.SHIPPED_STORE, read_only=True)
 
 
+def _damaged(s: ResultStore, key: str) -> str | None:
+    """The problem of the live copy of `key` in `s` if it was found damaged (and not replaced since)."""
+    with _DAMAGED_MU:
+        got = _DAMAGED.get((str(s.root), key))
+    return got[1] if got is not None and got[0] == version(s, key) else None
+
+
 def locate(key: str) -> ResultStore | None:
-    """The store holding a complete result under `key` (the user's first), or None."""
+    """The store holding a complete, not known to be damaged, result under `key` (the user's first), or None."""
     for s in (user_store(), shipped_store()):
-        if s.exists(key):
+        if s.exists(key) and _damaged(s, key) is None:
             return s
+    return None
+
+
+def load_with(key: str, loader: Callable[[str, str, str], object]):
+    """`loader(store root, key, version)` on the first store whose copy of `key` is intact (the user's first).
+
+    A copy that fails to load as damaged (CorruptEntryError: a sha256 mismatch, a missing file, a key that
+    does not match) is remembered and skipped, with a warning on the page, and the next store's copy is
+    served; None when no store has an intact copy (the last damage is then raised)."""
+    last: store_mod.CorruptEntryError | None = None
+    for s in (user_store(), shipped_store()):
+        if not s.exists(key):
+            continue
+        v = version(s, key)
+        problem = _damaged(s, key)
+        if problem is None:
+            try:
+                return loader(str(s.root), key, v)
+            except store_mod.CorruptEntryError as e:
+                log.warning("damaged result %s in %s: %s", key, s.root, e)
+                with _DAMAGED_MU:
+                    _DAMAGED[(str(s.root), key)] = (v, str(e))
+                problem = str(e)
+        last = store_mod.CorruptEntryError(problem)
+        if not s.read_only and shipped_store().exists(key):
+            st.warning(
+                md_escape(
+                    f"Your copy of result {key} in {s.root} is damaged, so it is not used: {problem} "
+                    "Showing the intact copy shipped with iarmem instead."
+                ),
+                icon=":material/warning:",
+            )
+    if last is not None:
+        raise last
     return None
 
 
@@ -57,9 +106,9 @@ def version(s: ResultStore, key: str) -> str:
 
 
 def load(key: str) -> tuple[dict[str, np.ndarray], dict] | None:
-    """(arrays, meta) of the result under `key` from the user's store or the shipped one; None if neither has it."""
-    s = locate(key)
-    return None if s is None else _load(str(s.root), key, version(s, key))
+    """(arrays, meta) of the result under `key` from the user's store or the shipped one; None if neither has
+    it. A damaged copy in the user's store gives way to the shipped one (see `load_with`)."""
+    return load_with(key, _load)
 
 
 def source_label(key: str) -> str:
@@ -113,13 +162,19 @@ def job_panel(
         return
     if st_.get("state") == "failed":
         st.error(
-            f"The {what} job stopped: {st_.get('error')}. Start it again to "
-            f"{'resume from its checkpoint' if st_.get('resumable') else 'run it'}."
+            md_escape(
+                f"The {what} job stopped: {st_.get('error')}. Start it again to "
+                f"{'resume from its checkpoint' if st_.get('resumable') else 'run it'}."
+            )
         )
     elif st_.get("state") == "cancelled":
         st.warning(
             f"The {what} job was cancelled at {100 * float(st_.get('progress') or 0):.0f}%. "
-            "Starting it again resumes from its last checkpoint."
+            + (
+                "Starting it again resumes from its last checkpoint."
+                if st_.get("resumable", True)
+                else "No checkpoint had been saved yet, so starting it again begins from the start."
+            )
         )
     if done and not allow_rerun:
         return

@@ -11,8 +11,10 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from iarmem_app.loaders import UserInputError
+from iarmem_app import edits, loaders
+from iarmem_app.loaders import NeedsChoice, NeedsConfirmation, UserInputError
 from iarmem_core import figures
+from iarmem_core.store import StoreError
 
 log = logging.getLogger("iarmem.app")
 
@@ -33,6 +35,31 @@ html, body, [data-testid="stAppViewContainer"] { font-size: 19px; }
 
 def apply_style() -> None:
     st.html(CSS)
+
+
+_MD_SPECIAL = re.compile(r"[!-/:-@\[-`{-~]")  # every ASCII punctuation character
+_AUTOLINK = re.compile(r"(?i)(https?|ftp|mailto|www)(?=[:.])|(?=@)")  # where GFM would start a bare link
+_WJ = "\u2060"  # WORD JOINER: invisible, and no "http://", "www." or "a@b" is left to autolink
+
+
+def md_escape(text: object) -> str:
+    """Text that markdown shows exactly as typed: every ASCII punctuation character becomes a numeric
+    character reference (`&#58;` for ':'), so no link, image, emphasis, code, HTML, LaTeX or Streamlit
+    directive can form; an invisible word joiner after "http", "www" and before "@" keeps bare URLs and
+    e-mail addresses from being turned into links; line breaks become spaces. Everything a user or a URL
+    supplies (paths, unit lists, file names, messages that quote them) goes through this or `code_span`
+    before it reaches st.markdown, st.caption, st.error, an image caption, a label or a help text."""
+    s = _AUTOLINK.sub(lambda m: (m.group(1) or "") + _WJ, " ".join(str(text).splitlines()))
+    return _MD_SPECIAL.sub(lambda m: f"&#{ord(m.group())};", s)
+
+
+def code_span(text: object) -> str:
+    """`text` as an inline code span whose fence is longer than any run of backticks inside it, so the
+    text cannot close the span early (CommonMark): shown verbatim, nothing inside is interpreted."""
+    s = " ".join(str(text).splitlines())
+    longest = max((len(m) for m in re.findall(r"`+", s)), default=0)
+    fence = "`" * (longest + 1)
+    return f"{fence} {s} {fence}"
 
 
 def explain(text: str, title: str = "What am I looking at?", expanded: bool = False) -> None:
@@ -110,8 +137,23 @@ def images(imgs_BHW3: np.ndarray, captions: list[str], columns: int | None = Non
     if n == 0:
         return
     cols = st.columns(columns or max(n, 4))  # a lone image stays thumbnail-sized
-    for i in range(n):
-        cols[i % len(cols)].image(imgs_BHW3[i], caption=captions[i], width="stretch", output_format="PNG")
+    for i in range(n):  # captions render markdown: they may hold file names, so they are escaped
+        cols[i % len(cols)].image(imgs_BHW3[i], caption=md_escape(captions[i]), width="stretch", output_format="PNG")
+
+
+def picked_units(tags: list[str], result) -> dict[int, tuple[int, ...]]:
+    """The picked units ({block: units}) of `tags` (the iv_units parameter) that exist in the model of UnitMem
+    `result`; the others (a hand-edited URL) are dropped with a warning that names them."""
+    bad = edits.unknown_units(tags, result)
+    if bad:
+        blocks = [int(b) for b in result.meta["blocks"]]
+        st.warning(
+            md_escape(
+                f"URL parameter iv_units: dropped {', '.join(bad[:8])}{' and more' if len(bad) > 8 else ''}: "
+                f"this model has blocks {min(blocks)}..{max(blocks)} with units 0..{int(result.n_units) - 1}"
+            )
+        )
+    return edits.parse_units(tags, result)
 
 
 @contextmanager
@@ -119,12 +161,29 @@ def guard(what: str) -> Iterator[None]:
     """Show a failure inside a page as a message (what failed and what to do), never as a traceback."""
     try:
         yield
+    except NeedsChoice as e:
+        st.info(md_escape(e), icon=":material/info:")
+    except NeedsConfirmation as e:  # a full-size model: loaded only on a click in this session
+        st.warning(md_escape(e), icon=":material/memory:")
+        st.button(
+            f"Load {e.choice.name}",
+            key="load_model_confirm",
+            type="primary",
+            icon=":material/download:",
+            on_click=loaders.confirm,
+            args=(e.choice,),
+        )
     except UserInputError as e:
-        st.error(str(e), icon=":material/error:")
+        st.error(md_escape(e), icon=":material/error:")
+    except StoreError as e:  # damaged, read-only or full store: the message says what to do
+        log.warning("%s: %s", what, e)
+        st.error(md_escape(e), icon=":material/error:")
     except Exception as e:  # anything else: a short message, the details in the server log
         log.exception("%s failed", what)
         st.error(
-            f"{what} failed: {type(e).__name__}: {e}. The server log has the details; change the settings "
-            "in the sidebar or report it with that log.",
+            md_escape(
+                f"{what} failed: {type(e).__name__}: {e}. The server log has the details; change the settings "
+                "in the sidebar or report it with that log."
+            ),
             icon=":material/error:",
         )

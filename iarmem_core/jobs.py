@@ -16,7 +16,10 @@ atomically, readable from any thread or process with `job_status(key)`. A cancel
 process is the file `jobs/<key>.cancel`.
 
 States: queued, running, done, failed, cancelled. A status file left at queued/running by a dead process
-reads as failed with `interrupted: True` (and `resumable: True` when a checkpoint exists).
+reads as failed with `interrupted: True` (and `resumable: True` when a checkpoint exists), unless the
+result was published before the process died: then it reads as done, and the first read records that and
+removes the checkpoint the dead run left behind. A store that cannot be written refuses to start a job
+(ReadOnlyStoreError) before anything runs.
 
 Inside a job, `run_batches(ctx, n, batch_size, work, ...)` is the one loop over items that every job uses:
 cancel checks between batches, out-of-memory halving (the same items are retried with half the batch),
@@ -49,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from iarmem_core.store import HOST, ResultStore, atomic_write_json, get_store
+from iarmem_core.store import HOST, ResultStore, StoreError, atomic_write_json, get_store
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 TERMINAL = ("done", "failed", "cancelled")
@@ -102,12 +105,16 @@ class _Lock:
 
     def beat(self) -> None:
         """Rewrite pid, host and heartbeat in place through the held descriptor. (The file is never deleted:
-        deleting a lock file that others may have open would let two runners lock two different inodes.)"""
+        deleting a lock file that others may have open would let two runners lock two different inodes.)
+        Best effort: the flock, not the content, is the lock, so a full disk does not stop the job here."""
         if self.fd is not None:
             data = json.dumps({**self.info, "heartbeat": time.time()}).encode()
-            os.lseek(self.fd, 0, os.SEEK_SET)
-            os.ftruncate(self.fd, 0)
-            os.write(self.fd, data)
+            try:
+                os.lseek(self.fd, 0, os.SEEK_SET)
+                os.ftruncate(self.fd, 0)
+                os.write(self.fd, data)
+            except OSError:
+                pass
 
     def release(self) -> None:
         if self.fd is not None:
@@ -138,9 +145,81 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def _created(store: ResultStore, what: str, key: str) -> float | None:
+    """`created` of the live result (what="result") or checkpoint (what="partial") under key; None if absent
+    or unreadable."""
+    try:
+        if what == "result":
+            if not store.exists(key):
+                return None
+            info = store.info(key)
+        else:
+            if not store.has_partial(key):
+                return None
+            info = store._read_info(store.partial_dir(key), key, "partial state")
+        return float(info.get("created") or 0.0)
+    except (StoreError, OSError, ValueError, TypeError):
+        return None
+
+
+def clear_stale_partial(store: ResultStore, key: str) -> bool:
+    """Remove a checkpoint that is older than the stored result of `key` (left by a run that died between
+    publishing its result and cleaning up), if no job runs now; True if one was removed. A checkpoint newer
+    than the result (a forced recomputation that was interrupted) is kept."""
+    if store.read_only:
+        return False
+    made, part = _created(store, "result", key), _created(store, "partial", key)
+    if made is None or part is None or part > made:
+        return False
+    lock = _Lock(_paths(store, key)[1])
+    try:
+        if not lock.try_acquire():
+            return False
+    except OSError:
+        return False
+    try:
+        store.clear_partial(key)
+        return True
+    except (StoreError, OSError):
+        return False
+    finally:
+        lock.release()
+
+
+def _record_done(store: ResultStore, key: str, st: dict) -> dict:
+    """The status of a job whose result was published but whose 'done' was never recorded; written back
+    (best effort, only while no job runs) together with the removal of the checkpoint it left."""
+    done = {
+        **st,
+        "state": "done",
+        "progress": 1.0,
+        "error": None,
+        "message": "done (the result was stored; the run stopped before it could record this)",
+        "finished": st.get("finished") or _created(store, "result", key),
+    }
+    done.pop("interrupted", None)
+    done.pop("resumable", None)
+    if store.read_only:
+        return done
+    status_path, lock_path, _ = _paths(store, key)
+    lock = _Lock(lock_path)
+    try:
+        if lock.try_acquire():
+            try:
+                if store.has_partial(key) and (_created(store, "partial", key) or 0) <= (done["finished"] or 0):
+                    store.clear_partial(key)
+                atomic_write_json(status_path, done)
+            finally:
+                lock.release()
+    except (StoreError, OSError):
+        pass
+    return done
+
+
 def job_status(key: str, store: ResultStore | None = None) -> dict:
     """Status of job `key` from any thread or process: state, progress, message, error, started, finished,
-    heartbeat, pid, host. state "none" if it never ran; "done" if only its result exists."""
+    heartbeat, pid, host. state "none" if it never ran; "done" if only its result exists, or if its result
+    was stored by a run that stopped before recording "done" (the status is then repaired)."""
     store = store or get_store()
     status_path, _, _ = _paths(store, key)
     st = _read_json(status_path)
@@ -148,18 +227,25 @@ def job_status(key: str, store: ResultStore | None = None) -> dict:
         if store.exists(key):
             return {"key": key, "state": "done", "progress": 1.0, "message": "result in store"}
         return {"key": key, "state": "none", "progress": 0.0, "message": ""}
-    if st.get("state") in ("queued", "running") and not lock_held(store, key):
-        # the runner may have just finished: re-read before declaring it dead
-        st = _read_json(status_path) or st
-        if st.get("state") in ("queued", "running") and not lock_held(store, key):
-            resumable = store.has_partial(key)
-            then = "resume from its last checkpoint." if resumable else "run it (no checkpoint was saved)."
-            pct = 100 * float(st.get("progress") or 0)
-            error = (
-                f"interrupted: the process running this job (pid {st.get('pid')} on {st.get('host')}) "
-                f"stopped at {pct:.0f}% without finishing. Start the job again to {then}"
-            )
-            st = {**st, "state": "failed", "interrupted": True, "resumable": resumable, "error": error}
+    if st.get("state") == "done" or lock_held(store, key):
+        return st
+    # the runner may have just finished: re-read before judging it
+    st = _read_json(status_path) or st
+    if st.get("state") == "done" or lock_held(store, key):
+        return st
+    active = st.get("state") in ("queued", "running")
+    made = _created(store, "result", key)
+    if made is not None and (active or made >= float(st.get("started") or 0.0)):
+        return _record_done(store, key, st)  # published, then died (or failed while cleaning up)
+    if active:
+        resumable = store.has_partial(key)
+        then = "resume from its last checkpoint." if resumable else "run it (no checkpoint was saved)."
+        pct = 100 * float(st.get("progress") or 0)
+        error = (
+            f"interrupted: the process running this job (pid {st.get('pid')} on {st.get('host')}) "
+            f"stopped at {pct:.0f}% without finishing. Start the job again to {then}"
+        )
+        st = {**st, "state": "failed", "interrupted": True, "resumable": resumable, "error": error}
     return st
 
 
@@ -274,7 +360,8 @@ class JobHandle:
         raise RuntimeError(f"job {self.key} is {state}; wait() for it first")
 
     def cancel(self) -> None:
-        """Ask the job to stop at its next ctx.check(); its checkpoint is kept, so it can resume."""
+        """Ask the job to stop at its next ctx.check(); its checkpoint (if one was saved) is kept, so it can
+        resume."""
         self._cancel.set()
         if self.local and self.state in TERMINAL:
             return
@@ -297,6 +384,14 @@ class JobHandle:
         if self._dirty:
             self._set(force=True)
 
+    def _set_final(self, **fields) -> None:
+        """Record a terminal status; if the disk refuses (full), the in-process status still holds it."""
+        try:
+            self._set(**fields)
+        except (OSError, StoreError) as e:
+            with self._mu:
+                self._status["status_write_error"] = f"{type(e).__name__}: {e}"
+
     def _progress(self, fraction: float, message: str) -> None:
         self._set(force=False, progress=fraction, message=message)
         if self._on_progress is not None:
@@ -317,11 +412,14 @@ def _run(handle: JobHandle, fn: JobFn, lock: _Lock, version: str | None) -> None
     def beat() -> None:
         last = time.monotonic()
         while not stop_beat.wait(STATUS_EVERY_S):
-            handle._flush()  # progress held back by the throttle reaches the disk within STATUS_EVERY_S
-            if time.monotonic() - last >= HEARTBEAT_S:
-                last = time.monotonic()
-                handle._set(heartbeat=time.time())
-                lock.beat()
+            try:
+                handle._flush()  # progress held back by the throttle reaches the disk within STATUS_EVERY_S
+                if time.monotonic() - last >= HEARTBEAT_S:
+                    last = time.monotonic()
+                    handle._set(heartbeat=time.time())
+                    lock.beat()
+            except (OSError, StoreError):  # a full disk: the job itself reports it when it next writes
+                pass
 
     beater = threading.Thread(target=beat, name=f"iarmem-heartbeat-{handle.key}", daemon=True)
     try:
@@ -346,21 +444,23 @@ def _run(handle: JobHandle, fn: JobFn, lock: _Lock, version: str | None) -> None
         handle.store.clear_partial(handle.key)
         handle._set(state="done", progress=1.0, message="done", finished=time.time())
     except Cancelled:
-        handle._set(state="cancelled", message="cancelled (checkpoint kept)", finished=time.time())
+        kept = _has_checkpoint(handle)
+        handle._set_final(state="cancelled", message=f"cancelled ({_kept(kept)})", resumable=kept, finished=time.time())
     except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C in the CLI: a cancel, re-raised by run_job
+        kept = _has_checkpoint(handle)
+        msg = f"interrupted ({type(e).__name__}) at {100 * handle.progress:.0f}%; {_kept(kept)}"
+        if isinstance(e, KeyboardInterrupt):
+            e.args = (f"job {handle.key} {msg}",)  # what the CLI prints
         handle.exception = e
-        handle._set(
-            state="cancelled",
-            message=f"interrupted ({type(e).__name__}); checkpoint kept",
-            finished=time.time(),
-        )
+        handle._set_final(state="cancelled", message=msg, resumable=kept, finished=time.time())
     except BaseException as e:  # the status must say why, whatever it was
         handle.exception = e
-        handle._set(
+        handle._set_final(
             state="failed",
             error=f"{type(e).__name__}: {e}",
             traceback=traceback.format_exc(limit=20),
             message="failed",
+            resumable=_has_checkpoint(handle),
             finished=time.time(),
         )
     finally:
@@ -371,10 +471,31 @@ def _run(handle: JobHandle, fn: JobFn, lock: _Lock, version: str | None) -> None
         handle._finished.set()
 
 
+def _has_checkpoint(handle: JobHandle) -> bool:
+    try:
+        return handle.store.has_partial(handle.key)
+    except OSError:
+        return False
+
+
+def _kept(kept: bool) -> str:
+    return (
+        "checkpoint kept: starting it again resumes from there"
+        if kept
+        else "no checkpoint had been saved yet: starting it again begins from the start"
+    )
+
+
 def _prepare(kind: str, spec: Mapping, store: ResultStore | None, version: str | None):
     store = store or get_store()
     key = store.key(kind, spec, version)
     return store, key
+
+
+def _check_writable(store: ResultStore, kind: str, key: str) -> None:
+    """A job needs a writable store (status, lock, checkpoints, the result): refuse before anything runs."""
+    if store.read_only:
+        store._writable(f"running the {kind} job {key}")
 
 
 def _local_handle(store, key, kind, spec, on_progress) -> JobHandle:
@@ -419,7 +540,9 @@ def start_job(
         if h is not None and not h._finished.is_set():
             return h
         if not force and store.exists(key):
+            clear_stale_partial(store, key)
             return JobHandle(store, key, kind, spec, local=False)
+        _check_writable(store, kind, key)
         lock = _Lock(_paths(store, key)[1])
         if not lock.try_acquire():
             return JobHandle(store, key, kind, spec, local=False)
@@ -447,7 +570,10 @@ def run_job(
     failures are recorded in the status and re-raised; the checkpoint is kept for a later resume."""
     store, key = _prepare(kind, spec, store, version)
     if not force and store.exists(key):
-        return store.load(key)
+        out = store.load(key)
+        clear_stale_partial(store, key)
+        return out
+    _check_writable(store, kind, key)
     lock = _Lock(_paths(store, key)[1])
     while not lock.try_acquire():
         st = job_status(key, store)
@@ -466,7 +592,7 @@ def run_job(
     if h.exception is not None:
         raise h.exception
     if h.state == "cancelled":
-        raise Cancelled(f"job {key} cancelled; its checkpoint is kept, run it again to resume")
+        raise Cancelled(f"job {key} cancelled; {_kept(bool(h.status().get('resumable')))}")
     return store.load(key)
 
 

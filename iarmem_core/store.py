@@ -17,6 +17,12 @@ Layout under the root (`$IARMEM_STORE`, else `<repo>/store/`):
 A version folder is written completely in tmp/, fsynced, renamed into its slot, and only then made live by
 replacing CURRENT: killed at any moment, a reader sees the old result or the new one, never a mix.
 
+What is read is checked: CURRENT must name a version folder of the form `v-<digits>-<8 hex>` (no path
+component, no link), info.json must record the key it is served under (a result copied under another key
+is refused), array names must be plain names, and every file must match its sha256. A store whose root
+cannot be written (a read-only file system, a folder without write permission) opens read-only by itself;
+a full disk is a StoreFullError that says so, and nothing stored is changed.
+
 Example:
     >>> st = ResultStore("/tmp/iarmem-doc-store")
     >>> k = st.key("unitmem", {"model": "demo-var", "n": 500})
@@ -28,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -51,6 +58,9 @@ REPO = Path(__file__).resolve().parent.parent
 _KIND_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,47}$")
 _KEY_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,47}-[0-9a-f]{24}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_VERSION_RE = re.compile(r"^v-[0-9]{1,24}-[0-9a-f]{8}$")
+_FULL_RE = re.compile(r"\d+ requested and \d+ written")  # numpy's tofile on a short write (no errno)
+_RO_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 HOST = socket.gethostname()
 _HOST_ID = hashlib.sha256(HOST.encode()).hexdigest()[:8]
 
@@ -65,6 +75,41 @@ class ResultNotFound(StoreError, LookupError):
 
 class CorruptEntryError(StoreError):
     """A stored entry that cannot be read; it is left in place for the user to inspect or delete."""
+
+
+class StoreFullError(StoreError, OSError):
+    """The disk of the store is full (or a file-size limit was hit); nothing stored was changed."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """True for an OSError that means 'no space': ENOSPC, EDQUOT, EFBIG, or numpy's short-write message."""
+    return isinstance(e, OSError) and (
+        getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or bool(_FULL_RE.search(str(e)))
+    )
+
+
+def _free_bytes(path: Path) -> int | None:
+    for p in (path, *path.parents):
+        try:
+            return shutil.disk_usage(p).free
+        except OSError:
+            continue
+    return None
+
+
+def disk_full_error(path: str | os.PathLike, what: str, needed: int | None = None) -> StoreFullError:
+    """A StoreFullError for `what` written under `path`, with the free space and what to do."""
+    p = Path(path)
+    free = _free_bytes(p)
+    need = f" (about {needed:,} bytes needed" + (f", {free:,} free)" if free is not None else ")") if needed else ""
+    if not need and free is not None:
+        need = f" ({free:,} bytes free)"
+    e = StoreFullError(
+        f"disk full: could not write {what} under {p}{need}. Nothing stored was changed. Free some space on "
+        f"that disk, or point the store at a larger one ($IARMEM_STORE or --store)"
+    )
+    e.errno = errno.ENOSPC
+    return e
 
 
 def default_root() -> Path:
@@ -151,6 +196,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         _write_file(tmp, data)
         os.replace(tmp, p)
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full_error(p.parent, p.name, len(data)) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -171,6 +220,25 @@ def file_lock(path: Path, shared: bool = False) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the flock
+
+
+@contextmanager
+def read_lock(path: Path) -> Iterator[None]:
+    """A shared flock on `path` for a reader: created if it can be, else taken only if the file exists
+    (a folder the reader may not write)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if e.errno not in _RO_ERRNOS:
+            raise
+        with existing_file_lock(path, shared=True):
+            yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -208,16 +276,29 @@ class ResultStore:
     `read_only=True` opens a store that is only read (a shipped results folder, a mounted dataset, a shared
     folder without write permission): nothing is created, cleaned or locked (a lock file that exists is
     still honoured, so a concurrent writer is never torn), and every write raises ReadOnlyStoreError.
+    A root that cannot be written (read-only file system, no permission) opens read-only by itself;
+    `read_only_reason` then says why.
     """
 
     def __init__(self, root: str | os.PathLike | None = None, read_only: bool = False):
         self.root = Path(root) if root is not None else default_root()
         self.root = self.root.expanduser().absolute()
         self.read_only = bool(read_only)
+        self.read_only_reason: str | None = "opened read-only" if self.read_only else None
         if self.read_only:
             return
-        for sub in ("results", "partial", "jobs", "tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            for sub in ("results", "partial", "jobs", "tmp"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            if not os.access(self.root / "tmp", os.W_OK):
+                ro = bool(os.statvfs(self.root).f_flag & os.ST_RDONLY)
+                raise OSError(errno.EROFS if ro else errno.EACCES, "cannot write", str(self.root / "tmp"))
+        except OSError as e:
+            if e.errno not in _RO_ERRNOS:
+                raise
+            self.read_only = True
+            self.read_only_reason = f"it cannot be written ({os.strerror(e.errno).lower()})"
+            return
         self._cleanup_tmp()
 
     def __repr__(self) -> str:
@@ -225,8 +306,10 @@ class ResultStore:
 
     def _writable(self, what: str) -> None:
         if self.read_only:
+            why = self.read_only_reason or "opened read-only"
             raise ReadOnlyStoreError(
-                f"{what}: the store at {self.root} is open read-only; write to your own store ($IARMEM_STORE) instead"
+                f"{what}: the store at {self.root} is read-only ({why}); its results can be read, not written. "
+                f"Write to a store you can write: set $IARMEM_STORE or --store to a writable folder"
             )
 
     # -- keys -----------------------------------------------------------------------------------------------
@@ -442,45 +525,56 @@ class ResultStore:
 
         # 2. write a complete version folder in tmp/ and fsync it
         tmp = self._tmp_path("w")
-        tmp.mkdir(parents=True)
         try:
-            meta_arrays = {}
-            for name, a in arrs.items():
-                with open(tmp / f"{name}.npy", "wb") as f:
-                    np.lib.format.write_array(f, a, allow_pickle=False)
-                    f.flush()
-                    os.fsync(f.fileno())
-                meta_arrays[name] = {
-                    "shape": list(a.shape),
-                    "dtype": a.dtype.str,
-                    "bytes": int(a.nbytes),
-                    "sha256": _sha256_file(tmp / f"{name}.npy"),
-                }
-            _write_file(tmp / "meta.json", (meta_json + "\n").encode())
-            info = {
-                **info,
-                "format": STORE_FORMAT,
-                "created": time.time(),
-                "arrays": meta_arrays,
-                "meta_sha256": hashlib.sha256((meta_json + "\n").encode()).hexdigest(),
-            }
-            _write_file(tmp / "info.json", (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
-            _fsync_dir(tmp)
-
-            # 3. move it into the slot, make it live by replacing CURRENT (atomic), then drop older versions
-            slot.mkdir(parents=True, exist_ok=True)
-            with file_lock(slot / ".lock"):
-                vname = f"v-{time.time_ns()}-{uuid.uuid4().hex[:8]}"
-                os.rename(tmp, slot / vname)
-                _fsync_dir(slot)
-                self._publish(slot, vname)
-                for old in slot.iterdir():
-                    if old.is_dir() and old.name.startswith("v-") and old.name != vname:
-                        shutil.rmtree(old, ignore_errors=True)
-            return slot / vname
+            tmp.mkdir(parents=True)
+            return self._write_version(tmp, slot, arrs, meta_json, info)
+        except OSError as e:
+            if is_disk_full(e) and not isinstance(e, StoreFullError):
+                needed = sum(a.nbytes for a in arrs.values()) + len(meta_json)
+                raise disk_full_error(
+                    self.root, f"{info.get('key')} ({'checkpoint' if info.get('partial') else 'result'})", needed
+                ) from None
+            raise
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+    def _write_version(self, tmp: Path, slot: Path, arrs: dict, meta_json: str, info: dict) -> Path:
+        """Write arrays, meta.json and info.json into `tmp`, fsync, move it into `slot` and publish it."""
+        meta_arrays = {}
+        for name, a in arrs.items():
+            with open(tmp / f"{name}.npy", "wb") as f:
+                np.lib.format.write_array(f, a, allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+            meta_arrays[name] = {
+                "shape": list(a.shape),
+                "dtype": a.dtype.str,
+                "bytes": int(a.nbytes),
+                "sha256": _sha256_file(tmp / f"{name}.npy"),
+            }
+        _write_file(tmp / "meta.json", (meta_json + "\n").encode())
+        info = {
+            **info,
+            "format": STORE_FORMAT,
+            "created": time.time(),
+            "arrays": meta_arrays,
+            "meta_sha256": hashlib.sha256((meta_json + "\n").encode()).hexdigest(),
+        }
+        _write_file(tmp / "info.json", (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
+        _fsync_dir(tmp)
+
+        # 3. move it into the slot, make it live by replacing CURRENT (atomic), then drop older versions
+        slot.mkdir(parents=True, exist_ok=True)
+        with file_lock(slot / ".lock"):
+            vname = f"v-{time.time_ns()}-{uuid.uuid4().hex[:8]}"
+            os.rename(tmp, slot / vname)
+            _fsync_dir(slot)
+            self._publish(slot, vname)
+            for old in slot.iterdir():
+                if old.is_dir() and old.name.startswith("v-") and old.name != vname:
+                    shutil.rmtree(old, ignore_errors=True)
+        return slot / vname
 
     def _publish(self, slot: Path, vname: str) -> None:
         """Make version `vname` live: write CURRENT.tmp, fsync, os.replace onto CURRENT, fsync the folder."""
@@ -492,8 +586,10 @@ class ResultStore:
             vname = cur.read_text().strip()
         except FileNotFoundError:
             raise ResultNotFound(f"no {what} stored under {key} (looked in {slot})") from None
+        if not _VERSION_RE.match(vname):  # never a path: no '/', no '..'
+            raise self._corrupt(slot, key, what, f"CURRENT names {vname[:80]!r}, which is not a version folder name")
         vdir = slot / vname
-        if not vname.startswith("v-") or not vdir.is_dir():
+        if vdir.is_symlink() or not vdir.is_dir():
             raise self._corrupt(slot, key, what, f"CURRENT names {vname!r}, which is not a version folder there")
         return vdir
 
@@ -501,18 +597,29 @@ class ResultStore:
         vdir = vdir or self._live_version(slot, key, what)
         try:
             info = json.loads((vdir / "info.json").read_text())
-            if not isinstance(info.get("arrays"), dict):
+            if not isinstance(info, dict) or not isinstance(info.get("arrays"), dict):
                 raise ValueError("no 'arrays' mapping")
-            return info
         except (OSError, ValueError) as e:
             raise self._corrupt(slot, key, what, f"info.json unreadable ({type(e).__name__}: {e})") from e
+        if info.get("key") != key:
+            raise self._corrupt(
+                slot,
+                key,
+                what,
+                f"info.json records the key {str(info.get('key'))[:80]!r}: this entry was copied or moved here "
+                f"from another key, so it is not served",
+            )
+        bad = [n for n in info["arrays"] if not isinstance(n, str) or not _NAME_RE.match(n) or n in ("meta", "info")]
+        if bad:
+            raise self._corrupt(slot, key, what, f"info.json lists array names that are not plain names: {bad[:3]!r}")
+        return info
 
     def _read_slot(self, slot: Path, key: str, what: str, verify: bool, mmap: bool) -> tuple[dict, dict]:
         # a shared lock keeps a concurrent writer from removing this version folder while it is read
         if self.read_only:
             lock = existing_file_lock(slot / ".lock", shared=True)
         else:
-            lock = file_lock(slot / ".lock", shared=True) if slot.is_dir() else nullcontext()
+            lock = read_lock(slot / ".lock") if slot.is_dir() else nullcontext()
         with lock:
             vdir = self._live_version(slot, key, what)
             return self._read_version(slot, key, what, vdir, verify, mmap)

@@ -121,10 +121,10 @@ class IARAdapter(ABC):
                     cls.random_init(m)
                 identity[comp] = f"random:{seed}"
             else:
-                sd = checkpoints.read_state_dict(path, component=comp)
                 with torch.device("meta"):
                     m = builder(spec)
-                checkpoints.load_checked(m, path, expected=spec.name, component=comp, sd=sd)
+                # sizes and (safetensors) shapes are checked against the model before the tensors are read
+                checkpoints.load_checked(m, path, expected=spec.name, component=comp)
                 identity[comp] = f"{Path(path).name}:{checkpoints.file_fingerprint(path)}"
             init_np = getattr(m, "init_non_persistent", None)
             if init_np is not None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
+import traceback
 
 # command -> (module, add_arguments, run, help attribute)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -26,11 +28,21 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors on one line (and a JSON error object on stdout when --json was given)."""
+
+    json_errors = False
+
+    def error(self, message: str):  # argparse's own errors: bad option values, unknown options
+        _report(f"{self.prog}: {message} (see {self.prog} --help)", "UsageError", self.json_errors)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command. Command modules import the analysis only inside `run`; their options
     read the defaults from the analysis' config classes, which this imports."""
-    parser = argparse.ArgumentParser(prog="iarmem", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="iarmem", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (mod, add, _run, help_attr) in COMMANDS.items():
         m = importlib.import_module(mod)
         p = sub.add_parser(name, help=getattr(m, help_attr))
@@ -38,17 +50,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _report(msg: str, kind: str, as_json: bool) -> None:
+    """One line on stderr; with --json also {"error", "type"} as the one JSON object on stdout."""
+    msg = _one_line(msg)
+    from iarmem_core.cli.common import end_progress_line
+
+    end_progress_line()
+    if as_json:
+        print(json.dumps({"error": msg, "type": kind}), flush=True)
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+
+
+# problems with the input, the files or the machine, whose message says what to do (exit code 2); anything
+# else is a bug, reported on one line too (exit code 1; IARMEM_DEBUG=1 prints the traceback)
+_EXPECTED = (ValueError, KeyError, LookupError, OSError, RuntimeError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every error ends as one line on stderr (and a JSON object with --json), never a
+    traceback, with a non-zero exit code (2: bad input or environment, 130: Ctrl-C or a cancel, 1: an internal
+    error)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    as_json = "--json" in argv
+    _Parser.json_errors = as_json
     args = build_parser().parse_args(argv)
     mod, _add, run, _help = COMMANDS[args.command]
-    from iarmem_core.checkpoints import CheckpointError
-    from iarmem_core.data import PathNotAllowedError
-
     try:
         return int(getattr(importlib.import_module(mod), run)(args) or 0)
-    except (CheckpointError, PathNotAllowedError, FileNotFoundError, KeyError, ValueError) as e:
+    except KeyboardInterrupt as e:
+        msg = e.args[0] if e.args else "interrupted (Ctrl-C) before any job started; nothing was stored"
+        _report(str(msg), "KeyboardInterrupt", as_json)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place where every failure becomes a message
+        from iarmem_core.jobs import Cancelled
+
+        if isinstance(e, Cancelled):  # a cancel request from another process (the app's Cancel button)
+            _report(str(e), "Cancelled", as_json)
+            return 130
+        if os.environ.get("IARMEM_DEBUG"):
+            traceback.print_exc()
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        if getattr(args, "json", False):
-            print(json.dumps({"error": msg, "type": type(e).__name__}))
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+        if not isinstance(e, _EXPECTED):
+            msg = f"internal error ({type(e).__name__}: {msg}); run with IARMEM_DEBUG=1 for the traceback"
+        elif not msg:
+            msg = type(e).__name__
+        _report(str(msg), type(e).__name__, as_json)
+        return 2 if isinstance(e, _EXPECTED) else 1

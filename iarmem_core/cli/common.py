@@ -8,6 +8,60 @@ import math
 import sys
 from collections.abc import Callable
 
+import numpy as np
+
+
+# ---- option types: a bad value is an argparse error that names the option ---------------------------
+def _int(text: str, lo: int, what: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if v < lo:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
+    return v
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (counts, batch sizes)."""
+    return _int(text, 1, "an integer >= 1")
+
+
+def nonneg_int(text: str) -> int:
+    """An integer >= 0 (seeds, top-k where 0 means no truncation)."""
+    return _int(text, 0, "an integer >= 0")
+
+
+def finite_float(text: str, lo: float = -math.inf, hi: float = math.inf, what: str = "a finite number") -> float:
+    """A finite float in [lo, hi]; NaN and infinity are refused."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not math.isfinite(v) or not lo <= v <= hi:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return v
+
+
+def number(lo: float = -math.inf, hi: float = math.inf, what: str | None = None, open_lo: bool = False):
+    """An argparse type: a finite float in [lo, hi] (or (lo, hi] with open_lo)."""
+    desc = what or (
+        "a finite number"
+        if (lo, hi) == (-math.inf, math.inf)
+        else f"a number in {'(' if open_lo else '['}{lo:g}, {hi:g}]"
+        if math.isfinite(hi)
+        else f"a number {'>' if open_lo else '>='} {lo:g}"
+    )
+
+    def conv(text: str) -> float:
+        v = finite_float(text, lo, hi, desc)
+        if open_lo and v == lo:
+            raise argparse.ArgumentTypeError(f"expected {desc}, got {text!r}")
+        return v
+
+    conv.__name__ = "number"
+    return conv
+
 
 # ---- shared options ------------------------------------------------------------------------------
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -15,19 +69,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="transformer weights (.pth/.pt/.bin/.safetensors) for --model")
     p.add_argument("--tokenizer-checkpoint", help="tokenizer weights for --model")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
 
 
 def add_data_args(p: argparse.ArgumentParser, n_default: int | None = 500, null: bool = False) -> None:
     p.add_argument("--data", default="demo", help="'demo' (bundled Fashion-MNIST) or an ImageFolder path")
     p.add_argument("--split", default="train", help="demo split: train, heldout, planted, unique")
-    p.add_argument("--n", type=int, default=n_default, help="number of images (class-stratified)")
-    p.add_argument("--fraction", type=float, help="folder data: class-stratified fraction instead of --n")
-    p.add_argument("--per-class", type=int, help="folder data: images per class instead of --n")
+    p.add_argument("--n", type=positive_int, default=n_default, help="number of images (class-stratified)")
+    p.add_argument(
+        "--fraction", type=number(0, 1, open_lo=True), help="folder data: class-stratified fraction instead of --n"
+    )
+    p.add_argument("--per-class", type=positive_int, help="folder data: images per class instead of --n")
     if null:
         p.add_argument(
             "--heldout",
-            type=int,
+            type=nonneg_int,
             default=0,
             help="null control: add this many never-trained images to D' (demo: its held-out split; "
             "folder data: from --heldout-folder)",
@@ -45,8 +101,12 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(args: argparse.Namespace):
-    from iarmem_core.adapters import load_adapter
+    from iarmem_core.adapters import load_adapter, resolve_device
 
+    try:
+        resolve_device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {args.device}: {e}") from None
     return load_adapter(
         args.model,
         checkpoint=args.checkpoint,
@@ -97,6 +157,16 @@ def get_store(args: argparse.Namespace):
     return ResultStore(args.store) if args.store else get_store()
 
 
+_LINE_OPEN = [False]  # a progress line is on stderr without its newline yet
+
+
+def end_progress_line() -> None:
+    """End an unfinished progress line, so that what follows on stderr starts a line of its own."""
+    if _LINE_OPEN[0]:
+        print(file=sys.stderr, flush=True)
+        _LINE_OPEN[0] = False
+
+
 def progress_printer(label: str) -> Callable[[float, str], None]:
     state = {"last": -1}
 
@@ -105,8 +175,9 @@ def progress_printer(label: str) -> Callable[[float, str], None]:
         if pct != state["last"]:
             state["last"] = pct
             print(f"\r[{label}] {pct:3d}% {msg}", end="", file=sys.stderr, flush=True)
+            _LINE_OPEN[0] = True
             if pct >= 100:
-                print(file=sys.stderr)
+                end_progress_line()
 
     return show
 
@@ -116,7 +187,12 @@ def _json_default(obj):
 
 
 def _finite(obj):
-    """NaN and inf as None, so that --json output is always valid JSON."""
+    """NaN and inf as None (numpy scalars and small arrays included), so that --json output is always valid
+    JSON."""
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    elif isinstance(obj, np.ndarray):
+        obj = obj.tolist()
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
@@ -128,7 +204,7 @@ def _finite(obj):
 
 def emit(obj: dict, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(_finite(obj), default=_json_default))
+        print(json.dumps(_finite(obj), default=_json_default, allow_nan=False))
     else:
         for k, v in obj.items():
             print(f"{k}: {json.dumps(_finite(v), default=_json_default) if isinstance(v, (list, dict)) else v}")
@@ -158,3 +234,29 @@ def parse_units(text: str) -> dict[int, tuple[int, ...]]:
     if not out:
         raise ValueError("--units: no units given (e.g. --units 3:17,3:25)")
     return {b: tuple(sorted(us)) for b, us in sorted(out.items())}
+
+
+def check_units(units: dict[int, tuple[int, ...]], model, option: str = "--units") -> None:
+    """A ValueError naming the option unless every block and unit exists in `model`."""
+    blocks = [site.block for site in model.unit_sites()]
+    bad_b = sorted(b for b in units if b not in blocks)
+    if bad_b:
+        raise ValueError(
+            f"{option}: block(s) {bad_b} do not exist in {model.spec.name} (blocks {blocks[0]}..{blocks[-1]})"
+        )
+    bad_u = sorted({u for us in units.values() for u in us if not 0 <= u < model.n_units})
+    if bad_u:
+        raise ValueError(
+            f"{option}: unit(s) {bad_u[:8]} are outside 0..{model.n_units - 1} of {model.spec.name}'s blocks"
+        )
+
+
+def check_detail_scales(scales: tuple[int, ...] | None, model, option: str = "--detail-scales") -> None:
+    """A ValueError naming the option unless every scale index exists in `model` (next-token models: 0)."""
+    if scales is None:
+        return
+    n = len(model.token_grids)
+    bad = sorted(s for s in scales if not 0 <= s < n)
+    if bad:
+        have = f"0..{n - 1} ({n} scales)" if n > 1 else "0 (a next-token model has one token grid)"
+        raise ValueError(f"{option}: scale(s) {bad} do not exist in {model.spec.name}; valid: {have}")

@@ -16,7 +16,7 @@ def add_attack_options(p: argparse.ArgumentParser) -> None:
     d = ExtractionConfig()
     p.add_argument(
         "--candidates-per-class",
-        type=int,
+        type=common.positive_int,
         default=d.candidates_per_class,
         help="top-k images per class by the per-image memorization score",
     )
@@ -27,18 +27,28 @@ def add_attack_options(p: argparse.ArgumentParser) -> None:
         "default: the paper's (VAR 4 scales; next-token 30/256 of the tokens)",
     )
     p.add_argument("--similarity", default=d.similarity, help="auto, sscd, token_match, ssim, feature_cosine")
-    p.add_argument("--threshold", type=float, help="decision threshold (default: calibrated / published)")
+    p.add_argument("--threshold", type=common.number(), help="decision threshold (default: calibrated / published)")
     p.add_argument("--sscd", help="path of sscd_disc_mixup.torchscript.pt (SSCD similarity, threshold 0.75)")
-    p.add_argument("--cfg", type=float, default=d.cfg, help="classifier-free guidance (default 0: none)")
-    p.add_argument("--top-k", type=int, default=d.top_k, help="1 = greedy (the attack's default)")
-    p.add_argument("--top-p", type=float, default=d.top_p)
-    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--cfg", type=common.number(0), default=d.cfg, help="classifier-free guidance (default 0: none)")
+    p.add_argument("--top-k", type=common.nonneg_int, default=d.top_k, help="1 = greedy (the attack's default)")
+    p.add_argument("--top-p", type=common.number(0, 1), default=d.top_p, help="0 = no truncation")
+    p.add_argument("--temperature", type=common.number(0, open_lo=True), default=d.temperature)
     p.add_argument(
-        "--batch-size", type=int, default=d.batch_size, help="candidates per batch (halved on out-of-memory)"
+        "--batch-size",
+        type=common.positive_int,
+        default=d.batch_size,
+        help="candidates per batch (halved on out-of-memory)",
     )
     p.add_argument("--no-heldout", action="store_true", help="do not attack held-out images")
-    p.add_argument("--heldout-n", type=int, default=d.heldout_n, help="demo: held-out images attacked (false rate)")
-    p.add_argument("--gallery-size", type=int, default=d.gallery_size, help="stored images are at most this many px")
+    p.add_argument(
+        "--heldout-n", type=common.positive_int, default=d.heldout_n, help="demo: held-out images attacked (false rate)"
+    )
+    p.add_argument(
+        "--gallery-size",
+        type=common.positive_int,
+        default=d.gallery_size,
+        help="stored images are at most this many px",
+    )
 
 
 def config_from_args(args: argparse.Namespace):
@@ -110,7 +120,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="calibrate the offline thresholds on held-out images (demo: those not in the "
         "evaluation sample) and store them for this model",
     )
-    p.add_argument("--max-false-rate", type=float, default=DEFAULT_MAX_FALSE_RATE)
+    p.add_argument("--max-false-rate", type=common.number(0, 1), default=DEFAULT_MAX_FALSE_RATE)
 
 
 def run(args: argparse.Namespace) -> int:

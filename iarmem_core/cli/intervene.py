@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from iarmem_core.cli import common
 from iarmem_core.cli.extract import add_attack_options
@@ -20,14 +21,32 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
     from iarmem_core import intervention as iv
 
     p.add_argument(
-        "--top-percent", type=float, default=iv.DEFAULT_TOP_PERCENT, help="edit the top k%% units by UnitMem"
+        "--top-percent",
+        type=common.number(0, 100),
+        default=iv.DEFAULT_TOP_PERCENT,
+        help="edit the top k%% units by UnitMem",
     )
-    p.add_argument("--factor", type=float, default=iv.DEFAULT_FACTOR, help="fc1 rows x factor (paper: 0.5)")
+    p.add_argument("--factor", type=common.number(), default=iv.DEFAULT_FACTOR, help="fc1 rows x factor (paper: 0.5)")
     p.add_argument("--op", default=iv.DEFAULT_OP, choices=hooks.EDIT_OPS)
     p.add_argument("--ranking", default=iv.DEFAULT_RANKING, choices=iv.RANKINGS)
     p.add_argument(
         "--combine", default=iv.DEFAULT_COMBINE, help="VAR: max over scales, or one scale index / group name"
     )
+
+
+def parse_percents(text: str) -> tuple[float, ...]:
+    """'0,1,5,10' -> (0.0, 1.0, 5.0, 10.0) for --top-percents; each a finite number in [0, 100] (0: the unedited
+    model)."""
+    out = []
+    for v in (t.strip() for t in text.split(",")):
+        try:
+            f = float(v)
+        except ValueError:
+            f = math.nan
+        if not (math.isfinite(f) and 0 <= f <= 100):
+            raise ValueError(f"--top-percents: {v!r} is not a percentage in [0, 100] (e.g. --top-percents 0,1,5,10)")
+        out.append(f)
+    return tuple(out)
 
 
 def combine_arg(text: str):
@@ -48,12 +67,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-percents", default=",".join(f"{k:g}" for k in iv.DEFAULT_TOP_PERCENTS))
     p.add_argument(
         "--random-draws",
-        type=int,
+        type=common.positive_int,
         help="random-unit draws of the control (extraction after each, "
         "quality for the first; p_value compares the ranked edit with "
         "them); default 10 on demo and test models, 1 on released ones",
     )
-    p.add_argument("--n-samples", type=int, default=iv.DEFAULT_N_SAMPLES, help="samples for FD and class accuracy")
+    p.add_argument(
+        "--n-samples", type=common.positive_int, default=iv.DEFAULT_N_SAMPLES, help="samples for FD and class accuracy"
+    )
     p.add_argument(
         "--inception",
         help="NVIDIA's TorchScript inception-2015-12-05.pt: real FID (else the "
@@ -65,10 +86,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def top_percents(args: argparse.Namespace) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in args.top_percents.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"--top-percents: expected comma-separated numbers, got {args.top_percents!r}") from None
+    return parse_percents(args.top_percents)
 
 
 def edit_kwargs(args: argparse.Namespace, image_size: int) -> dict:
@@ -99,12 +117,19 @@ def run(args: argparse.Namespace) -> int:
     from iarmem_core import intervention, unitmem
 
     model = common.load_model(args)
+    ucfg = unitmem_config(args, model.spec.name, prefix="unitmem-")
+    common.check_detail_scales(ucfg.detail_scales, model, "--unitmem-detail-scales")
+    units = common.parse_units(args.units) if args.units else None
+    if units is not None:
+        common.check_units(units, model)
+    if args.sweep:
+        top_percents(args)  # a bad list fails before any work
     image_set = common.load_data(args, model.image_size)
     st = common.get_store(args)
     um = unitmem.run_unitmem(
         model,
         image_set,
-        unitmem_config(args, model.spec.name, prefix="unitmem-"),
+        ucfg,
         store=st,
         on_progress=common.progress_printer("unitmem"),
     )
@@ -128,7 +153,6 @@ def run(args: argparse.Namespace) -> int:
         }
         common.emit(out, args.json)
         return 0
-    units = common.parse_units(args.units) if args.units else None
     out = intervention.run_intervention(
         model,
         um,
@@ -177,14 +201,17 @@ def run_sample(args: argparse.Namespace) -> int:
             raise ValueError(f"--sampling: {kv!r} is not key=value (e.g. --sampling cfg=2,top_k=50)") from None
         sampling[k] = int(v) if v.lstrip("-").isdigit() else float(v)
     units = None
+    ucfg = unitmem_config(args, model.spec.name, prefix="unitmem-")
+    common.check_detail_scales(ucfg.detail_scales, model, "--unitmem-detail-scales")
     if args.units:
         units = common.parse_units(args.units)
+        common.check_units(units, model)
     elif args.top_percent > 0:
         image_set = common.load_data(args, model.image_size)
         um = unitmem.run_unitmem(
             model,
             image_set,
-            unitmem_config(args, model.spec.name, prefix="unitmem-"),
+            ucfg,
             store=common.get_store(args),
             on_progress=common.progress_printer("unitmem"),
         )

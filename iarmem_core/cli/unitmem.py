@@ -15,7 +15,9 @@ def add_unitmem_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     from iarmem_core.unitmem import REST_MODES, UnitMemConfig
 
     d = UnitMemConfig()
-    p.add_argument(f"--{prefix}augs", type=int, default=d.n_augs, help="A views per image (view 0 is the image)")
+    p.add_argument(
+        f"--{prefix}augs", type=common.positive_int, default=d.n_augs, help="A views per image (view 0 is the image)"
+    )
     p.add_argument(
         f"--{prefix}augmentation",
         default=d.augmentation,
@@ -33,7 +35,12 @@ def add_unitmem_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
         default="all",
         help="scales (0 = coarsest) that get the finer groups: 'all', 'none' or e.g. 3,4",
     )
-    p.add_argument(f"--{prefix}top-images", type=int, default=d.top_images, help="images kept per unit and scale group")
+    p.add_argument(
+        f"--{prefix}top-images",
+        type=common.positive_int,
+        default=d.top_images,
+        help="images kept per unit and scale group",
+    )
     p.add_argument(f"--{prefix}dtype", default=d.dtype, choices=("fp32", "bf16"))
     p.add_argument(
         f"--{prefix}random-views",
@@ -114,16 +121,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_data_args(p, null=True)
     common.add_output_args(p)
     add_unitmem_options(p)
-    p.add_argument("--batch-size", type=int, default=16, help="images per batch (never changes a result)")
-    p.add_argument("--top", type=int, default=10, help="top units to list")
+    p.add_argument(
+        "--batch-size", type=common.positive_int, default=16, help="images per batch (never changes a result)"
+    )
+    p.add_argument("--top", type=common.nonneg_int, default=10, help="top units to list")
 
 
 def run(args: argparse.Namespace) -> int:
     from iarmem_core import unitmem
 
     model = common.load_model(args)
-    image_set = common.load_data(args, model.image_size)
     cfg = config_from_args(args, model.spec.name)
+    common.check_detail_scales(cfg.detail_scales, model)
+    image_set = common.load_data(args, model.image_size)
     res = unitmem.run_unitmem(
         model,
         image_set,

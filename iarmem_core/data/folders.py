@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from iarmem_core.data.images import MAX_PIXELS_ENV, ImageTooLargeError, max_image_pixels, open_image
 from iarmem_core.data.imageset import ImageSet, _FolderBackend
 from iarmem_core.data.paths import resolve_inside
 from iarmem_core.data.sampling import class_quotas
@@ -19,18 +20,40 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 def _check_file(path: Path, check: str) -> str | None:
-    """None if the file opens as an image (header, or full decode with check='decode'); else the reason."""
-    from PIL import Image
+    """None if the file opens as an image (header, or full decode with check='decode'); else the reason.
 
+    The pixel count is checked from the header first (`open_image`): an image over the limit is skipped
+    without being decoded."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             if check == "decode":
                 img.load()
             else:
                 img.verify()  # reads the structure (PNG chunks and CRCs) without decoding pixels
         return None
+    except ImageTooLargeError:
+        return f"more than {max_image_pixels():,} pixels (raise the limit with {MAX_PIXELS_ENV})"
     except Exception as e:  # every failure is a skip reason, never fatal
         return f"not a readable image ({type(e).__name__})"
+
+
+def _bad_name(name: str) -> bool:
+    """True for a file name that is not valid UTF-8 (Python holds its bytes as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _shown(name: str) -> str:
+    """A file name as printable text: undecodable bytes as \\xNN escapes."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    r = path.resolve()
+    return any(r == a or r.is_relative_to(a) for a in roots)
 
 
 def load_image_folder(
@@ -50,8 +73,11 @@ def load_image_folder(
     classes), or `per_class` images per class; at most one of them; none = everything. Each class draws from a
     seeded permutation and replaces files that fail `check` ("header": PIL opens and verifies the header;
     "decode": full decode, slower) by the next ones, so the counts are exact while enough good files exist.
-    Skipped files are counted by reason in `.report`. Images convert to RGB, shorter side -> `size`, center
-    crop.
+    Skipped files are counted by reason in `.report` (and the first 100 named in `report["skipped_files"]`):
+    files whose name is not valid UTF-8, images over the pixel limit (`open_image`), and links that leave
+    the allowed roots. Symlinks are resolved before that check, for class folders too (a class folder that
+    links to /etc is not walked); without `allowed_roots`, links must stay inside `root`. Images convert to
+    RGB, shorter side -> `size`, center crop.
     """
     if sum(x is not None for x in (fraction, count, per_class)) > 1:
         raise ValueError(
@@ -70,7 +96,8 @@ def load_image_folder(
         raise NotADirectoryError(
             f"{root}: not a folder. Expected an ImageFolder tree: <root>/<class name>/<image files>."
         )
-    allowed = [Path(r).expanduser().resolve() for r in allowed_roots] if allowed_roots is not None else None
+    # links (class folders, files) must resolve inside these; without allowed_roots, inside the data folder
+    allowed = [Path(r).expanduser().resolve() for r in allowed_roots] if allowed_roots is not None else [root_p]
 
     skipped: Counter[str] = Counter()
     skipped_files: list[tuple[str, str]] = []
@@ -78,12 +105,21 @@ def load_image_folder(
     def skip(rel: str, reason: str) -> None:
         skipped[reason] += 1
         if len(skipped_files) < 100:
-            skipped_files.append((rel, reason))
+            skipped_files.append((_shown(rel), reason))
 
-    classes = sorted(e.name for e in os.scandir(root_p) if e.is_dir() and not e.name.startswith("."))
-    for e in os.scandir(root_p):
-        if e.is_file():
-            skip(e.name, "not inside a class folder")
+    classes = []
+    for e in sorted(os.scandir(root_p), key=lambda e: e.name):
+        if e.name.startswith("."):
+            continue
+        if not e.is_dir():
+            if e.is_file():
+                skip(e.name, "not inside a class folder")
+        elif _bad_name(e.name):
+            skip(e.name + "/", "class folder name is not valid UTF-8 (rename the folder)")
+        elif e.is_symlink() and not _inside(Path(e.path), allowed):
+            skip(e.name + "/", "class folder links outside the allowed roots (not read)")
+        else:
+            classes.append(e.name)
     files_by_class: list[list[str]] = []
     n_scanned = 0
     for c in classes:
@@ -93,7 +129,9 @@ def load_image_folder(
             for fn in sorted(filenames):
                 n_scanned += 1
                 rel = Path(dirpath, fn).relative_to(root_p).as_posix()
-                if fn.startswith("."):
+                if _bad_name(rel):
+                    skip(rel, "file name is not valid UTF-8 (rename the file)")
+                elif fn.startswith("."):
                     skip(rel, "hidden file")
                 elif not fn.lower().endswith(IMAGE_EXTENSIONS):
                     skip(rel, f"not an image file (extension {Path(fn).suffix or 'none'})")
@@ -114,7 +152,7 @@ def load_image_folder(
                 break
             rel = files[j]
             path = root_p / rel
-            if allowed is not None and not any(path.resolve().is_relative_to(r) for r in allowed):
+            if not _inside(path, allowed):
                 skip(rel, "links outside the allowed roots")
                 continue
             reason = _check_file(path, check)

@@ -1,13 +1,73 @@
 """Conversions into iarmem's image convention: float `x_B3HW` in [0, 1] (the adapters convert to their
-tokenizer's range), and back to uint8 for display and storage."""
+tokenizer's range), and back to uint8 for display and storage; `open_image` opens a file with a pixel-count
+limit checked before anything is decoded."""
 
 from __future__ import annotations
+
+import math
+import os
+import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 DEMO_NATIVE_SIZE = 32  # Fashion-MNIST's 28x28 padded by 2 px of background
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # 50 megapixels: ~150 MB as RGB; ImageNet's largest is ~12 MP
+MAX_PIXELS_ENV = "IARMEM_MAX_IMAGE_PIXELS"
+
+
+class ImageTooLargeError(ValueError):
+    """An image whose header declares more pixels than the limit; refused before decoding."""
+
+
+def max_image_pixels(limit: int | None = None) -> int:
+    """The most pixels an image may have: `limit`, else $IARMEM_MAX_IMAGE_PIXELS, else 50 million."""
+    if limit is not None:
+        return int(limit)
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        v = float(raw)
+        if not math.isfinite(v) or v < 1:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"${MAX_PIXELS_ENV}={raw!r} is not a positive number of pixels (e.g. 200000000)") from None
+    return int(v)
+
+
+@contextmanager
+def open_image(path, limit: int | None = None):
+    """PIL's Image.open with the pixel count checked from the header before any pixel is decoded.
+
+    Raises ImageTooLargeError naming the size, the limit and how to raise it ($IARMEM_MAX_IMAGE_PIXELS);
+    a 140 KB PNG of 12000x12000 pixels would otherwise decode to over a gigabyte."""
+    from PIL import Image
+
+    lim = max_image_pixels(limit)
+    if Image.MAX_IMAGE_PIXELS is not None and lim > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = lim  # PIL's own guard refuses at twice its limit; ours is the one that counts
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit is checked below
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError as e:
+            raise ImageTooLargeError(
+                f"{path}: {e}; refused before decoding. Raise the limit with {MAX_PIXELS_ENV}=<pixels>."
+            ) from None
+    try:
+        w, h = img.size
+        if w * h > lim:
+            raise ImageTooLargeError(
+                f"{path}: {w}x{h} = {w * h:,} pixels, more than the limit of {lim:,}; refused before decoding "
+                f"(it would take about {3 * w * h / 2**20:,.0f} MiB as RGB). If the image is genuine, raise the "
+                f"limit with {MAX_PIXELS_ENV}={max(w * h, 2 * lim)}."
+            )
+        yield img
+    finally:
+        img.close()
 
 
 def resize_square(x_B3HW: torch.Tensor, size: int) -> torch.Tensor:

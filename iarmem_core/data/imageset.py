@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from iarmem_core.data.images import DEMO_NATIVE_SIZE, gray_to_input, pil_to_input
+from iarmem_core.data.images import DEMO_NATIVE_SIZE, ImageTooLargeError, gray_to_input, open_image, pil_to_input
 
 
 class ImageDecodeError(ValueError):
@@ -42,12 +42,12 @@ class _FolderBackend:
         self._pool: ThreadPoolExecutor | None = None
 
     def _one(self, i: int, size: int) -> torch.Tensor:
-        from PIL import Image
-
         path = self.root / self.rel_paths[i]
         try:
-            with Image.open(path) as img:
+            with open_image(path) as img:
                 return pil_to_input(img, size)
+        except ImageTooLargeError as e:
+            raise ImageDecodeError(str(e)) from None
         except Exception as e:  # any decoder error becomes one clear message
             raise ImageDecodeError(
                 f"{path}: the header looked fine but the image could not be decoded "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 
@@ -47,6 +48,11 @@ def chart(at, title_part: str) -> dict:
     return found[0]
 
 
+def shown(text: str) -> str:
+    """Markdown source escaped by ui.md_escape, as the browser shows it (character references decoded)."""
+    return html.unescape(text).replace("\u2060", "")
+
+
 def no_errors(at) -> None:
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
@@ -88,7 +94,7 @@ def test_default_cell_unit_and_its_images(app, shipped):
     um = arrays["unitmem_LGU"][li, gid]
     assert int(at.session_state["mem_unit"]) == int(np.argmax(um))
     top_img = meta["image_ids"][int(arrays["argmax_LGU"][li, gid, int(np.argmax(um))])]
-    caps = [c for img in at.image for c in img.captions]
+    caps = [shown(c) for img in at.image for c in img.captions]
     assert caps and caps[0].startswith(f"fires most: {top_img}")
     # choosing another block lists that block's top unit
     other = blocks[(li + 1) % len(blocks)]
@@ -164,13 +170,14 @@ def test_paths_outside_allowed_roots_are_refused_with_a_message(app, tmp_path, m
     at.selectbox(key="w_other_model").set_value("var-d16").run()
     at.text_input(key="w_ckpt").input("/etc/hostname").run()
     assert not at.exception
-    msg = " ".join(e.value for e in at.error)
+    msg = " ".join(shown(e.value) for e in at.error)
     assert "outside the allowed" in msg and "/etc/hostname" in msg
     bad = tmp_path / "var_d16.pth"
     bad.write_bytes(b"not a checkpoint")
     at.text_input(key="w_ckpt").input(str(bad)).run()
     assert not at.exception
-    msg = " ".join(e.value for e in at.error)
+    at.button(key="load_model_confirm").click().run()  # a full-size model loads only after this click
+    msg = " ".join(shown(e.value) for e in at.error)
     assert "var_d16.pth" in msg and "Could not load var-d16" in msg
 
 
