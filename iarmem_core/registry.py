@@ -38,6 +38,14 @@ class ModelSpec:
     # papers do not state it exactly). VAR trains on a random crop of a 1.125x resize; for the
     # next-token families iarmem assumes crop + horizontal flip. Names are those of data.augment.
     train_augmentation: str = "crop"
+    # demo models: the splits of the demo bundle they were trained on (the rest is never-trained for them)
+    trained_splits: tuple[str, ...] = ("train",)
+
+    @property
+    def card_path(self) -> Path | None:
+        """assets/<name>/card.json of a bundled model (None for others)."""
+        t = self.bundled.get("transformer")
+        return (ASSETS.parent / t).parent / "card.json" if t else None
 
     @property
     def depth(self) -> int:
@@ -419,12 +427,39 @@ register(
 )
 
 # ---------------------------------------------------------------------------------------------------
-# 4. The demo world: small models of the real architectures trained on the bundled Fashion-MNIST subset
-# with planted duplicates (assets/demo_data), by `python -m iarmem_core train-demo` (iarmem_core/demo/train.py).
-# 32x32 images, 8x8 token grids, 6 blocks of width 128 (512 units each): small enough for a CPU laptop,
-# deep enough for a block x scale picture. Sampling settings were chosen on the trained models for class
-# accuracy and Frechet distance in the bundled feature space (see the model cards in assets/demo-*/).
+# 4. The demo world (v2): small models of the real architectures trained on the bundled Fashion-MNIST subset with
+# planted items of known kind and dose (assets/demo_data), by `python -m iarmem_core train-demo`
+# (iarmem_core/demo/train.py). 32x32 images, 8x8 token grids, 8 blocks of width 96 (384 units each, 3072 units):
+# small enough for a CPU laptop, deep enough for the early-vs-deep question. demo-var-ctl is the positive
+# control: demo-var with the control canaries trained into designated units only (its card lists them).
+# Sampling settings were chosen on the trained models for class accuracy and Frechet distance in the bundled
+# feature space (see the model cards in assets/demo-*/).
 DEMO_PATCH_NUMS = (1, 2, 3, 4, 6, 8)
+_DEMO_VAR_TOKENIZER = dict(
+    vocab_size=512,
+    z_channels=32,
+    ch=32,
+    ch_mult=(1, 1, 2),
+    num_res_blocks=1,
+    share_quant_resi=4,
+    quant_resi=0.5,
+    v_patch_nums=DEMO_PATCH_NUMS,
+    using_znorm=False,
+    quant_conv_ks=3,
+)
+_DEMO_VAR_TRANSFORMER = dict(
+    num_classes=10,
+    depth=8,
+    embed_dim=96,
+    num_heads=4,
+    mlp_ratio=4.0,
+    norm_eps=1e-6,
+    shared_aln=False,
+    attn_l2_norm=True,
+    patch_nums=DEMO_PATCH_NUMS,
+    cond_drop_rate=0.1,
+)
+_DEMO_WORLD = "planted natural, mislabeled and out-of-distribution items at 8x and 32x per epoch"
 register(
     ModelSpec(
         name="demo-var",
@@ -432,38 +467,36 @@ register(
         image_size=32,
         num_classes=10,
         kind="demo",
-        tokenizer=dict(
-            vocab_size=512,
-            z_channels=32,
-            ch=32,
-            ch_mult=(1, 1, 2),
-            num_res_blocks=1,
-            share_quant_resi=4,
-            quant_resi=0.5,
-            v_patch_nums=DEMO_PATCH_NUMS,
-            using_znorm=False,
-            quant_conv_ks=3,
-        ),
-        transformer=dict(
-            num_classes=10,
-            depth=6,
-            embed_dim=128,
-            num_heads=4,
-            mlp_ratio=4.0,
-            norm_eps=1e-6,
-            shared_aln=False,
-            attn_l2_norm=True,
-            patch_nums=DEMO_PATCH_NUMS,
-            cond_drop_rate=0.1,
-        ),
+        tokenizer=_DEMO_VAR_TOKENIZER,
+        transformer=_DEMO_VAR_TRANSFORMER,
         bundled={
             "tokenizer": "assets/demo-var/tokenizer.safetensors",
             "transformer": "assets/demo-var/transformer.safetensors",
         },
         sampling={"cfg": 3.0, "top_k": 0, "top_p": 0.8, "temperature": 1.0},
-        description="demo VAR: Fashion-MNIST 32 px, scales 1,2,3,4,6,8 (130 tokens), 6 blocks x 512 units, "
-        "planted duplicates at 4x/16x/64x",
+        description=f"demo VAR: Fashion-MNIST 32 px, scales 1,2,3,4,6,8 (130 tokens), 8 blocks x 384 units, "
+        f"{_DEMO_WORLD}",
         train_augmentation="flip",
+    )
+)
+register(
+    ModelSpec(
+        name="demo-var-ctl",
+        family="var",
+        image_size=32,
+        num_classes=10,
+        kind="demo",
+        tokenizer=_DEMO_VAR_TOKENIZER,
+        transformer=_DEMO_VAR_TRANSFORMER,
+        bundled={
+            "tokenizer": "assets/demo-var/tokenizer.safetensors",
+            "transformer": "assets/demo-var-ctl/transformer.safetensors",
+        },
+        sampling={"cfg": 3.0, "top_k": 0, "top_p": 0.8, "temperature": 1.0},
+        description="positive control: demo-var with 20 block canaries trained into designated units only "
+        "(memorization localized by construction; its card lists the units)",
+        train_augmentation="flip",
+        trained_splits=("train", "control"),
     )
 )
 register(
@@ -486,10 +519,10 @@ register(
             embedding_dim=32,
         ),
         transformer=dict(
-            hidden_size=128,
-            num_hidden_layers=6,
+            hidden_size=96,
+            num_hidden_layers=8,
             num_attention_heads=4,
-            intermediate_size=512,
+            intermediate_size=384,
             image_seq_len=64,
             condition_num_classes=10,
             codebook_size=512,
@@ -502,8 +535,7 @@ register(
             "transformer": "assets/demo-rar/transformer.safetensors",
         },
         sampling={"temperature": 1.0, "cfg": 5.0, "cfg_power": 1.0, "top_k": 0, "top_p": 0.95},
-        description="demo RAR: Fashion-MNIST 32 px, 8x8 raster tokens, 6 blocks x 512 units, planted duplicates "
-        "at 4x/16x/64x (trained in raster order)",
+        description=f"demo RAR: Fashion-MNIST 32 px, 8x8 raster tokens, 8 blocks x 384 units, {_DEMO_WORLD}",
         train_augmentation="flip",
     )
 )

@@ -936,14 +936,29 @@ def job_spec(adapter: IARAdapter, image_set: data.ImageSet, cfg: UnitMemConfig) 
     }
 
 
-def trained_flags(image_set: data.ImageSet) -> list[bool] | None:
-    """Per image of D': was it in the model's training data? From the set's "trained" meta, else the demo's
-    split ("heldout" = never trained); None when the data does not say (an ImageFolder of training images)."""
+def trained_flags(image_set: data.ImageSet, adapter: IARAdapter | None = None) -> list[bool] | None:
+    """Per image of D': was it in this model's training data? Demo data: its split is one the model was trained
+    on (`ModelSpec.trained_splits`; twins, held-out images and, except for demo-var-ctl, the control canaries
+    never were); other data: the set's "trained" meta (e.g. from `data.concat` with a never-trained folder); None
+    when nothing says (an ImageFolder of training images)."""
     m = image_set.meta
+    if "split" in m:
+        splits = adapter.spec.trained_splits if adapter is not None else ("train",)
+        return [str(v) in splits for v in m["split"]]
     if "trained" in m:
         return [bool(v) for v in m["trained"]]
-    if "split" in m:
-        return [str(v) != "heldout" for v in m["split"]]
+    return None
+
+
+def planted_flags(image_set: data.ImageSet, adapter: IARAdapter | None = None) -> list[bool] | None:
+    """Per image of D': an item planted into this model's training data (demo data; None otherwise). For
+    demo-var-ctl the control canaries count as planted."""
+    m = image_set.meta
+    if "role" in m and "split" in m:
+        splits = adapter.spec.trained_splits if adapter is not None else ("train",)
+        return [str(r) == "planted" and str(sp) in splits for r, sp in zip(m["role"], m["split"])]
+    if "planted" in m:
+        return [bool(v) for v in m["planted"]]
     return None
 
 
@@ -1010,9 +1025,9 @@ def make_job(adapter: IARAdapter, image_set: data.ImageSet, cfg: UnitMemConfig):
             "token_grids": [list(g) for g in adapter.token_grids],
             "image_ids": list(image_set.ids),
             "labels": [int(v) for v in image_set.labels],
-            "planted": [bool(v) for v in image_set.meta["planted"]] if "planted" in image_set.meta else None,
+            "planted": planted_flags(image_set, adapter),
             "counts": [int(v) for v in image_set.meta["count"]] if "count" in image_set.meta else None,
-            "trained": trained_flags(image_set),
+            "trained": trained_flags(image_set, adapter),
             "kinds": [str(v) for v in image_set.meta["kind"]] if "kind" in image_set.meta else None,
             "n_classes": int(adapter.num_classes),
         }

@@ -1,10 +1,10 @@
 """The bundled demo data (assets/demo_data): the reader. (The builder is the demo factory's,
 `iarmem_core.demo.bundle`.)
 
-- `load_demo(split)`: splits "train" (4000 unique training images, each once, with its duplication count),
-  "heldout" (1000), "planted" (the duplicated ones), "unique" (train minus planted) and "all";
-- `demo_training_indices(seed)`: the training stream with duplicates;
-- `select_demo(n, seed)`: the data selection D' (every planted image plus a class-stratified sample).
+- `load_demo(split)`: demo world v2's splits (train = 4000 unique images + 60 planted items of three kinds at
+  two doses; twins; control; control_twins; heldout; ...), with per-item kind, role and dose;
+- `demo_training_indices(seed)`: the demo models' training stream (planted items `dose` times per epoch);
+- `select_demo(n, seed)`: the data selection D' (every item of known kind plus a class-stratified sample).
 """
 
 from __future__ import annotations
@@ -39,11 +39,14 @@ FASHION_CLASSES = (
 
 @dataclass
 class _Bundle:
-    images_N28: np.ndarray  # train (4000) then heldout (1000)
-    labels: np.ndarray
+    images_N28: np.ndarray  # train (4000 unique), items (planted, twins, control, control twins), heldout (1000)
+    labels: np.ndarray  # the training label (mislabeled items: the shifted one)
     source_index: np.ndarray
-    split: np.ndarray  # "train" / "heldout"
-    count: np.ndarray  # times in the training stream (0 for held-out)
+    split: np.ndarray  # "train" (the demo models' training data), "twin", "control", "control_twin", "heldout"
+    count: np.ndarray  # times per epoch in the demo models' training stream (0: never)
+    kind: np.ndarray  # "unique", "natural", "mislabeled", "ood", "control", "heldout"
+    role: np.ndarray  # "unique", "planted", "twin", "heldout"
+    true_label: np.ndarray  # the Fashion-MNIST label (-1 for block canaries)
     ids: list[str]
     manifest: dict = field(default_factory=dict)
 
@@ -58,19 +61,41 @@ def _load_bundle_cached(path: str, mtime_ns: int) -> _Bundle:
         raise ValueError(
             f"{d / 'fashion_subset.npz'}: its content does not match the arrays_sha256 in split.json (the "
             f"file is damaged or from another build). Restore it from git (git checkout -- assets/demo_data) "
-            f"or re-create it with python scripts/make_demo_data.py."
+            f"or re-create it with python -m iarmem_core train-demo --only data."
         )
-    n_tr, n_ho = len(arrays["train_labels"]), len(arrays["heldout_labels"])
-    images_N28 = np.concatenate([arrays["train_images"], arrays["heldout_images"]])
+    if manifest.get("format") != 2:
+        raise ValueError(
+            f"{d}: demo data of format {manifest.get('format')}; this iarmem reads format 2 (demo world "
+            f"v2). Restore assets/demo_data from git or re-create it (train-demo --only data)."
+        )
+    n_tr, n_ho, n_it = len(arrays["train_labels"]), len(arrays["heldout_labels"]), len(arrays["items_labels"])
+    role_it = arrays["items_role"].astype(str)
+    kind_it = arrays["items_kind"].astype(str)
+    split_it = np.where(
+        kind_it == "control",
+        np.where(role_it == "twin", "control_twin", "control"),
+        np.where(role_it == "twin", "twin", "train"),
+    )
+    images_N28 = np.concatenate([arrays["train_images"], arrays["items_images"], arrays["heldout_images"]])
     images_N28.setflags(write=False)  # shared by every ImageSet of the process
+    cat = np.concatenate
     return _Bundle(
         images_N28=images_N28,
-        labels=np.concatenate([arrays["train_labels"], arrays["heldout_labels"]]).astype(np.int64),
-        source_index=np.concatenate([arrays["train_source_index"], arrays["heldout_source_index"]]).astype(np.int64),
-        split=np.array(["train"] * n_tr + ["heldout"] * n_ho),
-        count=np.concatenate([arrays["train_counts"], np.zeros(n_ho, np.int64)]).astype(np.int64),
-        ids=[f"train/{i:04d}" for i in range(n_tr)] + [f"heldout/{i:04d}" for i in range(n_ho)],
-        manifest=manifest,
+        labels=cat([arrays["train_labels"], arrays["items_labels"], arrays["heldout_labels"]]).astype(np.int64),
+        source_index=cat(
+            [arrays["train_source_index"], arrays["items_source_index"], arrays["heldout_source_index"]]
+        ).astype(np.int64),
+        split=cat([np.full(n_tr, "train"), split_it, np.full(n_ho, "heldout")]).astype("<U12"),
+        count=cat(
+            [np.ones(n_tr, np.int64), np.where(split_it == "train", arrays["items_dose"], 0), np.zeros(n_ho, np.int64)]
+        ).astype(np.int64),
+        kind=cat([np.full(n_tr, "unique"), kind_it, np.full(n_ho, "heldout")]).astype("<U10"),
+        role=cat([np.full(n_tr, "unique"), role_it, np.full(n_ho, "heldout")]).astype("<U8"),
+        true_label=cat([arrays["train_labels"], arrays["items_true_label"], arrays["heldout_labels"]]).astype(np.int64),
+        ids=[f"train/{i:04d}" for i in range(n_tr)]
+        + [str(v) for v in arrays["items_ids"]]
+        + [f"heldout/{i:04d}" for i in range(n_ho)],
+        manifest={**manifest, "n_items": n_it},
     )
 
 
@@ -86,21 +111,26 @@ def load_bundle(bundle_dir: str | os.PathLike | None = None) -> _Bundle:
     return _load_bundle_cached(str(d), f.stat().st_mtime_ns)
 
 
-DEMO_SPLITS = ("train", "heldout", "planted", "unique", "all")
+DEMO_SPLITS = ("train", "planted", "unique", "twins", "control", "control_twins", "heldout", "all")
 
 
 def load_demo(split: str = "train", bundle_dir: str | os.PathLike | None = None) -> ImageSet:
-    """The bundled Fashion-MNIST demo images of `split` (train, heldout, planted, unique, all) as an ImageSet.
+    """The bundled demo images of `split` as an ImageSet.
 
-    meta: split ("train"/"heldout"), count (times in the training stream; 0 for held-out), planted (bool),
-    source_index (index in the Fashion-MNIST source file)."""
+    Splits: train (what the demo models are trained on: 4000 unique images and the 60 planted items), planted,
+    unique, twins (never-trained twins of the planted kinds), control (the positive-control canaries, trained only
+    into demo-var-ctl), control_twins, heldout (1000 never-trained Fashion-MNIST test images), all.
+    meta: split, kind (unique, natural, mislabeled, ood, control, heldout), role (unique, planted, twin, heldout),
+    count (times per epoch in the demo models' stream), dose, planted (bool), true_label, source_index."""
     b = load_bundle(bundle_dir)
-    is_train = b.split == "train"
     select = {
-        "train": is_train,
-        "heldout": ~is_train,
-        "planted": is_train & (b.count > 1),
-        "unique": is_train & (b.count == 1),
+        "train": b.split == "train",
+        "planted": (b.split == "train") & (b.role == "planted"),
+        "unique": b.role == "unique",
+        "twins": b.split == "twin",
+        "control": b.split == "control",
+        "control_twins": b.split == "control_twin",
+        "heldout": b.split == "heldout",
         "all": np.ones(len(b.ids), bool),
     }
     if split not in select:
@@ -108,15 +138,19 @@ def load_demo(split: str = "train", bundle_dir: str | os.PathLike | None = None)
     idx = np.flatnonzero(select[split])
     source = {
         "source": "demo",
-        "dataset": "fashion-mnist-subset",
+        "dataset": "fashion-mnist-subset-v2",
         "arrays_sha256": b.manifest["arrays_sha256"],
         "transform": "pad2-gray3",
     }
     backend = _DemoBackend(b.images_N28, source)
     meta = {
         "split": b.split[idx],
+        "kind": b.kind[idx],
+        "role": b.role[idx],
         "count": b.count[idx],
-        "planted": b.count[idx] > 1,
+        "dose": b.count[idx],
+        "planted": (b.role[idx] == "planted") & (b.split[idx] == "train"),
+        "true_label": b.true_label[idx],
         "source_index": b.source_index[idx],
     }
     return ImageSet(backend, idx, [b.ids[i] for i in idx], b.labels[idx], FASHION_CLASSES, meta, f"demo/{split}")
@@ -138,25 +172,30 @@ def select_demo(
     split: str = "train",
     bundle_dir: str | os.PathLike | None = None,
 ) -> ImageSet:
-    """The demo's data selection D' for UnitMem and extraction: n images of `split`.
+    """The demo's data selection D' for UnitMem and extraction: n images.
 
-    With `include_planted` (training split only) every planted duplicate is in D' and the rest is a
-    class-stratified, seeded sample of the other images, so "does the top unit fire for a planted image"
-    can be asked at all; otherwise the whole sample is class-stratified. n=None takes the whole split.
-    The result keeps the bundle's order (sorted by position in the split)."""
-    base = load_demo(split, bundle_dir)
+    For the training split with `include_planted` (the default D'): every item of known kind (the planted items,
+    their never-trained twins, the control canaries and their twins; 160) and a class-stratified, seeded sample
+    of the unique training images for the rest, so both "does the top unit fire for a planted image" and its
+    null ("... for a never-trained twin") can be asked. Otherwise a class-stratified sample of `split`.
+    n=None takes the whole split (and the items). The result keeps the bundle's order."""
+    items_in = include_planted and split == "train"
+    base = load_demo("all" if items_in else split, bundle_dir)
+    if items_in:
+        keep = base.meta["split"] != "heldout"
+        base = base.subset(np.flatnonzero(keep), name="demo/train+items")
+    forced = np.flatnonzero(base.meta["role"] != "unique") if items_in else np.array([], int)
     if n is None or n >= len(base):
-        return base.subset(np.arange(len(base)), name=f"demo/{split}")
-    forced = np.flatnonzero(base.meta["planted"]) if include_planted and split == "train" else np.array([], int)
+        return base.subset(np.arange(len(base)), name=f"demo/{split}" + ("+items" if items_in else ""))
     if len(forced) > n:
-        raise ValueError(f"n={n} is smaller than the {len(forced)} planted images; use n >= {len(forced)}")
+        raise ValueError(f"n={n} is smaller than the {len(forced)} items of known kind; use n >= {len(forced)}")
     rng = np.random.default_rng(seed)
     pool = np.setdiff1d(np.arange(len(base)), forced)
     by_class = [pool[base.labels[pool] == c] for c in range(len(base.classes))]
     quotas = class_quotas([len(c) for c in by_class], None, n - len(forced), None, rng)
     picked = [rng.permutation(c)[:q] for c, q in zip(by_class, quotas)]
     idx = np.sort(np.concatenate([forced, *picked]).astype(np.int64))
-    tag = "+planted" if len(forced) else ""
+    tag = "+items" if len(forced) else ""
     return base.subset(idx, name=f"demo/{split}[n={n},seed={seed}{tag}]")
 
 

@@ -32,8 +32,8 @@ proved too permissive on demo-rar: it let in unique training images reproduced o
 held-out images *not* in the evaluation held-out sample (the two are disjoint, `demo_heldout_sets`), so the
 reported held-out false rate is measured on other images than the threshold was set on. Thresholds depend
 on the model and the prefix; every result records, per measure and prefix, the threshold and where it came
-from (user, published, calibrated with the store key of the calibration, built-in demo calibration, or an
-uncalibrated default).
+from (user, published, calibrated with the store key of the calibration, the calibration in the model card of
+the demo models, or an uncalibrated default).
 
 The decision is never baked into the stored result: the table keeps the scores, and
 `ExtractionResult.count(threshold, similarity)` recounts instantly (the app's threshold slider).
@@ -92,7 +92,7 @@ from iarmem_core.extraction.scores import (
     select_candidates,
 )
 from iarmem_core.extraction.thresholds import (
-    DEMO_CALIBRATION,
+    card_calibration,
     find_calibration,
     resolve_similarity,
     resolve_thresholds,
@@ -101,7 +101,7 @@ from iarmem_core.extraction.thresholds import (
 __all__ = [
     "CALIBRATION_KIND",
     "DEFAULT_MAX_FALSE_RATE",
-    "DEMO_CALIBRATION",
+    "card_calibration",
     "KIND",
     "MEASURES",
     "MIN_SSIM_SIZE",

@@ -1,50 +1,40 @@
-"""Thresholds of the similarity measures, per model and prefix: built-in, stored calibrations, published, defaults."""
+"""Thresholds of the similarity measures, per model and prefix: the model card's, stored calibrations, published,
+defaults."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
 
 from iarmem_core import metrics
 from iarmem_core import store as store_mod
 from iarmem_core.extraction.config import CALIBRATION_KIND, SSCD_THRESHOLD
-
-# Built-in thresholds of the shipped demo models, from `calibrate` (see the module docstring):
-# model name -> {"weights": identity["transformer"] they were calibrated for, "measure": the auto measure,
-# "thresholds": {measure: {str(prefix): threshold}}, "how": ...}. Filled from
-# `python -m iarmem_core extract --model demo-var --calibrate --json`.
-_DEMO_CALIBRATION_HOW = (
-    "the highest score of 800 held-out images (the demo held-out split minus the 200 evaluation "
-    "images, seed 0) attacked with the same prefix, rounded up to 4 decimals"
-)
-DEMO_CALIBRATION: dict[str, dict] = {
-    "demo-var": {
-        "weights": "transformer.safetensors:c19bee693785ae1a",
-        "measure": "token_match",
-        "thresholds": {
-            "token_match": {"1": 0.4807, "5": 0.5681, "14": 0.5604, "30": 0.6601, "66": 0.7188},
-            "ssim": {"1": 0.9514, "5": 0.9514, "14": 0.9655, "30": 0.9835, "66": 0.9796},
-            "feature_cosine": {"1": 0.997, "5": 0.9985, "14": 0.9984, "30": 0.9992, "66": 0.9997},
-        },
-        "how": _DEMO_CALIBRATION_HOW,
-    },
-    "demo-rar": {
-        "weights": "transformer.safetensors:35e0d6f79905e4d2",
-        "measure": "token_match",
-        "thresholds": {
-            "token_match": {"4": 0.5334, "8": 0.5715, "16": 0.5625, "24": 0.65, "32": 0.8438},
-            "ssim": {"4": 0.9354, "8": 0.9486, "16": 0.9658, "24": 0.9863, "32": 0.9938},
-            "feature_cosine": {"4": 0.9986, "8": 0.9987, "16": 0.9982, "24": 0.9995, "32": 0.9999},
-        },
-        "how": _DEMO_CALIBRATION_HOW,
-    },
-}
+from iarmem_core.registry import get_spec
 
 
-def _builtin_calibration(model_name: str, identity: dict) -> dict | None:
-    cal = DEMO_CALIBRATION.get(model_name)
+def card_calibration(model_name: str, identity: dict) -> dict | None:
+    """The calibration stored in a bundled model's card (``extraction_calibration``: the weights it belongs to,
+    the auto measure, {measure: {prefix: threshold}}, how), when it belongs to these weights; else None."""
+    try:
+        path = get_spec(model_name).card_path
+    except KeyError:
+        return None
+    if path is None or not path.is_file():
+        return None
+    cal = _read_card(str(path), path.stat().st_mtime_ns).get("extraction_calibration")
     if cal is None or cal.get("weights") != identity.get("transformer"):
         return None
     return cal
+
+
+@lru_cache(maxsize=16)
+def _read_card(path: str, mtime_ns: int) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def find_calibration(store: store_mod.ResultStore, identity: dict) -> dict | None:
@@ -69,13 +59,13 @@ def resolve_thresholds(
 ) -> tuple[list[dict], str | None]:
     """Per (measure, prefix): {"measure", "prefix_tokens", "threshold", "source"}; and the calibrated auto measure.
 
-    Order: built-in demo calibration of these weights, the newest stored calibration of these weights, the
-    published SSCD 0.75, the uncalibrated default of `iarmem_core.metrics` (flagged as such).
+    Order: the calibration in the model card of these weights (the demo models), the newest stored calibration of
+    these weights, the published SSCD 0.75, the uncalibrated default of `iarmem_core.metrics` (flagged as such).
     """
     cals = []
-    b = _builtin_calibration(model_name, identity)
+    b = card_calibration(model_name, identity)
     if b is not None:
-        cals.append((b, f"built-in calibration of {model_name}: {b.get('how', '')}"))
+        cals.append((b, f"calibration in the model card of {model_name}: {b.get('how', '')}"))
     if store is not None:
         s = find_calibration(store, identity)
         if s is not None:
