@@ -20,61 +20,86 @@ DEBIAN = demo_bundle.DEBIAN_FASHION_DIR
 
 
 def test_bundle_splits_counts_and_balance():
-    train, held, planted, unique = (data.load_demo(s) for s in ("train", "heldout", "planted", "unique"))
-    assert (len(train), len(held), len(planted), len(unique)) == (4000, 1000, 30, 3970)
-    assert np.bincount(train.labels, minlength=10).tolist() == [400] * 10
+    train, held, planted, unique, twins, ctl, ctl_t = (
+        data.load_demo(s) for s in ("train", "heldout", "planted", "unique", "twins", "control", "control_twins")
+    )
+    assert (len(unique), len(held), len(planted), len(twins), len(ctl), len(ctl_t)) == (4000, 1000, 60, 60, 20, 20)
+    assert len(train) == 4060 and sorted(train.ids) == sorted(unique.ids + planted.ids)
+    assert np.bincount(unique.labels, minlength=10).tolist() == [400] * 10
     assert np.bincount(held.labels, minlength=10).tolist() == [100] * 10
-    assert train.ids[12] == "train/0012" and held.ids[3] == "heldout/0003"
-    assert len(set(train.ids) | set(held.ids)) == 5000
-    # planted: one image per class at each of 4x, 16x, 64x; everything else once; held-out never trained on
-    counts = planted.meta["count"]
-    for n in demo_bundle.PLANTED_COUNTS:
-        assert sorted(planted.labels[counts == n].tolist()) == list(range(10))
-    assert set(unique.meta["count"].tolist()) == {1} and set(held.meta["count"].tolist()) == {0}
-    assert sorted(set(planted.ids) | set(unique.ids)) == sorted(train.ids)
+    assert unique.ids[12] == "train/0012" and held.ids[3] == "heldout/0003"
+    assert len(set(data.load_demo("all").ids)) == 5160
+    # planted: 10 per (kind, dose), one per class (natural, mislabeled: per true class; canaries: per label)
+    for kind in demo_bundle.KINDS:
+        for dose in demo_bundle.DOSES:
+            m = (planted.meta["kind"] == kind) & (planted.meta["dose"] == dose)
+            cls = planted.meta["true_label"][m] if kind != "ood" else planted.labels[m]
+            assert sorted(cls.tolist()) == list(range(10)), (kind, dose)
+    mis = planted.meta["kind"] == "mislabeled"
+    assert (planted.labels[mis] == (planted.meta["true_label"][mis] + demo_bundle.MISLABEL_SHIFT) % 10).all()
+    nat = planted.meta["kind"] == "natural"
+    assert (planted.labels[nat] == planted.meta["true_label"][nat]).all()
+    assert (planted.meta["true_label"][planted.meta["kind"] == "ood"] == -1).all()
+    # counts: unique once, planted `dose` times; twins, control items and held-out never (for the demo models)
+    assert set(unique.meta["count"].tolist()) == {1}
+    assert (planted.meta["count"] == planted.meta["dose"]).all() and set(planted.meta["dose"].tolist()) == {8, 32}
+    for s in (twins, ctl, ctl_t, held):
+        assert set(s.meta["count"].tolist()) == {0} and not s.meta["planted"].any()
+    assert sorted(set(twins.meta["kind"].tolist())) == sorted(demo_bundle.KINDS)
+    assert all((twins.meta["kind"] == k).sum() == demo_bundle.N_TWINS for k in demo_bundle.KINDS)
     assert planted.meta["planted"].all() and not unique.meta["planted"].any()
 
 
-def test_split_json_agrees_with_arrays():
+def test_split_json_describes_every_item():
     m = data.demo_manifest()
-    train, planted = data.load_demo("train"), data.load_demo("planted")
-    assert m["train_ids"] == train.ids and m["heldout_ids"] == data.load_demo("heldout").ids
-    assert m["unique_ids"] == data.load_demo("unique").ids
-    by_id = {p["id"]: p for p in m["planted"]}
-    assert set(by_id) == set(planted.ids)
-    for i, pid in enumerate(planted.ids):
-        assert by_id[pid]["count"] == planted.meta["count"][i]
-        assert by_id[pid]["label"] == planted.labels[i]
-        assert by_id[pid]["source_index"] == planted.meta["source_index"][i]
-    assert m["training_stream_length"] == int(train.meta["count"].sum()) == 3970 + 10 * (4 + 16 + 64)
-    assert m["seed"] == 0 and m["counts_per_class"]["planted"] == [3] * 10
+    assert m["format"] == 2 and m["seed"] == 0
+    assert m["train_ids"] == data.load_demo("unique").ids and m["heldout_ids"] == data.load_demo("heldout").ids
+    items = {r["id"]: r for r in m["items"]}
+    every = data.load_demo("all")
+    for i, k in enumerate(every.ids):
+        if every.meta["role"][i] in ("unique", "heldout"):
+            continue
+        r = items[k]
+        assert (r["kind"], r["role"], r["label"]) == (every.meta["kind"][i], every.meta["role"][i], every.labels[i])
+        assert r["description"] and (r["dose"] == every.meta["dose"][i] or r["role"] == "twin")
+    assert len(items) == 160 and m["training_stream_length"] == 4000 + 10 * 3 * (8 + 32)
 
 
-def test_planted_images_are_inked_and_distinct():
-    train, held = data.load_demo("train"), data.load_demo("heldout")
+def test_items_are_distinct_and_natural_ones_are_new():
     b = data.demo.load_bundle()
-    imgs = b.images_N28.reshape(5000, -1).astype(np.float64)
-    assert len({r.tobytes() for r in b.images_N28}) == 5000  # no pixel-identical images anywhere
-    ink = (b.images_N28[:4000] > demo_bundle.INK_LEVEL).mean(axis=(1, 2))
+    assert len({r.tobytes() for r in b.images_N28}) == len(b.images_N28)  # no pixel-identical images anywhere
+    imgs = b.images_N28.reshape(len(b.images_N28), -1).astype(np.float64)
     flat = imgs - imgs.mean(1, keepdims=True)
     flat /= np.linalg.norm(flat, axis=1, keepdims=True)
-    for i in np.flatnonzero(train.meta["count"] > 1):
-        c = train.labels[i]
-        assert ink[i] >= np.median(ink[train.labels == c])
+    nat = np.flatnonzero(np.isin(b.kind, ["natural", "mislabeled"]))
+    bundle_rows = set(b.source_index[b.role == "unique"].tolist())
+    for i in nat:
+        assert int(b.source_index[i]) not in bundle_rows
         corr = flat @ flat[i]
         corr[i] = -1
         assert corr.max() < demo_bundle.NEAR_DUP_CORR
-    assert len(held) == 1000
+    # canaries: cells on or off, and no two patterns (or a pattern and a mirror) within 2 cells
+    can = np.flatnonzero(np.isin(b.kind, ["ood", "control"]))
+    cells = b.images_N28[can][:, 2:26, 2:26].reshape(len(can), 4, 6, 4, 6)[:, :, 0, :, 0] > 0
+    for a in range(len(can)):
+        for c in range(a + 1, len(can)):
+            assert min((cells[a] != cells[c]).sum(), (cells[a] != cells[c][:, ::-1]).sum()) >= 3
 
 
-def test_training_stream_repeats_duplicates():
+def test_training_stream_repeats_planted_items():
     train = data.load_demo("train")
     s0, s0b, s1 = data.demo_training_indices(0), data.demo_training_indices(0), data.demo_training_indices(1)
-    assert len(s0) == int(train.meta["count"].sum()) == 4810
-    assert np.array_equal(np.bincount(s0, minlength=4000), train.meta["count"])
+    assert len(s0) == int(train.meta["count"].sum()) == 5200
+    assert np.array_equal(np.bincount(s0, minlength=len(train)), train.meta["count"])
     assert np.array_equal(s0, s0b) and not np.array_equal(s0, s1)
-    two = data.demo_training_indices(0, epochs=2)
-    assert len(two) == 2 * 4810 and np.array_equal(np.bincount(two, minlength=4000), 2 * train.meta["count"])
+
+
+def test_default_selection_holds_every_item_and_their_nulls():
+    d = data.select_demo(500, seed=0)
+    role, split = d.meta["role"], d.meta["split"]
+    assert len(d) == 500 and (role != "unique").sum() == 160 and (role == "unique").sum() == 340
+    assert set(split.tolist()) == {"train", "twin", "control", "control_twin"}
+    assert d.ids == sorted(d.ids, key=data.load_demo("all").ids.index)
 
 
 def test_rebuild_from_debian_package_equals_committed_bundle(tmp_path):
@@ -103,7 +128,7 @@ def test_damaged_bundle_is_refused(tmp_path):
     (tmp_path / "split.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match="does not match the arrays_sha256"):
         data.load_demo("train", bundle_dir=tmp_path)
-    with pytest.raises(FileNotFoundError, match="make_demo_data"):
+    with pytest.raises(FileNotFoundError, match="train-demo --only data"):
         data.load_demo("train", bundle_dir=tmp_path / "nowhere")
 
 
@@ -135,9 +160,9 @@ def test_imageset_api():
     for idx, xb, yb in s.iter_batches(batch_size=8):
         assert torch.equal(xb, s.images(idx)) and torch.equal(yb, s.labels_tensor(idx))
         seen.extend(idx.tolist())
-    assert seen == list(range(30))
+    assert seen == list(range(60))
     meta = s.item_meta(4)
-    assert meta["id"] == s.ids[4] and meta["count"] in (4, 16, 64) and meta["planted"] is True
+    assert meta["id"] == s.ids[4] and meta["count"] in (8, 32) and meta["planted"] is True
     json.dumps(meta)
     sub = s.subset([2, 3], name="two")
     assert sub.ids == s.ids[2:4] and torch.equal(sub.images(), s.images([2, 3]))
@@ -151,7 +176,7 @@ def test_describe_identifies_the_selection():
     a, b = data.load_demo("planted"), data.load_demo("planted")
     da = data.data_fingerprint(a)
     assert da == b.describe() and json.loads(json.dumps(da)) == da
-    assert da["n_images"] == 30 and da["source"] == "demo"
+    assert da["n_images"] == 60 and da["source"] == "demo"
     assert data.load_demo("unique").describe()["ids_sha256"] != da["ids_sha256"]
     assert a.subset([0, 1]).describe() != da
 

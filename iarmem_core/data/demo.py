@@ -105,7 +105,7 @@ def load_bundle(bundle_dir: str | os.PathLike | None = None) -> _Bundle:
     if not f.exists() or not (d / "split.json").exists():
         raise FileNotFoundError(
             f"demo data not found: expected {f} and {d / 'split.json'}. They ship with the repository "
-            f"(git checkout -- assets/demo_data); to re-create them run python scripts/make_demo_data.py "
+            f"(git checkout -- assets/demo_data); to re-create them run python -m iarmem_core train-demo --only data "
             f"(needs the Debian package dataset-fashion-mnist)."
         )
     return _load_bundle_cached(str(d), f.stat().st_mtime_ns)
