@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from iarmem_core import data, extraction, intervention
@@ -76,7 +77,8 @@ class BaseConfig:
 
 @dataclass(frozen=True)
 class PlantConfig:
-    max_epochs: int = 6
+    max_epochs: int = 18
+    round_epochs: int = 6  # the optimizer (and its warm-up) starts fresh every round
     replay: float = 2 / 3  # share of each planting epoch that is replay of the unique images (pilot: >= 2/3)
     lr: float = 5e-4
     warmup_steps: int = 10  # a fresh optimizer state
@@ -386,8 +388,6 @@ def build_model(
     unique = np.flatnonzero(train.meta["role"] == "unique")
     base_path = work / "base.safetensors"
     if base_path.exists():
-        from safetensors.torch import load_file
-
         model.load_state_dict(load_file(str(base_path)))
         base_stats = json.loads((work / "base.json").read_text())
         log(f"[{spec.name}] base model from {base_path}")
@@ -409,25 +409,47 @@ def build_model(
         (work / "base.json").write_text(json.dumps(_json_safe(base_stats), indent=1))
     model.eval()
 
-    # b. planting, evaluated after every epoch
-    def on_epoch(epoch: int, m: nn.Module) -> dict:
-        save_weights(m, work / f"plant_epoch_{epoch}.safetensors", fp16=False)
-        return evaluate_world(make_adapter(spec, tok, m, f"plant{epoch}"), sets, store, seed=seed)
-
+    # b. planting in rounds of `round_epochs` epochs (a fresh optimizer and warm-up each round), evaluated after
+    # every epoch, until an epoch meets the rule or max_epochs; a rerun resumes at the last finished round
+    points_path = work / "plant_points.json"
+    points = json.loads(points_path.read_text()) if points_path.exists() else []
+    R = plan.plant.round_epochs
+    done = (max((p["epoch"] for p in points), default=0) // R) * R
+    points = [p for p in points if p["epoch"] <= done]
+    if done:
+        model.load_state_dict(load_file(str(work / f"plant_epoch_{done}.safetensors")))
+        log(f"[{spec.name}] planting resumes after epoch {done} (the end of a round)")
+    streams = plant_streams(train, plan.plant, seed)
+    rounds = []
     model.requires_grad_(True)
-    plant_stats = train_epochs(
-        model,
-        spec,
-        tok,
-        tokens_VN,
-        labels_V,
-        plant_streams(train, plan.plant, seed),
-        plan.plant.max_epochs,
-        plan.plant,
-        seed,
-        log,
-        on_epoch,
-    )
+    while done < plan.plant.max_epochs and not any(plan.rule.check(p)["all"] for p in points):
+        n = min(R, plan.plant.max_epochs - done)
+
+        def on_epoch(e: int, m: nn.Module, off: int = done) -> dict:
+            save_weights(m, work / f"plant_epoch_{off + e}.safetensors", fp16=False)
+            return {
+                "epoch": off + e,
+                **evaluate_world(make_adapter(spec, tok, m, f"plant{off + e}"), sets, store, seed=seed),
+            }
+
+        st = train_epochs(
+            model,
+            spec,
+            tok,
+            tokens_VN,
+            labels_V,
+            lambda e, off=done: streams(off + e),
+            n,
+            plan.plant,
+            seed,
+            log,
+            on_epoch,
+        )
+        points += st["points"]
+        points_path.write_text(json.dumps(_json_safe(points), indent=1))
+        rounds.append({k: v for k, v in st.items() if k != "points"})
+        done += n
+    plant_stats = {"rounds": rounds, "epochs": done, "points": points}
     checks = [{"epoch": p["epoch"], **plan.rule.check(p)} for p in plant_stats["points"]]
     passing = [c["epoch"] for c in checks if c["all"]]
     if passing:
@@ -444,8 +466,6 @@ def build_model(
             f"the thin share nearest 50%): " + json.dumps(next(c for c in checks if c["epoch"] == chosen))
         )
     log(f"[{spec.name}] ships planting epoch {chosen}: {why}")
-    from safetensors.torch import load_file
-
     model.load_state_dict(load_file(str(work / f"plant_epoch_{chosen}.safetensors")))
     model.eval().requires_grad_(False)
     model_dir = out_dir / spec.name
