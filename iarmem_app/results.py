@@ -236,7 +236,8 @@ def job_panel(
 
     backend, address = backend_choice()
     remote = backend == "ray" and command is not None and ray_jobs.is_jobs_address(address)
-    if st.button(start_label + (" on Ray" if remote else ""), key=f"{widget_key}_start", type="primary"):
+    where = f"Submits the job to the Ray cluster at {address}." if remote else "Runs the job in this app's process."
+    if st.button(start_label, key=f"{widget_key}_start", type="primary", help=where):
         if remote:
             try:
                 submit_to_ray(key, command)

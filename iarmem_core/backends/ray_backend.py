@@ -184,6 +184,17 @@ class RayBackend(Backend):
 
     name = "ray"
 
+    def __post_init__(self) -> None:
+        if self.address is not None:
+            try:
+                _check_address(self.address)
+            except BackendError as e:
+                raise ValueError(str(e)) from None  # a bad option: the CLI reports it as such
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"--ray-workers must be >= 1, got {self.workers}")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise ValueError(f"--ray-gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
+
     def describe(self) -> str:
         addr = _CONNECTED.get("address") or self.address or os.environ.get("RAY_ADDRESS") or "a local Ray instance"
         return f"Ray cluster at {addr}" if addr != "local" else "a local Ray instance (127.0.0.1)"
