@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from iarmem_core import jobs
 from iarmem_core.backends.base import Backend, BlockTask, Merge, Progress, Save
@@ -41,6 +42,7 @@ class LocalBackend(Backend):
         item = lambda b: min(int(n), b * block)  # noqa: E731 - block index -> item index
         per_call = max(1, int(batch_size or block) // block)
         own_events: list = []
+        t0 = time.perf_counter()
 
         def work(bi: int, bj: int) -> None:
             outs = [task.run(state, item(b), item(b + 1)) for b in range(bi, bj)]
@@ -69,4 +71,10 @@ class LocalBackend(Backend):
             events.extend(
                 {**ev, "at": item(ev["at"]), "from": ev["from"] * block, "to": ev["to"] * block} for ev in own_events
             )
-        return {"backend": self.name, "where": self.describe(), "workers": 1, "block": block}
+        return {
+            "backend": self.name,
+            "where": self.describe(),
+            "workers": 1,
+            "block": block,
+            "blocks_s": round(time.perf_counter() - t0, 4),
+        }

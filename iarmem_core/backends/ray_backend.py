@@ -287,6 +287,7 @@ class RayBackend(Backend):
         window = max(4, 2 * n_workers * self.inflight_per_worker)  # blocks ahead of the merge point
         ckpt = Checkpointer(ctx, n, save)
         last_alive = time.monotonic()
+        t_first = None
         if ctx is not None:
             ctx.progress(next_start / max(n, 1), f"{what}s on {n_workers} Ray worker(s): starting them")
 
@@ -309,14 +310,21 @@ class RayBackend(Backend):
                     ctx.check()
                 # hand out blocks: up to inflight_per_worker per set-up actor, never far ahead of the merge point
                 warming = self.wait_all and any(a.alive and a.ready is not None for a in actors[:n_workers])
-                for a in [] if warming else actors:
-                    while a.alive and a.ready is None and a.inflight < self.inflight_per_worker and todo:
+                if t_first is None and not warming and any(a.alive and a.ready is None for a in actors):
+                    t_first = time.perf_counter()  # blocks start: the workers' setup is over
+                gave = not warming
+                while gave:  # one block per actor per round, so the first blocks spread over every worker
+                    gave = False
+                    for a in actors:
+                        if not (a.alive and a.ready is None and a.inflight < self.inflight_per_worker and todo):
+                            continue
                         if todo[0][0] - next_start >= window * block:
                             break
                         b = todo.popleft()
                         inflight[a.handle.run.remote(*b)] = (a, b)
                         a.inflight += 1
                         a.info["blocks_sent"] = a.info.get("blocks_sent", 0) + 1
+                        gave = True
                 if not any(a.alive for a in actors):
                     raise BackendError(
                         f"every Ray worker was lost and {replaced} replacements too (last: {lost[-3:]}); check the "
@@ -397,6 +405,7 @@ class RayBackend(Backend):
                 "lost_workers": lost,
                 "worker_info": [a.info for a in actors if a.info],
                 "retried_blocks": sorted(retries),
+                "blocks_s": None if t_first is None else round(time.perf_counter() - t_first, 4),
             }
         )
         return report
