@@ -118,7 +118,9 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
 class _BlockWorker:
     """The actor: keeps `task.setup()`'s state (the loaded model) and runs the blocks it is sent."""
 
-    def __init__(self, task: BlockTask, threads: int):
+    def __init__(self, task: BlockTask, threads: int, gpus: float = 0.0):
+        if not gpus:  # Ray leaves CUDA_VISIBLE_DEVICES alone for a CPU actor: hide the node's GPUs from it
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
         import torch
 
         torch.set_num_threads(max(1, int(threads)))
@@ -274,7 +276,7 @@ class RayBackend(Backend):
         threads = max(1, int(self.cpus_per_worker))
 
         def new_actor() -> _Actor:
-            h = cls.options(**opts).remote(task_ref, threads)
+            h = cls.options(**opts).remote(task_ref, threads, gpw)
             return _Actor(h, h.setup.remote())
 
         actors = [new_actor() for _ in range(n_workers)]
