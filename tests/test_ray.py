@@ -71,6 +71,8 @@ def test_jobs_api_stop_then_resume_equals_local(report):
     assert r["status"]["where"].startswith("Ray cluster at 127.0.0.1:")
     assert r["stored"] and r["key_ray"] == r["key"]
     assert r["sha_ray"] == r["sha_local"]
+    # `unitmem ... --backend ray --ray-address http://HEAD:8265` submits, follows and prints the driver's JSON
+    assert r["cli_submit"] == {"rc": 0, "sha": r["sha_local"], "key": r["key"]}
 
 
 def test_killed_worker_node_mid_job_gives_the_identical_result(report):

@@ -52,8 +52,11 @@ _CONNECTED: dict = {}  # what the connecting thread reported (address, local)
 
 
 def _check_address(address: str | None) -> str | None:
+    """The address to connect a driver to ($RAY_ADDRESS when None; None: start a local instance)."""
     if address is None:
-        return os.environ.get("RAY_ADDRESS") or None
+        address = os.environ.get("RAY_ADDRESS")
+        if not address:
+            return None
     address = address.strip()
     if address.startswith("ray://"):
         raise BackendError(

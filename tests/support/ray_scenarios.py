@@ -162,6 +162,12 @@ def scenario_jobs_api(tmp: Path, c: LoopbackCluster) -> dict:
     out["log_tail"] = text[-1500:] if state != "SUCCEEDED" else ""
     if store.exists(key):
         out["execution"] = store.load(key)[1].get("execution")
+    # the CLI's own submission (--ray-address http://...): the driver finds the stored result, the CLI prints it
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        rc = cli_main(argv + ["--backend", "ray", "--ray-address", c.dashboard])
+    printed = ray_jobs.last_json(buf.getvalue()) or {}
+    out["cli_submit"] = {"rc": rc, "sha": printed.get("arrays_sha256"), "key": printed.get("store_key")}
     return out
 
 
