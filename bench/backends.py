@@ -146,11 +146,12 @@ def _scores(backend, model: str, n: int) -> tuple[np.ndarray, dict, float]:
 
     ad = load_adapter(model, device="cpu")
     ds = data.select_demo(n=n, seed=0)
-    store = ResultStore(tempfile.mkdtemp(prefix="iarmem-bench-"))
-    t = time.perf_counter()
-    acc, meta = memorization_scores(ad, ds, store=store, batch_size=32, force=True, backend=backend)
-    wall = time.perf_counter() - t
-    return acc, store.load(meta["store_key"])[1]["execution"], wall
+    with tempfile.TemporaryDirectory(prefix="iarmem-bench-") as d:
+        store = ResultStore(d)
+        t = time.perf_counter()
+        acc, meta = memorization_scores(ad, ds, store=store, batch_size=32, force=True, backend=backend)
+        wall = time.perf_counter() - t
+        return acc, store.load(meta["store_key"])[1]["execution"], wall
 
 
 def throughput(model: str, n: int) -> dict:

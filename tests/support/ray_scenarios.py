@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -225,6 +226,7 @@ def main(out_path: str) -> None:
         report["kill"] = scenario_kill(ad, kds, kcfg, tmp, c, rb)
     report["total_s"] = round(time.perf_counter() - t0, 2)
     Path(out_path).write_text(json.dumps(report, indent=1, default=str))
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
