@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from iarmem_app import config, state, ui
+from iarmem_app import config, results, state, ui
 
 st.set_page_config(
     page_title="iarmem: memorization in image autoregressive models",
@@ -97,6 +97,17 @@ with st.sidebar:
     c1, c2 = st.columns(2)
     state.widget(c1.selectbox, "device", "Device", list(config.DEVICES))
     state.widget(c2.number_input, "seed", "Seed", min_value=0, max_value=2**31 - 1, step=1)
+    st.markdown("### Jobs")
+    state.widget(
+        st.selectbox,
+        "backend",
+        "Run jobs on",
+        ["local", "ray"],
+        format_func=lambda b: "this machine" if b == "local" else "a Ray cluster",
+    )
+    if state.get("backend") == "ray":
+        state.widget(st.text_input, "ray_address", "Ray Jobs API address", placeholder="http://HEAD:8265")
+    st.caption(results.where_text())
     st.caption("The address bar holds this view: copy it to share exactly what you see.")
 
 try:

@@ -199,6 +199,7 @@ def main() -> None:
         allow_rerun=True,
         widget_key="ex",
         live=lambda: _live(key),
+        command=cli + (" --force" if res is not None else ""),
     )
     if res is None:
         st.caption(f"The attack runs as a background job; from a terminal: {ui.code_span(cli)}")

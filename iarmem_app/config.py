@@ -57,3 +57,9 @@ def other_models() -> list[str]:
     """Every other registry model (released and test configs) for the 'another model' choice."""
     quick = set(quick_models())
     return [m for m in list_models() if m not in quick]
+
+
+def ray_address() -> str:
+    """The Ray Jobs API address the sidebar starts with: $IARMEM_RAY_ADDRESS, else an http:// $RAY_ADDRESS."""
+    addr = os.environ.get("IARMEM_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS") or ""
+    return addr if addr.startswith(("http://", "https://")) else ""

@@ -68,6 +68,8 @@ register("data", "demo", choices=lambda: ["demo", "folder"])
 register("folder", "")
 register("device", "auto", choices=lambda: list(config.DEVICES))
 register("seed", 0, "int", lo=0, hi=2**31 - 1)
+register("backend", "local", choices=lambda: ["local", "ray"])
+register("ray_address", config.ray_address())
 # model page
 register("image", "")
 # memorization page

@@ -112,6 +112,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_model_args(p)
     common.add_data_args(p)
     common.add_output_args(p)
+    common.add_backend_args(p)
     add_attack_options(p)
     p.add_argument("--heldout-data", help="folder data: an ImageFolder of held-out images (e.g. ImageNet val)")
     p.add_argument(
@@ -127,6 +128,9 @@ def run(args: argparse.Namespace) -> int:
     """Prints the counts (one JSON object with --json)."""
     from iarmem_core import data, extraction
 
+    address = common.jobs_api_address(args)
+    if address is not None:  # the whole job runs on the cluster; this process follows it
+        return common.submit_to_cluster(args, address)
     model = common.load_model(args)
     image_set = common.load_data(args, model.image_size)
     st = common.get_store(args)
@@ -165,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         sscd_path=args.sscd,
         on_progress=common.progress_printer("extract"),
         force=args.force,
+        backend=common.get_backend(args),
     )
     common.emit(res.summary(), args.json)
     return 0

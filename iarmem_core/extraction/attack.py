@@ -75,10 +75,14 @@ def _make_plan(
     cfg: ExtractionConfig,
     store,
     progress: Callable[[str], Callable[[float, str], None]],
+    backend=None,
 ) -> _Plan:
-    """Score the images (reusing UnitMem / memscore results) and choose the candidates."""
+    """Score the images (reusing UnitMem / memscore results; the scoring jobs run on `backend`) and choose the
+    candidates."""
     bs = max(cfg.batch_size, 32)
-    acc_tr, smeta = memorization_scores(adapter, image_set, store=store, batch_size=bs, on_progress=progress("train"))
+    acc_tr, smeta = memorization_scores(
+        adapter, image_set, store=store, batch_size=bs, on_progress=progress("train"), backend=backend
+    )
     gi = smeta["groups"].index(smeta["score_group"])
     scores_tr = acc_tr[:, gi]
     if cfg.candidate_ids is not None:
@@ -98,7 +102,7 @@ def _make_plan(
     cols = [_item_columns(image_set, chosen, scores_tr[chosen], ranks, "train")]
     if heldout_set is not None and len(heldout_set):
         acc_ho, _ = memorization_scores(
-            adapter, heldout_set, store=store, batch_size=bs, on_progress=progress("held-out")
+            adapter, heldout_set, store=store, batch_size=bs, on_progress=progress("held-out"), backend=backend
         )
         all_ho = np.arange(len(heldout_set))
         sets.append(heldout_set)
@@ -175,6 +179,7 @@ def _job_fn(
             cfg,
             ctx.store,
             lambda what: lambda f, msg: ctx.progress(0.1 * f, f"{what}: {msg}"),
+            backend=getattr(ctx, "backend", None),
         )
         t_score = time.perf_counter() - t0
 
@@ -346,16 +351,20 @@ def run_extraction(
     sscd_path=None,
     on_progress=None,
     force: bool = False,
+    backend=None,
 ) -> ExtractionResult:
     """Run (or load from the store) the attack; the result's decision follows `cfg.similarity`/`threshold`.
 
     On the demo data the held-out images default to `demo_heldout_sets(cfg.heldout_n, cfg.seed)[0]`; for
-    other data pass `heldout_set` (e.g. ImageNet validation images) to get a false rate.
+    other data pass `heldout_set` (e.g. ImageNet validation images) to get a false rate. `backend`
+    (iarmem_core.backends; None: this process) runs the scoring blocks; generation runs in the job's process.
     """
     st, cfg, edit, heldout_set = _prepare(adapter, image_set, cfg, edit, heldout_set, store)
     spec = job_spec(adapter, image_set, cfg, edit, heldout_set, sscd_path)
     fn = _job_fn(adapter, image_set, heldout_set, cfg, edit, sscd_path)
-    arrays, meta = jobs.run_job(KIND, spec, fn, store=st, version=VERSION, force=force, on_progress=on_progress)
+    arrays, meta = jobs.run_job(
+        KIND, spec, fn, store=st, version=VERSION, force=force, on_progress=on_progress, backend=backend
+    )
     meta = dict(meta)
     meta["store_key"] = st.key(KIND, spec, VERSION)
     return finalize(ExtractionResult(arrays, meta), st, cfg.similarity, cfg.threshold)
@@ -372,13 +381,16 @@ def start_extraction(
     sscd_path=None,
     on_progress=None,
     force: bool = False,
+    backend=None,
 ) -> jobs.JobHandle:
     """Start the attack as a background job; `load_extraction(store, handle.key)` once done,
     `load_partial_extraction(store, handle.key)` while it runs."""
     st, cfg, edit, heldout_set = _prepare(adapter, image_set, cfg, edit, heldout_set, store)
     spec = job_spec(adapter, image_set, cfg, edit, heldout_set, sscd_path)
     fn = _job_fn(adapter, image_set, heldout_set, cfg, edit, sscd_path)
-    return jobs.start_job(KIND, spec, fn, store=st, version=VERSION, force=force, on_progress=on_progress)
+    return jobs.start_job(
+        KIND, spec, fn, store=st, version=VERSION, force=force, on_progress=on_progress, backend=backend
+    )
 
 
 def extraction_key(
