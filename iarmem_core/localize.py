@@ -203,6 +203,11 @@ class Judge:
                 **self.gen_kw,
             )
         gen_BN = ad.flatten(gen)
+        if self.measure == "token_match":  # tokens only: nothing to decode
+            s = metrics.score(
+                "token_match", tokens_a=gen_BN.cpu(), tokens_b=self.true_BN[idx].cpu(), token_start=self.prefix
+            )
+            return s.double().numpy()
         img = ad.decode(gen)
         sims = extraction.compute_similarities(
             [self.measure], img, self.recon[idx], gen_BN, self.true_BN[idx], self.prefix
