@@ -74,7 +74,13 @@ from iarmem_core.extraction.config import (
     resolve_prefixes,
 )
 from iarmem_core.extraction.measures import available_measures, compute_similarities
-from iarmem_core.extraction.result import ExtractionResult, finalize, load_extraction, load_partial_extraction
+from iarmem_core.extraction.result import (
+    ExtractionResult,
+    finalize,
+    is_extracted,
+    load_extraction,
+    load_partial_extraction,
+)
 from iarmem_core.extraction.scores import (
     accuracies_from_correct,
     class_ranks,
@@ -117,6 +123,7 @@ __all__ = [
     "finalize",
     "find_calibration",
     "find_unitmem",
+    "is_extracted",
     "job_spec",
     "load_extraction",
     "load_partial_extraction",

@@ -14,6 +14,20 @@ from iarmem_core.extraction.thresholds import resolve_similarity, resolve_thresh
 
 # ---------------------------------------------------------------------------------------------------
 # 4. Results
+def is_extracted(scores, threshold) -> np.ndarray:
+    """The one extraction decision, used by every count and every label: similarity strictly above the threshold.
+
+    Both sides are compared in float32, the precision the scores are stored in: the threshold is rounded to
+    float32 first. A score that equals the threshold as typed (token match moves in steps of 1/N, so 0.91 is
+    a score) is therefore *not* extracted, wherever it is compared; comparing the float32 score with a float64
+    threshold instead would call float32(0.91) = 0.91000000238 "above 0.91". `threshold` is a number or an
+    array broadcastable to `scores` (per-row thresholds).
+    """
+    s = np.asarray(scores, dtype=np.float32)
+    t = np.asarray(threshold, dtype=np.float64).astype(np.float32)
+    return np.asarray(s > t)
+
+
 @dataclass
 class ExtractionResult:
     """One row per (candidate, prefix): the table, gallery images and meta; `count` recounts instantly."""
@@ -73,7 +87,7 @@ class ExtractionResult:
             t = np.array([thr[int(p)] for p in self.arrays["prefix_tokens"]], dtype=np.float64)
         else:
             t = float(threshold)
-        return np.asarray(s > t)
+        return is_extracted(s, t)
 
     def with_decision(self, similarity: str | None = None, threshold: float | None = None) -> ExtractionResult:
         """The same result with another default measure and/or one threshold for every prefix (no recompute)."""
