@@ -328,7 +328,9 @@ def test_one_decision_at_tied_thresholds():
     np.testing.assert_array_equal(extraction.is_extracted(scores, 0.91), [False, False, False, False, True, True])
     np.testing.assert_array_equal(extraction.is_extracted(scores, 0.905), [False, False, True, True, True, True])
     # per-row thresholds broadcast
-    np.testing.assert_array_equal(extraction.is_extracted(scores, np.full(6, 0.90)), [False, False, True, True, True, True])
+    np.testing.assert_array_equal(
+        extraction.is_extracted(scores, np.full(6, 0.90)), [False, False, True, True, True, True]
+    )
     # a result's count and its table's labels agree at a tied threshold
     arrays = {
         "image_id": np.array([f"train/{i}" for i in range(6)]),

@@ -246,13 +246,19 @@ def test_quality_has_intervals_and_its_first_samples_are_a_first_estimate(var, s
     ref = data.select_demo(n=40, seed=0, split="heldout")
     firsts = []
     q = intervention.quality(
-        var, None, n_samples=100, feature_space=space, reference_set=ref, seed=3, with_samples=True,
+        var,
+        None,
+        n_samples=100,
+        feature_space=space,
+        reference_set=ref,
+        seed=3,
+        with_samples=True,
         on_first=(50, lambda est, s: firsts.append((est, s))),
     )
     lo, hi = q["fd_interval"]
     assert lo <= q["fd"] <= hi and lo < hi
     assert q["class_acc_interval"][0] <= q["class_acc"] <= q["class_acc_interval"][1]
-    (est, s50), = firsts
+    ((est, s50),) = firsts
     assert est["n_samples"] == 50 and s50.n == 50
     small = intervention.quality(var, None, n_samples=50, feature_space=space, reference_set=ref, seed=3)
     assert est["fd"] == small["fd"] and est["class_acc"] == small["class_acc"]  # the same 50 samples
@@ -278,7 +284,9 @@ def test_batched_quality_sampling(var, space):
     # gives two sets of draws (the one-edit path stays available with batched=False)
     many = intervention.quality_many(var, [e, e], n_samples=50, feature_space=space, reference_set=ref, seed=1)
     assert not np.allclose(many[0]["samples"].features_ND, many[1]["samples"].features_ND)
-    alone = intervention.quality(var, e, n_samples=50, feature_space=space, reference_set=ref, seed=1, with_samples=True)
+    alone = intervention.quality(
+        var, e, n_samples=50, feature_space=space, reference_set=ref, seed=1, with_samples=True
+    )
     sep = intervention.quality_many(
         var, [None, e], n_samples=50, feature_space=space, reference_set=ref, seed=1, batched=False
     )
