@@ -245,35 +245,47 @@ def _check_blocks(points: dict, blocks) -> None:
             raise IndexError(f"edit names block {b}, but the model has blocks 0..{len(points) // 2 - 1}")
 
 
-class _RowMasks:
-    """Per block and hook kind: which (row, unit) a BatchedEdit edits, each row's factor and op, on demand
-    per (device, doubled) and cached for the duration of the `edit` block."""
+class _RowUnits:
+    """Per block and hook kind: the units each row of a BatchedEdit edits, as a padded index [R, K] (K = the
+    most units any row edits in that block), with its factor and op per row; built on demand per (device,
+    doubled) and cached for the duration of the `edit` block.
 
-    def __init__(self, spec: BatchedEdit, n_units: dict[int, int]):
+    Only the K selected columns are read and written (a gather and a scatter), so a batch costs about what
+    the one-edit path costs, not a pass over all units. A row with fewer than K units repeats its own first
+    unit (the same value is written twice); a row without an edit in this block points at unit 0 and writes
+    its own value back (`keep`)."""
+
+    def __init__(self, spec: BatchedEdit):
         self.spec = spec
-        self.n_units = n_units
-        self.cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.cache: dict[tuple, tuple | None] = {}
 
     def get(self, block: int, kind: str, device: torch.device, doubled: bool):
-        """(mask [R, U] bool, factor [R] float32, zero [R] bool) for R = B rows, or 2B when doubled."""
+        """(idx [R, K] long, keep [R, 1] bool, factor [R] float32, zero [R] bool) for R = B (2B doubled), or
+        None when no row edits this block at this kind."""
         key = (block, kind, device, doubled)
         if key not in self.cache:
-            B, U = self.spec.n_rows, self.n_units[block]
+            B = self.spec.n_rows
             halves = ("cond", "uncond") if doubled else (None,)
-            mask = torch.zeros(len(halves) * B, U, dtype=torch.bool)
+            rows: list[tuple[int, ...]] = []
             factor = torch.ones(len(halves) * B, dtype=torch.float32)
             zero = torch.zeros(len(halves) * B, dtype=torch.bool)
             for h, half in enumerate(halves):
                 for b, r in enumerate(self.spec.row_edit):
                     e = self.spec.edits[r] if r >= 0 else None
-                    if e is None or block not in e.units or (e.op == "fc1_scale") != (kind == "pre"):
-                        continue
-                    if half is not None and e.cfg_half not in ("both", half):
-                        continue
-                    mask[h * B + b, list(e.units[block])] = True
-                    factor[h * B + b] = float(e.factor)
-                    zero[h * B + b] = e.op == "zero"
-            self.cache[key] = (mask.to(device), factor.to(device), zero.to(device))
+                    ok = e is not None and block in e.units and (e.op == "fc1_scale") == (kind == "pre")
+                    if ok and half is not None and e.cfg_half not in ("both", half):
+                        ok = False
+                    rows.append(e.units[block] if ok else ())
+                    if ok:
+                        factor[h * B + b] = float(e.factor)
+                        zero[h * B + b] = e.op == "zero"
+            K = max((len(u) for u in rows), default=0)
+            if K == 0:
+                self.cache[key] = None
+            else:
+                idx = torch.tensor([list(u) + [u[0]] * (K - len(u)) if u else [0] * K for u in rows], dtype=torch.long)
+                keep = torch.tensor([[not u] for u in rows], dtype=torch.bool)
+                self.cache[key] = (idx.to(device), keep.to(device), factor.to(device), zero.to(device))
         return self.cache[key]
 
 
@@ -284,16 +296,15 @@ def _batched_edit(model: nn.Module, spec: BatchedEdit) -> Iterator[None]:
     edits = [spec.edits[r] for r in sorted(used) if spec.edits[r] is not None]
     for e in edits:
         _check_blocks(points, e.units)
-    n_units: dict[int, int] = {}
     names: set[str] = set()
     for e in edits:
         kind = "pre" if e.op == "fc1_scale" else "post"
         for b in e.units:
             names.add(f"blocks.{b}.mlp.hook_{kind}")
-    masks = _RowMasks(spec, n_units)
+    table = _RowUnits(spec)
     B = spec.n_rows
 
-    def _fn(hp: HookPoint, x: torch.Tensor, info: CallInfo | None) -> torch.Tensor:
+    def _fn(hp: HookPoint, x: torch.Tensor, info: CallInfo | None) -> torch.Tensor | None:
         doubled = info is not None and info.cfg_doubled
         if x.shape[0] != (2 * B if doubled else B):
             raise ValueError(
@@ -301,24 +312,30 @@ def _batched_edit(model: nn.Module, spec: BatchedEdit) -> Iterator[None]:
                 f"{' (CFG-doubled: expected ' + str(2 * B) + ')' if doubled else ''}: generate exactly the "
                 "rows the edit was built for (BatchedEdit.rows(i, j) for a slice of them)"
             )
-        n_units.setdefault(hp.block, x.shape[-1])
-        mask, factor, zero = masks.get(hp.block, hp.kind, x.device, doubled)
-        shape = (x.shape[0],) + (1,) * (x.ndim - 2)
-        m = mask.view(shape + (x.shape[-1],))
+        got = table.get(hp.block, hp.kind, x.device, doubled)
+        if got is None:
+            return None
+        idx, keep, factor, zero = got
+        R, K = idx.shape
+        shape = (R,) + (1,) * (x.ndim - 2)
+        idx_x = idx.view(shape + (K,)).expand(*x.shape[:-1], K)
+        sel = x.gather(-1, idx_x)
         # the same elementwise operations as the one-edit path, in the same dtype (factor in float32, as a
         # Python scalar is applied to a float32 tensor; the product is rounded to x's dtype before the bias)
         f = factor.view(shape + (1,))
         if hp.kind == "pre":
             bias = hp.bias()
             if bias is None:
-                new = (x * f).to(x.dtype)
+                new = (sel * f).to(x.dtype)
             else:
-                b = bias.to(x.dtype)
-                new = ((x - b) * f).to(x.dtype) + b
+                b = bias.to(x.dtype)[idx].view(shape + (K,))
+                new = ((sel - b) * f).to(x.dtype) + b
         else:
-            new = torch.where(zero.view(shape + (1,)), torch.zeros((), dtype=x.dtype, device=x.device), x * f)
+            new = torch.where(zero.view(shape + (1,)), torch.zeros((), dtype=x.dtype, device=x.device), sel * f)
             new = new.to(x.dtype)
-        return torch.where(m, new, x)
+        new = torch.where(keep.view(shape + (1,)), sel, new)
+        # x is the fresh output of the layer before the point: without autograd it is written in place
+        return (x.clone() if torch.is_grad_enabled() else x).scatter_(-1, idx_x, new)
 
     with active(model, frozenset(names), _fn):
         yield
