@@ -21,15 +21,21 @@ st.set_page_config(
 ui.apply_style()
 state.init()
 
+MEMORIZATION = st.Page(
+    "app_pages/memorization.py", title="Memorization", icon=":material/grid_on:", url_path="memorization"
+)
+
+
+def _home() -> None:
+    """The address without a page opens the Memorization page. (The default page of st.navigation only answers
+    at "/", so /memorization would say "Page not found" if Memorization were the default page itself.)"""
+    st.switch_page(MEMORIZATION, query_params=st.query_params.to_dict())
+
+
 PAGES = [
+    st.Page(_home, title="iarmem", url_path="home", default=True, visibility="hidden"),
     st.Page("app_pages/model.py", title="Model", icon=":material/view_in_ar:", url_path="model"),
-    st.Page(
-        "app_pages/memorization.py",
-        title="Memorization",
-        icon=":material/grid_on:",
-        url_path="memorization",
-        default=True,
-    ),
+    MEMORIZATION,
     st.Page("app_pages/extraction.py", title="Extraction", icon=":material/image_search:", url_path="extraction"),
     st.Page("app_pages/intervention.py", title="Intervention", icon=":material/content_cut:", url_path="intervention"),
 ]

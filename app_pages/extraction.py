@@ -113,7 +113,7 @@ def _view(res, key: str, demo: bool, cli: str, res_um, name: str) -> None:
     if state.get("ex_measure") not in measures:
         state.set_many(ex_measure=res.similarity)
     prefix = int(res.meta["prefix_tokens"][0])
-    c1, c2, c3 = st.columns([1, 3, 1])
+    c1, c2, c3 = st.columns([1.4, 3, 1])
     state.widget(c1.selectbox, "ex_measure", "Similarity", measures)
     measure = state.get("ex_measure")
     _own_threshold(key, measure)

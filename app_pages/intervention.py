@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from iarmem_app import edits, loaders, results, state, ui
+from iarmem_app import config, edits, loaders, results, state, ui
 from iarmem_core import figures, intervention, jobs, unitmem
 from iarmem_core.cli import commands
 
@@ -343,9 +343,11 @@ def _numbers(adapter, image_set, res, cfg, mchoice, dchoice, units, top) -> None
             adapter, res, image_set, store, **kw, read_stores=[results.shipped_store()]
         )
 
-    live = adapter.spec.kind in ("demo", "test")
+    live = adapter.spec.kind in ("demo", "test") and config.live_measurement()
     ss = st.session_state
-    if live and got is None and not results.is_active(key) and results.status(key).get("state") != "failed":
+    status = results.status(key)
+    restartable = status.get("state") != "failed" or status.get("interrupted")  # a server restart: go on
+    if live and got is None and not results.is_active(key) and restartable:
         prev = ss.get("_iv_live_job")
         if prev and prev != key and results.is_active(prev):
             jobs.cancel_job(prev, store)  # only the edit on screen is measured

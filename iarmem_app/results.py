@@ -112,10 +112,13 @@ def job_panel(
         _poll(key, what, widget_key, live)
         return
     if st_.get("state") == "failed":
-        st.error(
-            f"The {what} job stopped: {st_.get('error')}. Start it again to "
-            f"{'resume from its checkpoint' if st_.get('resumable') else 'run it'}."
+        err = str(st_.get("error") or "").rstrip(".")
+        then = (
+            ""
+            if st_.get("interrupted")
+            else (f" Start it again to {'resume from its checkpoint' if st_.get('resumable') else 'run it'}.")
         )
+        st.error(f"The {what} job stopped: {err}.{then}")
     elif st_.get("state") == "cancelled":
         st.warning(
             f"The {what} job was cancelled at {100 * float(st_.get('progress') or 0):.0f}%. "

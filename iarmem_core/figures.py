@@ -24,6 +24,7 @@ from plotly.colors import sample_colorscale
 SEQUENTIAL = "Viridis"  # magnitudes: UnitMem, activations
 DIFFERENCE = "Cividis"  # |after - before|
 FONT_SIZE = 18
+PNG_WIDTH = 900  # px (before `scale`) of an exported altair chart that has no width of its own
 TITLE_SIZE = 22
 SERIES = {
     "top units": "#0072B2",
@@ -247,7 +248,7 @@ def similarity_histogram(table: pd.DataFrame, measure: str, threshold: float, ti
         if len(vals):
             fig.add_trace(go.Histogram(x=vals, name=name, marker_color=SERIES[name], nbinsx=30, opacity=0.8))
     fig.add_vline(
-        x=threshold, line_width=3, line_dash="dash", line_color="#333", annotation_text=f"threshold {threshold:.2f}"
+        x=threshold, line_width=3, line_dash="dash", line_color="#333", annotation_text=f"threshold {threshold:.4g}"
     )
     fig.update_layout(barmode="overlay")
     fig.update_xaxes(title=f"similarity ({measure})")
@@ -523,4 +524,10 @@ def to_png(chart, scale: float = 2.0) -> bytes:
         import vl_convert as vlc
     except ImportError as e:
         raise RuntimeError("PNG export of altair charts needs vl-convert (pip install vl-convert-python)") from e
+    import altair as alt
+
+    if getattr(chart, "width", alt.Undefined) is alt.Undefined:
+        # the app draws altair charts container-wide; a file has no container, so give it a slide's width
+        # (vega-lite's default would make a 6-block box plot about 250 px wide)
+        chart = chart.properties(width=PNG_WIDTH)
     return vlc.vegalite_to_png(chart.to_json(), scale=scale)

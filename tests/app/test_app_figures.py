@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -125,6 +127,10 @@ def test_png_export_of_both_chart_kinds():
             pytest.skip(figures.png_renderer_missing(c))
         png = figures.to_png(c)
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        if not isinstance(c, go.Figure):  # the box plot: a slide's width, not vega-lite's ~250 px default
+            from PIL import Image
+
+            assert Image.open(io.BytesIO(png)).size[0] >= 2 * figures.PNG_WIDTH
 
 
 def test_png_button_says_what_is_missing_without_a_browser(monkeypatch):
