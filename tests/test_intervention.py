@@ -264,7 +264,7 @@ def test_quality_has_intervals_and_its_first_samples_are_a_first_estimate(var, s
     assert est["fd"] == small["fd"] and est["class_acc"] == small["class_acc"]  # the same 50 samples
     np.testing.assert_array_equal(q["samples"].head(50).features_ND, s50.features_ND)
     # the bootstrap's fast FD is the reported FD's formula
-    fr = intervention._FDRef(intervention.reference_features(space, ref, var.image_size).numpy())
+    fr = intervention._FDRef(intervention.reference_features(space, ref, var.image_size))
     assert fr.distance(q["samples"].features_ND) == pytest.approx(q["fd"], rel=1e-6)
 
 
