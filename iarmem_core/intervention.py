@@ -7,20 +7,32 @@
   models the grid rows of a pass that has them). `random_control` draws the same number of units in
   every block, uniformly and seeded: the control a careful researcher always runs. One draw is one
   sample of a random distribution (on the demo, single draws of the same size left 16 to 18 of 18 images
-  extracted), so the control is drawn several times (`random_draws`; 10 on demo and test models) and the
-  ranked edit is compared with all draws (`random_draw_stats`: mean, range, one-sided p-value).
+  extracted), so the control is drawn many times (`random_draws`; 20 on demo and test models, 1 on released
+  ones unless raised) and the ranked edit is compared with all draws (`random_draw_stats`: mean, range, 5-95%
+  band, the ranked edit's rank among them, one-sided p-value).
 - Edits (`make_edit`): a `hooks.UnitEdit` value, fc1 weight rows times a factor (paper: 0.5, biases
   unchanged), zeroing, or scaling the unit's output; optionally only one half of a CFG batch. Edits are
   applied with `hooks.edit(model, spec)`, a scoped context of this thread only: a shared model object is
   never modified (not even briefly), also with other sessions running or an exception inside.
+- Many edits at once (`measure_edits`): one batched attack in which every batch row carries its own edit
+  (`hooks.BatchedEdit`), on the unedited run's candidates, thresholds and decision measure: the ranked edit
+  and its 20 random draws, every k of a sweep, or any list of edits (dose-response curves, minimal-set
+  searches). It returns `EditScores` (scores [E, I, P], counts, decisions via `extraction.is_extracted`,
+  margins = similarity minus threshold, `margin_table` for the margin view); `bootstrap_counts` gives
+  intervals over the candidates.
 - Quality (`quality`): Frechet distance between samples and real reference images in a named feature
   space (the bundled ``demo-fashion-cnn`` offline, or Inception from the user's TorchScript file
   ``inception-2015-12-05.pt``: real FID), and the class accuracy of the samples by the bundled classifier
-  (demo and test models). Samples use the model's published sampling settings (registry ``sampling``).
-- `run_intervention`: extraction and quality before the edit, after it, and for the random control;
-  `run_sweep`: the trade-off curve over k (default 0, 1, 5, 10, 20%) for UnitMem-ranked and random units,
-  a table and a job in the store. Every extraction and quality number is its own stored job, so a sweep
-  that is interrupted resumes where it stopped and shares the unedited numbers with every other run.
+  (demo and test models), each with a bootstrap interval (`quality_estimate`). Samples use the model's
+  published sampling settings (registry ``sampling``) and are drawn in blocks of `QUALITY_BLOCK` seeded by
+  their first index, so the first n samples of a run are those of any smaller run: a first estimate on 200
+  samples is refined to 1000, never redrawn. `quality_many` samples several edits in one batched pass.
+- `run_intervention`: extraction and quality before the edit, after it, and for the random control, in
+  stages (extraction, first estimate, full; `on_stage`); `start_measurement` runs it as the app's job, whose
+  checkpoint holds the latest stage. `run_sweep`: the trade-off curve over k (default 0, 1, 5, 10, 20%) for
+  UnitMem-ranked and random units, every k and its draws in one batched attack, a table and a job in the
+  store. The unedited attack and the unedited model's quality samples are stored once per model and
+  shared by every measurement (`read_stores` adds read-only stores such as the app's shipped results).
 
 Example:
     >>> units = select_units(unitmem_result, top_percent=10)            # {block: (unit, ...)}
