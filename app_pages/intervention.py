@@ -140,16 +140,19 @@ def main() -> None:
     on = bool(state.get("iv_edit_on")) and edit.n_units > 0
     st.caption(f"**{n_units:,} units edited** of {n_total:,} (per block: {per_block}).")
 
+    kw = _measure_kw(mchoice, units if picked else None, None if picked else float(state.get("iv_top")))
+    mkey = intervention.measurement_key(adapter, res, image_set, results.user_store(), **kw)
+    _drop_stale_measurement(adapter, mkey if edit.n_units else None)
+
     # 2. samples with and without the edit (quick, in-process) ----------------------------------------------
     labels_l, bad = _labels(adapter)
     if bad:
         st.warning("Classes of the samples: " + "; ".join(bad) + ".", icon=":material/warning:")
     labels = tuple(labels_l)
     seed = int(state.get("iv_seed"))
-    mkey = f"{mchoice}"
     with st.spinner("Drawing the samples ..."):
-        before = _samples(adapter, mkey, labels, None, seed)
-        after = _samples(adapter, mkey, labels, edit.to_dict() if on else None, seed)
+        before = _samples(adapter, f"{mchoice}", labels, None, seed)
+        after = _samples(adapter, f"{mchoice}", labels, edit.to_dict() if on else None, seed)
     names = _class_names(adapter)
     st.subheader("Samples at the same seed: without and with the edit")
     st.caption(
@@ -200,16 +203,7 @@ def main() -> None:
             icon=":material/info:",
         )
     else:
-        _numbers(
-            adapter,
-            image_set,
-            res,
-            cfg,
-            mchoice,
-            dchoice,
-            units if picked else None,
-            None if picked else float(state.get("iv_top")),
-        )
+        _numbers(adapter, image_set, res, cfg, mchoice, dchoice, kw, mkey)
     _curve(adapter, image_set, res, cfg, mchoice, dchoice, None if picked else float(state.get("iv_top")))
 
 
@@ -313,10 +307,9 @@ def _margins(d: intervention.InterventionResult, es: intervention.EditScores | N
     )
 
 
-def _numbers(adapter, image_set, res, cfg, mchoice, dchoice, units, top) -> None:
-    """Extraction, FD and class accuracy before and after the current edit, with its random control: a job,
-    started as soon as the edit changes on demo and test models (the previous edit's job is cancelled)."""
-    kw = dict(
+def _measure_kw(mchoice, units, top) -> dict:
+    """The edit as `intervention.measurement_key` / `start_measurement` take it."""
+    return dict(
         top_percent=top,
         units=units,
         factor=float(state.get("iv_factor")),
@@ -324,15 +317,34 @@ def _numbers(adapter, image_set, res, cfg, mchoice, dchoice, units, top) -> None
         ranking=state.get("iv_ranking"),
         seed=int(mchoice.seed),
     )
+
+
+def _live(adapter) -> bool:
+    return adapter.spec.kind in ("demo", "test") and config.live_measurement()
+
+
+def _drop_stale_measurement(adapter, key: str | None) -> None:
+    """Only the edit on screen is measured: the live job this session started for an earlier edit is
+    cancelled (before the new samples are drawn, so they do not wait for it; its stages stay stored)."""
+    if not _live(adapter):
+        return
+    prev = st.session_state.get("_iv_live_job")
+    if prev and prev != key and results.is_active(prev):
+        jobs.cancel_job(prev, results.user_store())
+    st.session_state["_iv_live_job"] = key
+
+
+def _numbers(adapter, image_set, res, cfg, mchoice, dchoice, kw: dict, key: str) -> None:
+    """Extraction, FD and class accuracy before and after the current edit, with its random control: a job,
+    started as soon as the edit changes on demo and test models."""
     store = results.user_store()
-    key = intervention.measurement_key(adapter, res, image_set, store, **kw)
     got = results.load(key)
     cli = commands.intervene_command(
         mchoice.args(),
         dchoice.args(),
         cfg,
-        top_percent=top,
-        units=units,
+        top_percent=kw["top_percent"],
+        units=kw["units"],
         factor=kw["factor"],
         op=kw["op"],
         ranking=kw["ranking"],
@@ -343,17 +355,10 @@ def _numbers(adapter, image_set, res, cfg, mchoice, dchoice, units, top) -> None
             adapter, res, image_set, store, **kw, read_stores=[results.shipped_store()]
         )
 
-    live = adapter.spec.kind in ("demo", "test") and config.live_measurement()
-    ss = st.session_state
     status = results.status(key)
     restartable = status.get("state") != "failed" or status.get("interrupted")  # a server restart: go on
-    if live and got is None and not results.is_active(key) and restartable:
-        prev = ss.get("_iv_live_job")
-        if prev and prev != key and results.is_active(prev):
-            jobs.cancel_job(prev, store)  # only the edit on screen is measured
+    if _live(adapter) and got is None and not results.is_active(key) and restartable:
         start()
-    if live:
-        ss["_iv_live_job"] = key
 
     def stage() -> None:
         part = intervention.load_measurement_stage(store, key)

@@ -155,6 +155,16 @@ def test_intervention_edit_changes_the_samples(app):
     at.toggle(key="w_iv_edit_on").set_value(True).run()
     at.slider(key="w_iv_factor").set_value(1.0).run()
     assert change() == 0.0  # factor 1 is the identity edit
+    # class ids that cannot be used are reported, not dropped silently
+    at.text_input(key="w_iv_labels").input("0, 99, x, 3").run()
+    warn = " ".join(w.value for w in at.warning)
+    assert "99 is outside 0..9" in warn and "'x' is not a class id" in warn
+    assert len(at.get("image")) == 3 * 2  # classes 0 and 3, in the rows without, with and the difference
+    # no unit picked: a message, and never a broken command line
+    at.radio(key="w_iv_mode").set_value("picked units").run()
+    no_errors(at)
+    assert "No unit is edited" in " ".join(i.value for i in at.info)
+    assert not any("--units  --" in c.value or c.value.rstrip().endswith("--units") for c in at.code)
 
 
 def test_paths_outside_allowed_roots_are_refused_with_a_message(app, tmp_path, monkeypatch):
@@ -305,3 +315,16 @@ def test_counts_and_labels_agree_at_a_tied_threshold_and_thresholds_follow_the_m
     # and back: the threshold set there earlier in this session
     at.selectbox(key="w_model").set_value(name).run()
     assert float(at.session_state["ex_threshold"]) == pytest.approx(tie)
+
+
+def test_a_new_seed_asks_before_the_shipped_results_go(app):
+    at = app.run()
+    at.number_input(key="w_seed").set_value(3).run()
+    no_errors(at)
+    assert at.session_state["seed"] == 0  # nothing changed yet
+    assert "results for seed 0 (shipped with iarmem) do not apply" in " ".join(w.value for w in at.warning)
+    at.button(key="seed_keep").click().run()
+    assert at.session_state["seed"] == 0 and not at.warning
+    at.number_input(key="w_seed").set_value(3).run()
+    at.button(key="seed_use").click().run()
+    assert at.session_state["seed"] == 3 and at.query_params["seed"] == "3"
