@@ -387,3 +387,24 @@ def test_target_selectivity_known_answers(var):
     assert s[chosen].min() >= s[~chosen].max()
     with pytest.raises(ValueError, match="some but not all"):
         intervention.target_selectivity(var, base, [True] * 6)
+
+
+@pytest.mark.parametrize("name", ["test-var", "test-rar", "test-llamagen"])
+def test_batched_edit_in_cfg_kv_cache_generation_of_every_family(name):
+    """One generation pass with a different edit per row ([cond; uncond] batches, one KV-cache step per call)
+    gives every row the tokens of its own edit run alone; greedy, so the tokens are the whole story."""
+    m = load_adapter(name, device="cpu")
+    e1 = intervention.make_edit({b: tuple(range(0, m.n_units, 3)) for b in range(m.n_blocks)}, factor=0.2)
+    e2 = intervention.make_edit({0: tuple(range(m.n_units))}, op="zero", cfg_half="uncond")
+    labels = torch.arange(6) % m.num_classes
+    kw = {**intervention.sampling_kwargs(m), "top_k": 1}
+    assert kw["cfg"] > 0  # the batch is CFG-doubled
+    alone = []
+    for e in (None, e1, e2):
+        with hooks.edit(m.transformer, e):
+            alone.append(m.flatten(m.generate(labels, seed=0, **kw)))
+    with hooks.edit(m.transformer, hooks.BatchedEdit.tiled([None, e1, e2], 6)):
+        together = m.flatten(m.generate(labels.repeat(3), seed=0, **kw))
+    for i in range(3):
+        assert torch.equal(together[6 * i : 6 * (i + 1)], alone[i])
+    assert not torch.equal(alone[0], alone[1]) and not torch.equal(alone[0], alone[2])
