@@ -397,8 +397,8 @@ def test_batched_edit_in_cfg_kv_cache_generation_of_every_family(name):
     e1 = intervention.make_edit({b: tuple(range(0, m.n_units, 3)) for b in range(m.n_blocks)}, factor=0.2)
     e2 = intervention.make_edit({0: tuple(range(m.n_units))}, op="zero", cfg_half="uncond")
     labels = torch.arange(6) % m.num_classes
-    kw = {**intervention.sampling_kwargs(m), "top_k": 1}
-    assert kw["cfg"] > 0  # the batch is CFG-doubled
+    kw = {**intervention.sampling_kwargs(m), "top_k": 1, "cfg": intervention.sampling_kwargs(m)["cfg"] or 2.0}
+    assert kw["cfg"] > 0  # the batch is CFG-doubled (test-var publishes no CFG: 2 here)
     alone = []
     for e in (None, e1, e2):
         with hooks.edit(m.transformer, e):
