@@ -73,8 +73,9 @@ DEFAULT_RANKING = "global"
 DEFAULT_COMBINE = "max"
 DEFAULT_N_SAMPLES = 1000  # samples for FD and class accuracy
 DEFAULT_N_FIRST = 200  # samples of a first quality estimate (refined to DEFAULT_N_SAMPLES in the background)
-QUALITY_BLOCK = 50  # quality samples are drawn in blocks of 50, block [a, b) seeded seed + a (see sample_features)
-DEFAULT_ROWS_PER_BATCH = 256  # (edit, candidate) rows per generation batch of measure_edits
+QUALITY_BLOCK = 200  # quality samples are drawn in blocks of 200, block [a, b) seeded seed + a (sample_features):
+# a first estimate is one generate call (on 2 CPU cores a call of 200 samples costs per sample a third of one of 50)
+MAX_ROWS_PER_BATCH = 1024  # (edit, candidate) rows per generation batch of measure_edits on demo and test models
 CI_LEVEL = 0.95  # bootstrap intervals
 N_BOOT_FD = 200  # bootstrap resamples of an FD (an eigen-decomposition each)
 N_BOOT_COUNTS = 2000  # bootstrap resamples of the candidates for counts (cheap)
@@ -992,6 +993,18 @@ def base_extraction(
     )
 
 
+def default_rows_per_batch(adapter: IARAdapter, cfg: extraction.ExtractionConfig, n_rows: int) -> int:
+    """Rows per batch of `measure_edits`: on demo and test models the fewest batches of at most
+    `MAX_ROWS_PER_BATCH` rows, of even size (1050 rows: 2 x 528); on released models 4 x cfg.batch_size
+    (GPU memory; out-of-memory halves it anyway). Always a multiple of 8."""
+    if adapter.spec.kind in ("demo", "test"):
+        n_batches = -(-int(n_rows) // MAX_ROWS_PER_BATCH)
+        rows = -(-int(n_rows) // max(1, n_batches))
+    else:
+        rows = 4 * int(cfg.batch_size)
+    return max(8, -(-rows // 8) * 8)
+
+
 @torch.no_grad()
 def measure_edits(
     adapter: IARAdapter,
@@ -1005,7 +1018,7 @@ def measure_edits(
     measures: Sequence[str] | str | None = None,
     heldout_set=None,
     sscd_path=None,
-    rows_per_batch: int = DEFAULT_ROWS_PER_BATCH,
+    rows_per_batch: int | None = None,
     on_progress: Callable[[float, str], None] | None = None,
     check: Callable[[], None] | None = None,
 ) -> EditScores:
@@ -1015,7 +1028,9 @@ def measure_edits(
       store when there). Its candidates (the train rows), prefixes, decision measure and thresholds are used,
       so the counts are comparable with its count; the edits apply to generation only, as in
       `run_extraction(..., edit=...)`.
-    - The rows (edit e, candidate i), edit-major, are attacked `rows_per_batch` at a time (a multiple of 8)
+    - The rows (edit e, candidate i), edit-major, are attacked `rows_per_batch` at a time (a multiple of 8;
+      default `default_rows_per_batch`: the rows in as few even batches of at most `MAX_ROWS_PER_BATCH` as
+      they fit, on demo and test models; 4 x the config's batch size on released models)
       through `extraction.attack_batch` with a `hooks.BatchedEdit` that gives every row its own edit: E edits
       of I candidates cost one attack of E x I rows, not E attacks. When only token match is measured, the
       candidates' true tokens are the unedited run's and nothing is decoded (the same generate call and
@@ -1068,6 +1083,8 @@ def measure_edits(
     batched = hooks.BatchedEdit.tiled(list(edits), I)
     scores = {m: np.full((E, I, P), np.nan, np.float32) for m in ms}
     n_rows = E * I
+    if rows_per_batch is None:
+        rows_per_batch = default_rows_per_batch(adapter, cfg, n_rows)
     events: list = []
 
     images_needed = any(m != "token_match" for m in ms)
@@ -1449,6 +1466,11 @@ def run_intervention(
     """
     st = store if store is not None else store_mod.get_store()
     ecfg = extraction_cfg or extraction.ExtractionConfig()
+    if n_first is not None and n_first < n_samples and n_first % QUALITY_BLOCK:
+        raise ValueError(
+            f"n_first={n_first}: a first estimate must be whole blocks of QUALITY_BLOCK={QUALITY_BLOCK} samples "
+            "(so its samples are the first ones of the full measurement)"
+        )
     draws = default_random_draws(adapter, random_draws) if with_random else 0
     if with_random and draws < 1:
         raise ValueError(f"random_draws must be at least 1, got {draws}")
@@ -1640,6 +1662,7 @@ def measurement_spec(
         "random_draws": default_random_draws(adapter, random_draws),
         "n_samples": int(n_samples),
         "n_first": None if n_first is None else int(n_first),
+        "quality_block": QUALITY_BLOCK,
     }
 
 
@@ -1929,6 +1952,7 @@ def sweep_spec(
         "heldout": data.data_fingerprint(heldout_set) if heldout_set is not None else None,
         "sscd": str(sscd_path) if sscd_path else None,
         "random_draws": default_random_draws(adapter, random_draws),
+        "quality_block": QUALITY_BLOCK,
     }
 
 

@@ -248,21 +248,21 @@ def test_quality_has_intervals_and_its_first_samples_are_a_first_estimate(var, s
     q = intervention.quality(
         var,
         None,
-        n_samples=100,
+        n_samples=400,
         feature_space=space,
         reference_set=ref,
         seed=3,
         with_samples=True,
-        on_first=(50, lambda est, s: firsts.append((est, s))),
+        on_first=(200, lambda est, s: firsts.append((est, s))),
     )
     lo, hi = q["fd_interval"]
     assert lo <= q["fd"] <= hi and lo < hi
     assert q["class_acc_interval"][0] <= q["class_acc"] <= q["class_acc_interval"][1]
-    ((est, s50),) = firsts
-    assert est["n_samples"] == 50 and s50.n == 50
-    small = intervention.quality(var, None, n_samples=50, feature_space=space, reference_set=ref, seed=3)
-    assert est["fd"] == small["fd"] and est["class_acc"] == small["class_acc"]  # the same 50 samples
-    np.testing.assert_array_equal(q["samples"].head(50).features_ND, s50.features_ND)
+    ((est, s200),) = firsts
+    assert est["n_samples"] == 200 and s200.n == 200
+    small = intervention.quality(var, None, n_samples=200, feature_space=space, reference_set=ref, seed=3)
+    assert est["fd"] == small["fd"] and est["class_acc"] == small["class_acc"]  # the same 200 samples
+    np.testing.assert_array_equal(q["samples"].head(200).features_ND, s200.features_ND)
     # the bootstrap's fast FD is the reported FD's formula
     fr = intervention._FDRef(intervention.reference_features(space, ref, var.image_size))
     assert fr.distance(q["samples"].features_ND) == pytest.approx(q["fd"], rel=1e-6)
@@ -295,18 +295,20 @@ def test_batched_quality_sampling(var, space):
 
 def test_measurement_is_progressive_and_matches_the_sweep(var, space, small_world):
     st, sel, ref, um, ecfg = small_world
-    kw = dict(extraction_cfg=ecfg, n_samples=100, feature_space=space, reference_set=ref, store=st, random_draws=3)
+    kw = dict(extraction_cfg=ecfg, n_samples=400, feature_space=space, reference_set=ref, store=st, random_draws=3)
     stages = []
+    with pytest.raises(ValueError, match="whole blocks"):
+        intervention.run_intervention(var, um, sel, top_percent=50, n_first=50, **kw)
     r = intervention.run_intervention(
-        var, um, sel, top_percent=50, n_first=50, on_stage=lambda res, es: stages.append((res, es)), **kw
+        var, um, sel, top_percent=50, n_first=200, on_stage=lambda res, es: stages.append((res, es)), **kw
     )
     assert [s.stage for s, _ in stages] == ["extraction", "first estimate"] and r.stage == "full"
     first = stages[1][0]
-    assert first.n_samples == 50 and r.n_samples == 100 and first.n_samples_target == 100
+    assert first.n_samples == 200 and r.n_samples == 400 and first.n_samples_target == 400
     assert first.extracted_after == r.extracted_after and stages[0][0].fd_after is None
     assert first.fd_after is not None and first.random_control.fd_after is None  # the draw's quality follows
-    # the first estimate is the quality of the first 50 samples, the full one of all 100, for both sides
-    q50 = intervention.quality(var, None, n_samples=50, feature_space=space, reference_set=ref, seed=0)
+    # the first estimate is the quality of the first 200 samples, the full one of all 400, for both sides
+    q50 = intervention.quality(var, None, n_samples=200, feature_space=space, reference_set=ref, seed=0)
     assert first.fd_before == q50["fd"] and first.fd_before != r.fd_before
     assert intervention.InterventionResult.from_dict(r.to_dict()) == r  # the stored form reads back
     es = stages[0][1]
@@ -336,12 +338,12 @@ def test_measurement_is_progressive_and_matches_the_sweep(var, space, small_worl
 
 def test_measurement_job_publishes_its_stages(var, space, small_world, monkeypatch):
     st, sel, ref, um, ecfg = small_world
-    monkeypatch.setattr(intervention, "DEFAULT_N_SAMPLES", 100)
+    monkeypatch.setattr(intervention, "DEFAULT_N_SAMPLES", 400)
     seen = []
     real = intervention.run_intervention
 
     def spy(*a, **kw):
-        kw.update(extraction_cfg=ecfg, feature_space=space, reference_set=ref, n_samples=100)
+        kw.update(extraction_cfg=ecfg, feature_space=space, reference_set=ref, n_samples=400)
         inner = kw["on_stage"]
 
         def on_stage(res, es):
@@ -354,8 +356,8 @@ def test_measurement_job_publishes_its_stages(var, space, small_world, monkeypat
 
     monkeypatch.setattr(intervention, "run_intervention", spy)
     edit = dict(top_percent=50.0, units=None, factor=0.5, op="fc1_scale", ranking="global", seed=0, random_draws=3)
-    key = intervention.measurement_key(var, um, sel, st, n_samples=100, n_first=50, **edit)
-    h = intervention.start_measurement(var, um, sel, st, n_samples=100, n_first=50, **edit)
+    key = intervention.measurement_key(var, um, sel, st, n_samples=400, n_first=200, **edit)
+    h = intervention.start_measurement(var, um, sel, st, n_samples=400, n_first=200, **edit)
     assert h.key == key and h.wait(300) and h.state == "done", h.status()
     assert seen == ["extraction", "first estimate"]
     r, es = intervention.load_measurement(*st.load(key))
