@@ -216,17 +216,19 @@ def test_an_edit_measured_end_to_end(server):
         before = change.inner_text()
         page.get_by_role("slider", name="Factor").focus()
         page.keyboard.press("ArrowLeft")  # factor 0.45: an edit no store holds
-        page.wait_for_function(
-            "t => ![...document.querySelectorAll('p')].some(p => p.innerText === t)", arg=before, timeout=60_000
-        )
-        # the measurement starts by itself and shows its stages as they come
-        page.get_by_text(re.compile("Random-units control")).first.wait_for(timeout=300_000)
-        page.screenshot(path=str(SHOTS / "12-intervention-first-numbers.png"))
+        page.wait_for_url(re.compile(r"iv_factor=0\.45"), timeout=60_000)
+        settle(page)
+        assert change.inner_text() != before  # new samples
+        # the measurement starts by itself and shows its stages as they come (stale text of the previous
+        # run is gone once the page settled)
+        page.get_by_text(re.compile(r"edit measurement: \d+%")).wait_for(timeout=60_000)
+        page.get_by_text(re.compile("first estimate: quality on 200 of 1000 samples")).wait_for(timeout=300_000)
+        page.screenshot(path=str(SHOTS / "12-intervention-first-estimate.png"))
         page.get_by_text(re.compile("full measurement: quality on 1000 samples")).wait_for(timeout=540_000)
         settle(page)
         no_exception(page)
         txt = page.get_by_test_id("stMain").inner_text()
-        assert "rank" in txt and "p = " in txt and "95%" in txt
+        assert "--factor 0.45" in txt and "first estimate" not in txt
+        assert "The top units rank" in txt and "p = " in txt and "95%:" in txt
         assert page.locator(".st-key-iv_margins").count() == 1  # the margin view
-        page.wait_for_url(re.compile(r"iv_factor=0\.45"))
         page.screenshot(path=str(SHOTS / "13-intervention-measured.png"), full_page=True)
