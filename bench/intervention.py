@@ -15,8 +15,9 @@ Variants (--variants, comma separated):
   factor0.25   fc1 rows x 0.25
   a+b          both, e.g. last_scale+zero
 
-The random control is drawn --random-draws times (default 10 on demo models): each row carries the draws'
-mean, min, max and the one-sided p-value of the ranked edit against them (`intervention.random_draw_stats`).
+The random control is drawn --random-draws times (default 20 on demo models, in one batched attack): each row
+carries the draws' mean, min, max, 5-95% band, the ranked edit's rank and its one-sided p-value against them
+(`intervention.random_draw_stats`).
 
 --oracle adds the ground-truth diagnostic (demo): the top-k% units by how much more they fire for the
 planted images than for the rest (`intervention.target_selectivity`), edited x0.5 and zeroed, with the
@@ -70,7 +71,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--oracle", action="store_true", help="add the ground-truth (planted) unit diagnostic")
     ap.add_argument(
-        "--random-draws", type=int, help="random-control draws per k (default: the model kind's, 10 on demo models)"
+        "--random-draws", type=int, help="random-control draws per k (default: the model kind's, 20 on demo models)"
     )
     args = ap.parse_args()
 

@@ -35,6 +35,12 @@ def model_memory_budget() -> int:
     return int(total // 2)
 
 
+def live_measurement() -> bool:
+    """Measure every edit as soon as it changes on demo and test models (off with IARMEM_LIVE=0, e.g. for
+    scripted tests that must not leave background jobs running)."""
+    return os.environ.get("IARMEM_LIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def allowed_roots() -> list[Path]:
     """Folders that typed paths must resolve inside: $IARMEM_ALLOWED_ROOTS (os.pathsep-separated), else
     the repository, the home folder and the result store."""

@@ -270,12 +270,13 @@ def job_panel(
         _poll(key, what, widget_key, live)
         return
     if st_.get("state") == "failed":
-        st.error(
-            md_escape(
-                f"The {what} job stopped: {st_.get('error')}. Start it again to "
-                f"{'resume from its checkpoint' if st_.get('resumable') else 'run it'}."
-            )
+        err = str(st_.get("error") or "").rstrip(".")
+        then = (
+            ""
+            if st_.get("interrupted")
+            else (f" Start it again to {'resume from its checkpoint' if st_.get('resumable') else 'run it'}.")
         )
+        st.error(md_escape(f"The {what} job stopped: {err}.{then}"))
     elif st_.get("state") == "cancelled":
         st.warning(
             f"The {what} job was cancelled at {100 * float(st_.get('progress') or 0):.0f}%. "
@@ -304,17 +305,29 @@ def job_panel(
         _poll(key, what, widget_key, live)
 
 
+def shown_progress(key: str, frac: float, active: bool) -> float:
+    """The fraction the bar shows: never below what this session showed before for the same running job (a
+    job's sub-steps may restart their own count), reset once the job is over."""
+    seen = st.session_state.setdefault("_job_progress", {})
+    if not active:
+        seen.pop(key, None)
+        return frac
+    seen[key] = max(float(frac), float(seen.get(key, 0.0)))
+    return seen[key]
+
+
 def _poll(key: str, what: str, widget_key: str, live: Callable[[], None] | None = None) -> None:
     @st.fragment(run_every=1.0)
     def poll() -> None:
         s = status(key)
-        frac = float(s.get("progress") or 0.0)
-        st.progress(min(max(frac, 0.0), 1.0), text=f"{what}: {100 * frac:.0f}% {s.get('message') or ''}")
+        active = s.get("state") in ACTIVE
+        frac = shown_progress(key, min(max(float(s.get("progress") or 0.0), 0.0), 1.0), active)
+        st.progress(frac, text=f"{what}: {100 * frac:.0f}% {s.get('message') or ''}")
         if s.get("where"):
             st.caption(f"Runs on {s['where']}")
         if s.get("state") == "done":
             st.rerun(scope="app")
-        elif s.get("state") not in ACTIVE:
+        elif not active:
             st.rerun(scope="app")  # failed or cancelled: the panel says so
         if st.button("Cancel", key=f"{widget_key}_cancel"):
             cancel(key)

@@ -68,9 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--random-draws",
         type=common.positive_int,
-        help="random-unit draws of the control (extraction after each, "
-        "quality for the first; p_value compares the ranked edit with "
-        "them); default 10 on demo and test models, 1 on released ones",
+        help="random-unit draws of the control (extraction after each, all in one batched attack; "
+        "quality for the first; p_value and rank compare the ranked edit with "
+        "them); default 20 on demo and test models, 1 on released ones",
     )
     p.add_argument(
         "--n-samples", type=common.positive_int, default=iv.DEFAULT_N_SAMPLES, help="samples for FD and class accuracy"
