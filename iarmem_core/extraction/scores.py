@@ -8,6 +8,7 @@ import torch
 from iarmem_core import data, jobs
 from iarmem_core import store as store_mod
 from iarmem_core.adapters.base import IARAdapter
+from iarmem_core.extraction import cache
 from iarmem_core.extraction.config import SCORE_KIND, TAIL_TOKENS, VERSION
 
 
@@ -66,12 +67,21 @@ def _score_job(adapter: IARAdapter, image_set: data.ImageSet, batch_size: int):
             acc_NG[:] = arrays["acc_NG"]
             start = int(meta["n_done"])
 
-        @torch.no_grad()
+        # the token ids come from the shared cache (a `tokens` job of its own, stored for the attack)
+        tokens_NT = cache.image_tokens(
+            adapter,
+            image_set,
+            store=ctx.store,
+            batch_size=batch_size,
+            on_progress=lambda f, msg: ctx.progress(0.3 * f, msg),
+        )
+
         def work(i: int, j: int) -> None:
             idx = np.arange(i, j)
-            tokens = adapter.tokenize(image_set.images(idx, size=adapter.image_size))
-            logits_BNV = adapter.teacher_forced_logits(tokens, image_set.labels_tensor(idx))
-            correct_BN = (logits_BNV.argmax(-1) == adapter.flatten(tokens)).cpu().numpy()
+            with torch.inference_mode():
+                flat_BN = torch.from_numpy(np.asarray(tokens_NT[i:j], np.int64)).to(adapter.device)
+                logits_BNV = adapter.teacher_forced_logits(adapter.unflatten(flat_BN), image_set.labels_tensor(idx))
+                correct_BN = (logits_BNV.argmax(-1) == flat_BN).cpu().numpy()
             acc_NG[i:j] = accuracies_from_correct(correct_BN, adapter)
 
         jobs.run_batches(
@@ -82,7 +92,7 @@ def _score_job(adapter: IARAdapter, image_set: data.ImageSet, batch_size: int):
             start=start,
             events=events,
             what="teacher-forced batch",
-            progress=lambda j: (j / n, f"scoring {j}/{n} images (teacher-forced)"),
+            progress=lambda j: (0.3 + 0.7 * j / n, f"scoring {j}/{n} images (teacher-forced)"),
             save=lambda j: ({"acc_NG": acc_NG}, {"n_done": j}),
         )
         gi = [g for g, _ in score_groups(adapter)].index(score_definition(adapter))
