@@ -77,8 +77,9 @@ class _Counter(TorchDispatchMode):
 
 
 def count(fn, *args, **kwargs) -> int:
-    """FLOPs of `fn(*args, **kwargs)` (run it on meta tensors to count without computing)."""
-    with torch.no_grad(), _Counter() as c:
+    """FLOPs of `fn(*args, **kwargs)` (run it on meta tensors to count without computing). Inference mode is
+    switched off inside: under it the dispatch mode would see no ops."""
+    with torch.inference_mode(False), torch.no_grad(), _Counter() as c:
         fn(*args, **kwargs)
     return c.total
 
@@ -191,6 +192,108 @@ def transformer_flops_estimate(adapter: IARAdapter, rows: int, keys: int | None 
 
 
 # ---------------------------------------------------------------------------------------------------
+# metering a real run
+_METERED = {  # adapter method -> part
+    "tokenize": "tokenize",
+    "decode": "decode",
+    "decode_latent": "decode",
+    "teacher_forced_logits": "teacher_forced",
+    "generate": "generate",
+    "generate_latent": "generate",
+}
+
+
+class Meter:
+    """Model FLOPs and seconds of every tokenize / decode / teacher-forced pass / generation that `adapter` runs
+    inside the block (the calls of every job, the attack, quality samples, ...), by part.
+
+    The instance's methods are wrapped for the duration (other instances and threads are unaffected); a call
+    made inside another metered call (VAR's generate -> generate_latent) counts once. FLOPs per call come from
+    the counts above, for the call's batch, prefix, CFG and KV-cache setting; CUDA work is synchronised before a
+    call's time is taken.
+
+        >>> with flops.Meter(adapter) as meter:
+        ...     extraction.run_extraction(adapter, sel, cfg)
+        >>> meter.flops["generate"], meter.seconds["decode"]
+    """
+
+    def __init__(self, adapter: IARAdapter, name: str | None = None):
+        self.adapter, self.name = adapter, name or adapter.spec.name
+        self.flops: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._depth = 0
+
+    def _count(self, meth: str, args: tuple, kwargs: dict) -> int:
+        ad = self.adapter
+        if meth == "tokenize":
+            return tokenize_flops(self.name, int(args[0].shape[0]))
+        if meth in ("decode", "decode_latent"):
+            x = args[0]
+            b = int(x.shape[0]) if isinstance(x, torch.Tensor) else int(x[0].shape[0])
+            return decode_flops(self.name, b)
+        if meth == "teacher_forced_logits":
+            return teacher_forced_flops(self.name, int(ad._labels(args[1]).numel()))
+        names = ("labels", "prefix", "n_prefix", "cfg", "top_k", "top_p", "temperature", "seed", "kv_cache")
+        kw = {**dict(zip(names, args, strict=False)), **kwargs}
+        b = int(torch.as_tensor(kw["labels"]).numel())
+        return generate_flops(
+            self.name, b, int(kw.get("n_prefix", 0)), float(kw.get("cfg", 0.0)), bool(kw.get("kv_cache", True))
+        )
+
+    def _wrap(self, meth: str, fn):
+        part = _METERED[meth]
+
+        def inner(*args, **kwargs):
+            outer = self._depth == 0
+            self._depth += 1
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+                if outer:
+                    if self.adapter.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - t
+                    self.flops[part] = self.flops.get(part, 0) + self._count(meth, args, kwargs)
+                    self.calls[part] = self.calls.get(part, 0) + 1
+
+        return inner
+
+    def __enter__(self) -> Meter:
+        for meth in _METERED:
+            setattr(self.adapter, meth, self._wrap(meth, getattr(self.adapter, meth)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for meth in _METERED:
+            self.adapter.__dict__.pop(meth, None)
+
+    @property
+    def total_flops(self) -> int:
+        return sum(self.flops.values())
+
+    def report(self, wall_s: float, peak: dict) -> dict:
+        """The metered FLOPs against the wall time and `peak`, with seconds and FLOP/s per part."""
+        out = fraction(self.total_flops, wall_s, peak)
+        out["parts"] = {
+            k: {
+                "flops": self.flops[k],
+                "seconds": round(self.seconds[k], 3),
+                "calls": self.calls[k],
+                "flops_per_s": self.flops[k] / self.seconds[k] if self.seconds[k] > 0 else None,
+                "fraction_of_peak": round(self.flops[k] / self.seconds[k] / peak["flops_per_s"], 4)
+                if self.seconds[k] > 0
+                else None,
+            }
+            for k in sorted(self.flops)
+        }
+        out["metered_s"] = round(sum(self.seconds.values()), 3)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------
 # the machine's limit
 def measure_peak(
     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, n: int | None = None, seconds: float = 1.0
@@ -242,4 +345,19 @@ def fraction(model_flops: float, seconds: float, peak: dict) -> dict:
         "peak_flops_per_s": peak["flops_per_s"],
         "fraction_of_peak": round(achieved / peak["flops_per_s"], 4),
         "peak_how": peak["how"],
+    }
+
+
+def fraction_parts(parts: dict[str, tuple[float, dict]], seconds: float) -> dict:
+    """A workload of parts at different precisions: {part: (flops, peak)}. The limit is the time every part
+    would take at its own peak; fraction_of_peak = that time / `seconds`."""
+    total = sum(f for f, _ in parts.values())
+    at_peak = sum(f / pk["flops_per_s"] for f, pk in parts.values())
+    return {
+        "model_flops": float(total),
+        "seconds": round(float(seconds), 4),
+        "achieved_flops_per_s": total / seconds if seconds > 0 else float("nan"),
+        "seconds_at_peak": at_peak,
+        "fraction_of_peak": round(at_peak / seconds, 4) if seconds > 0 else float("nan"),
+        "peak_how": {k: pk["how"] for k, (_, pk) in parts.items()},
     }

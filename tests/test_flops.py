@@ -58,3 +58,22 @@ def test_peak_and_fraction():
     assert peak["flops_per_s"] > 1e8 and "256x256 float32" in peak["how"]
     f = flops.fraction(2e9, 2.0, peak)
     assert f["achieved_flops_per_s"] == 1e9 and f["fraction_of_peak"] == round(1e9 / peak["flops_per_s"], 4)
+
+
+def test_the_meter_adds_up_the_calls_of_a_real_attack():
+    from iarmem_core import extraction
+
+    m = load_adapter("test-var", device="cpu")
+    x = torch.rand(3, 3, m.image_size, m.image_size, generator=torch.Generator().manual_seed(0))
+    p = extraction.default_prefix(m)
+    flops._decode_1.cache_clear()  # counted for the first time inside the attack's inference mode
+    flops._generate_1.cache_clear()
+    with flops.Meter(m) as meter:
+        extraction.attack_batch(m, x, torch.tensor([1, 2, 3]), [p, 0], ["token_match"], {"top_k": 1})
+    assert "generate" not in m.__dict__  # unwrapped again
+    assert meter.calls == {"tokenize": 1, "decode": 3, "generate": 2}  # one reference + two generated decodes
+    assert meter.flops["generate"] == flops.generate_flops("test-var", 3, p) + flops.generate_flops("test-var", 3, 0)
+    assert meter.flops["decode"] == 3 * flops.decode_flops("test-var", 3) > 0
+    assert meter.total_flops == meter.flops["tokenize"] + meter.flops["decode"] + meter.flops["generate"]
+    rep = meter.report(1.0, {"flops_per_s": 1e12, "how": "test"})
+    assert rep["model_flops"] == meter.total_flops and set(rep["parts"]) == {"tokenize", "decode", "generate"}
