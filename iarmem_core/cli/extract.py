@@ -39,6 +39,13 @@ def add_attack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-heldout", action="store_true", help="do not attack held-out images")
     p.add_argument("--heldout-n", type=int, default=d.heldout_n, help="demo: held-out images attacked (false rate)")
     p.add_argument("--gallery-size", type=int, default=d.gallery_size, help="stored images are at most this many px")
+    p.add_argument(
+        "--decode-dtype",
+        default=d.decode_dtype,
+        choices=("fp32", "bf16"),
+        help="precision of the tokenizer's decoder for the compared images (bf16: faster; rows near a threshold "
+        "are rescored in fp32, so decisions stay those of fp32)",
+    )
 
 
 def config_from_args(args: argparse.Namespace):
@@ -60,6 +67,7 @@ def config_from_args(args: argparse.Namespace):
         seed=args.seed,
         heldout_n=args.heldout_n,
         gallery_size=args.gallery_size,
+        decode_dtype=args.decode_dtype,
     )
 
 
@@ -80,6 +88,7 @@ def attack_flags(cfg) -> list[str]:
         ("batch_size", "--batch-size"),
         ("heldout_n", "--heldout-n"),
         ("gallery_size", "--gallery-size"),
+        ("decode_dtype", "--decode-dtype"),
     ]
     for field, flag in simple:
         v = getattr(cfg, field)
