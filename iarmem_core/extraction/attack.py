@@ -187,7 +187,8 @@ def attack_batch(
     `reference` (`cache.References` rows of these candidates: tokens, reconstruction, its features) replaces
     tokenizing and decoding the images here (then `images_B3HW` may be None); the numbers are the same bit
     for bit when the reference was computed on the same batch. The tokens and the reconstruction are shared
-    by all prefixes. `precision` is the decoder's for the compared images (fp32 or bf16); `timings` (a dict)
+    by all prefixes. `precision` is the decoder's for the compared images (fp32 or bf16; the job then rescores
+    rows near a threshold with `recheck_fp32`, a caller of attack_batch does that itself); `timings` (a dict)
     accumulates the seconds of each phase (`TIMING_PHASES`). Runs under `torch.inference_mode` (nothing it
     returns can enter autograd).
     """
