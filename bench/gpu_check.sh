@@ -49,14 +49,14 @@ step() {
   return 0
 }
 
-step gpu_tests 170 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -o addopts="" \
+step gpu_tests 160 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -o addopts="" \
   --junitxml="$OUT/junit.xml"
-step bench_extraction 100 "$PY" bench/extraction.py --device cuda --sections target,demo_attack \
+step bench_extraction 130 "$PY" bench/extraction.py --device cuda --sections target,demo_attack \
   --target-candidates 64 --target-batch 16 --reps 2
-step bench_edit_measurement 70 "$PY" bench/extraction.py --device cuda --sections edit_measurement --random-draws 20
-step bench_unitmem_fp32 60 "$PY" bench/unitmem.py --device cuda --reps 2
-step bench_unitmem_bf16 45 "$PY" bench/unitmem.py --device cuda --reps 2 --dtype bf16
-step bench_generation 45 "$PY" bench/generation.py --devices cuda --models var-d16 --batches 1,16 --reps 2
+step bench_edit_measurement 80 "$PY" bench/extraction.py --device cuda --sections edit_measurement --random-draws 20
+step bench_unitmem_fp32 50 "$PY" bench/unitmem.py --device cuda --reps 2
+step bench_unitmem_bf16 40 "$PY" bench/unitmem.py --device cuda --reps 2 --dtype bf16
+step bench_generation 60 "$PY" bench/generation.py --devices cuda --models var-d16 --batches 1,16 --reps 2
 step bench_demo_memorization 40 "$PY" bench/demo_memorization.py --device cuda --n-unique 200 --n-heldout 200 \
   --samples-per-class 20
 step bench_intervention 40 "$PY" bench/intervention.py --device cuda --variants default --top-percents 0,5 \
