@@ -24,8 +24,10 @@ Sections (--sections, comma separated; all by default), each a key of the printe
   (skipped when predicted over --budget-s).
 
 Every timed workload carries ``flops``: model FLOPs (`iarmem_core.flops`, counted on the meta device: matmuls,
-convolutions, attention), achieved FLOP/s, and the fraction of this machine's peak, a large matmul timed in this
-run (``peak``: fp32 and bf16). ``host`` has the load average at the start and the end (the machine is shared).
+convolutions, attention; the metered calls of the run), achieved FLOP/s, and the fraction of this machine's
+peak (``peak``: a large fp32 and bf16 matmul timed at the start and at the end of this run, the better of the
+two; the transformer counts against the fp32 peak, bf16 decodes against the bf16 one). ``host`` has the load
+average at the start and the end (the machine is shared with other work).
 
     python bench/extraction.py --threads 2                              # everything (CPU: about an hour)
     python bench/extraction.py --sections target --target-candidates 16 --threads 2
@@ -64,14 +66,41 @@ def _peaks(device: str) -> dict:
 
 
 def _flops(meter, seconds: float, peaks: dict, decode: str = "fp32") -> dict:
-    """The metered model FLOPs (`flops.Meter`) against the limit: the transformer and the encoder at the fp32
-    peak, the decodes at `decode`'s peak (bf16 decodes run at the bf16 matmul rate)."""
-    from iarmem_core import flops
+    """The metered model FLOPs (`flops.Meter`) of a workload; set against the limit at the end of the run
+    (`_finish_flops`): the transformer and the encoder at the fp32 peak, the decodes at `decode`'s peak."""
+    return {
+        "model_flops": float(meter.total_flops),
+        "seconds": round(seconds, 4),
+        "parts": {
+            k: {"flops": v, "seconds": round(meter.seconds[k], 3), "peak": decode if k == "decode" else "fp32"}
+            for k, v in meter.flops.items()
+        },
+        "_pending": True,
+    }
 
-    by_peak = {k: (v, peaks[decode] if k == "decode" else peaks["fp32"]) for k, v in meter.flops.items()}
-    out = flops.fraction_parts(by_peak, seconds)
-    out["parts"] = {k: {"flops": v, "seconds": round(meter.seconds[k], 3)} for k, v in meter.flops.items()}
-    return out
+
+def _finish_flops(obj, peaks: dict) -> None:
+    """Fill achieved FLOP/s and the fraction of the peak into every pending FLOP record of `obj` (in place)."""
+    if isinstance(obj, list):
+        for v in obj:
+            _finish_flops(v, peaks)
+        return
+    if not isinstance(obj, dict):
+        return
+    if obj.pop("_pending", False):
+        sec = obj["seconds"]
+        at_peak = sum(p["flops"] / peaks[p["peak"]]["flops_per_s"] for p in obj["parts"].values())
+        obj["achieved_flops_per_s"] = obj["model_flops"] / sec if sec > 0 else None
+        obj["seconds_at_peak"] = round(at_peak, 4)
+        obj["fraction_of_peak"] = round(at_peak / sec, 4) if sec > 0 else None
+        obj["peak_how"] = {k: peaks[k]["how"] for k in sorted({p["peak"] for p in obj["parts"].values()})}
+        for part in obj["parts"].values():
+            if part.get("seconds"):
+                rate = part["flops"] / part["seconds"]
+                part["fraction_of_peak"] = round(rate / peaks[part["peak"]]["flops_per_s"], 4)
+        return
+    for v in obj.values():
+        _finish_flops(v, peaks)
 
 
 def _decisions(res) -> dict:
@@ -338,7 +367,12 @@ def throughput(args, peaks) -> dict:
                     generate_s=round(phases.get("generate_s", 0.0), 3),
                     phases={k: round(v, 3) for k, v in phases.items()},
                     reps=args.reps,
-                    flops={**flops.fraction(f["total"], best, peaks["fp32"]), "parts": f},
+                    flops={
+                        "model_flops": float(f["total"]),
+                        "seconds": round(best, 4),
+                        "parts": {k: {"flops": v, "peak": "fp32"} for k, v in f.items() if k != "total"},
+                        "_pending": True,
+                    },
                 )
                 records.append(rec)
     ratios = []
@@ -379,6 +413,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    from iarmem_core import flops
     from iarmem_core.adapters.base import resolve_device
 
     if args.threads > 0:
@@ -396,6 +431,10 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - one failed section is reported, the others still run
             out[name] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
         out[name]["section_wall_s"] = round(time.time() - t, 1)
+    start_peaks = out.pop("peak")
+    end_peaks = _peaks(args.device)  # a short window can fall on a busy moment of a shared machine: the best
+    out["peak"] = {k: flops.best_peak(start_peaks[k], end_peaks[k]) for k in start_peaks}
+    _finish_flops(out, out["peak"])
     out["host"].update(
         {
             "python": platform.python_version(),

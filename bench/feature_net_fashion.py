@@ -81,6 +81,7 @@ def main() -> None:
     }
     # training = forward + backward, about 3x the forward's FLOPs per image and epoch (default FeatureNet config)
     work = 3 * fwd_per_image * stats["n_train"] * args.epochs
+    peak = flops.best_peak(peak, flops.measure_peak("cpu"))  # start and end: the better of the two
     out["flops"] = {
         **flops.fraction(work, stats["seconds"], peak),
         "what": "3 x forward FLOPs (counted on meta) x images x epochs",

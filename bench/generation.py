@@ -11,7 +11,8 @@ random weights (`load_adapter(name)` without files), which is all a speed measur
 Prints one JSON object: {"results": [record, ...], "peak": {device: ...}, "host": {...}, "args": {...}}; a
 record has model, batch, device, kv_cache, images_per_s, tokens_per_s, peak_mem_mb (and seconds, n_tokens,
 load_s) and flops (the generation's model FLOPs from `iarmem_core.flops`, achieved FLOP/s and the fraction of
-the device's peak: an fp32 matmul timed in this run with the same threads), or model, batch, device, kv_cache
+the device's peak: an fp32 matmul timed at the start and the end of this run with the same threads, the
+better of the two), or model, batch, device, kv_cache
 and error when that configuration could not run. --device is --devices.
 """
 
@@ -160,11 +161,13 @@ def main(argv: list[str] | None = None) -> int:
             for batch in batches:
                 for kv in kvs:
                     rec = _run_one(model, batch, device, kv, args)
-                    if "seconds" in rec:
-                        work = flops.generate_flops(model, batch, prefix=0, kv_cache=kv)
-                        rec["flops"] = flops.fraction(work, rec["seconds"], peaks[device])
                     results.append(rec)
                     print(json.dumps(rec), file=sys.stderr, flush=True)  # progress
+    peaks = {d: flops.best_peak(peaks[d], flops.measure_peak(d)) for d in devices}  # start and end: the better
+    for rec in results:
+        if "seconds" in rec:
+            work = flops.generate_flops(rec["model"], rec["batch"], prefix=0, kv_cache=rec["kv_cache"])
+            rec["flops"] = flops.fraction(work, rec["seconds"], peaks[rec["device"]])
     host = {
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -10,7 +10,7 @@ For each model:
 - images_per_s: images (each with A views) per second in the UnitMem pass;
 - flops: model FLOPs of the plain pass (tokenize + teacher forcing of every view, `iarmem_core.flops`), the
   achieved FLOP/s of both passes and their fraction of this machine's peak (a large matmul timed in the same
-  worker process; the bf16 peak for --dtype bf16).
+  worker process before and after the passes, the better of the two; the bf16 peak for --dtype bf16).
 
 --dtype bf16 runs the UnitMem pass (and the plain pass) under bf16 autocast, as `UnitMemConfig(dtype="bf16")`
 (a GPU option; tests/test_gpu.py compares it with fp32).
@@ -113,6 +113,8 @@ def _timing(name: str, n: int, augs: int, batch: int, device: str, reps: int, dt
             p.step(x, y, keys)
         return p
 
+    pdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    peak0 = flops.measure_peak(m.device, pdtype)
     plain()  # warm-up (allocator, kernels)
     t_plain, t_um = [], []
     for _ in range(reps):  # interleave so both see the same machine load
@@ -128,7 +130,7 @@ def _timing(name: str, n: int, augs: int, batch: int, device: str, reps: int, dt
     p_s, u_s = min(t_plain), min(t_um)
     views = len(ds) * augs
     work = flops.tokenize_flops(reg, views) + flops.teacher_forced_flops(reg, views)
-    peak = flops.measure_peak(m.device, torch.bfloat16 if dtype == "bf16" else torch.float32)
+    peak = flops.best_peak(peak0, flops.measure_peak(m.device, pdtype))  # before and after: the better
     return {
         "plain_s": round(p_s, 3),
         "unitmem_s": round(u_s, 3),

@@ -335,6 +335,16 @@ def measure_peak(
     return out
 
 
+def best_peak(*peaks: dict) -> dict:
+    """The highest of several peak measurements (e.g. at the start and the end of a run on a shared machine,
+    where one short window can fall on a busy moment), noting all of them."""
+    best = dict(max(peaks, key=lambda p: p["flops_per_s"]))
+    if len(peaks) > 1:
+        seen = ", ".join(f"{p['flops_per_s'] / 1e9:.1f}" for p in peaks)
+        best["how"] += f"; the best of {len(peaks)} measurements in this run ({seen} GFLOP/s)"
+    return best
+
+
 def fraction(model_flops: float, seconds: float, peak: dict) -> dict:
     """{model_flops, seconds, achieved_flops_per_s, peak_flops_per_s, fraction_of_peak, peak_how}."""
     achieved = model_flops / seconds if seconds > 0 else float("nan")
