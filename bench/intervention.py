@@ -23,6 +23,10 @@ carries the draws' mean, min, max, 5-95% band, the ranked edit's rank and its on
 planted images than for the rest (`intervention.target_selectivity`), edited x0.5 and zeroed, with the
 extraction count after each: how far any ranking of single units could get on this model.
 
+``flops``: the model FLOPs of every tokenize / teacher forcing / generation / decode the run made
+(`iarmem_core.flops.Meter`; results already in the store cost nothing), per part with seconds, against the
+fp32 peak of this machine (a large matmul timed at the start and the end, the better of the two).
+
     python bench/intervention.py --model demo-var
     python bench/intervention.py --model demo-rar --variants default,zero --top-percents 5,10
 """
@@ -69,6 +73,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--store", help="result store (default $IARMEM_STORE or ./store)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="cpu, cuda or auto")
     ap.add_argument("--oracle", action="store_true", help="add the ground-truth (planted) unit diagnostic")
     ap.add_argument(
         "--random-draws", type=int, help="random-control draws per k (default: the model kind's, 20 on demo models)"
@@ -77,14 +82,16 @@ def main() -> None:
 
     import torch
 
-    from iarmem_core import data, extraction, intervention, unitmem
+    from iarmem_core import data, extraction, flops, intervention, unitmem
     from iarmem_core.adapters import load_adapter
     from iarmem_core.store import ResultStore, get_store
 
     if args.threads:
         torch.set_num_threads(args.threads)
     st = ResultStore(args.store) if args.store else get_store()
-    m = load_adapter(args.model)
+    m = load_adapter(args.model, device=args.device)
+    peak = flops.measure_peak(m.device)
+    meter = flops.Meter(m).__enter__()  # every tokenize / teacher forcing / generation / decode of the run
     sel = data.select_demo(n=args.n, seed=args.seed)
     ks = [float(k) for k in args.top_percents.split(",")]
     ecfg = extraction.ExtractionConfig(candidates_per_class=args.candidates_per_class, seed=args.seed)
@@ -176,6 +183,9 @@ def main() -> None:
     out["threshold"] = before.summary()["threshold"]
     out["fd_metric"] = "FD[demo-fashion-cnn]"
     out["wall_s"] = round(time.time() - t0, 1)
+    meter.__exit__(None, None, None)
+    out["flops"] = meter.report(time.time() - t0, flops.best_peak(peak, flops.measure_peak(m.device)))
+    out["flops"]["what"] = "model FLOPs of every adapter call of the run (stored jobs found in the store cost none)"
     print(json.dumps(out))
 
 

@@ -152,14 +152,14 @@ def test_out_of_memory_halves_the_batch_and_says_so(world, tmp_path, monkeypatch
     clean = extraction.run_extraction(
         m, train, _cfg(batch_size=2), heldout_set=heldout, store=ResultStore(tmp_path / "a")
     )
-    real = MemorizingVAR.generate
+    real = MemorizingVAR.generate_latent  # what the attack calls (generate + VAR's final f_hat)
 
     def small_gpu(self, labels, *a, **kw):
         if len(labels) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real(self, labels, *a, **kw)
 
-    monkeypatch.setattr(MemorizingVAR, "generate", small_gpu)
+    monkeypatch.setattr(MemorizingVAR, "generate_latent", small_gpu)
     res = extraction.run_extraction(
         m, train, _cfg(batch_size=8), heldout_set=heldout, store=ResultStore(tmp_path / "b")
     )
@@ -170,7 +170,7 @@ def test_out_of_memory_halves_the_batch_and_says_so(world, tmp_path, monkeypatch
     def no_gpu(self, labels, *a, **kw):
         raise RuntimeError("CUDA error: out of memory")
 
-    monkeypatch.setattr(MemorizingVAR, "generate", no_gpu)
+    monkeypatch.setattr(MemorizingVAR, "generate_latent", no_gpu)
     with pytest.raises(jobs.OutOfMemory, match="batch of 1 .*does not fit"):
         extraction.run_extraction(m, train, _cfg(batch_size=2), heldout_set=heldout, store=ResultStore(tmp_path / "c"))
 

@@ -49,6 +49,13 @@ def add_attack_options(p: argparse.ArgumentParser) -> None:
         default=d.gallery_size,
         help="stored images are at most this many px",
     )
+    p.add_argument(
+        "--decode-dtype",
+        default=d.decode_dtype,
+        choices=("fp32", "bf16"),
+        help="precision of the tokenizer's decoder for the compared images (bf16: faster; rows near a threshold "
+        "are rescored in fp32, so decisions stay those of fp32)",
+    )
 
 
 def config_from_args(args: argparse.Namespace):
@@ -70,6 +77,7 @@ def config_from_args(args: argparse.Namespace):
         seed=args.seed,
         heldout_n=args.heldout_n,
         gallery_size=args.gallery_size,
+        decode_dtype=args.decode_dtype,
     )
 
 
@@ -90,6 +98,7 @@ def attack_flags(cfg) -> list[str]:
         ("batch_size", "--batch-size"),
         ("heldout_n", "--heldout-n"),
         ("gallery_size", "--gallery-size"),
+        ("decode_dtype", "--decode-dtype"),
     ]
     for field, flag in simple:
         v = getattr(cfg, field)
