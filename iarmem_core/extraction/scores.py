@@ -8,6 +8,7 @@ import torch
 from iarmem_core import backends, data, jobs
 from iarmem_core import store as store_mod
 from iarmem_core.adapters.base import IARAdapter
+from iarmem_core.extraction import cache
 from iarmem_core.extraction.config import SCORE_KIND, TAIL_TOKENS, VERSION
 
 
@@ -66,13 +67,15 @@ SCORE_BLOCK = 32
 class ScoreBlocks:
     """The work unit of the scoring job for `backends.map_blocks`: accuracies [B, G] of images [start, stop).
 
-    Pickles as the model's load arguments and identity plus the image set; a worker loads the model once."""
+    Pickles as the model's load arguments and identity, the image set and the images' token ids (the shared
+    `tokens` cache of the attack, so every backend scores the same tokens); a worker loads the model once."""
 
-    def __init__(self, adapter: IARAdapter, image_set: data.ImageSet):
+    def __init__(self, adapter: IARAdapter, image_set: data.ImageSet, tokens_NT: np.ndarray):
         load_args = getattr(adapter, "load_args", None)
         self.load_args = None if load_args is None else dict(load_args)
         self.identity = adapter.identity
         self.image_set = image_set
+        self.tokens_NT = tokens_NT
         self._adapter = adapter
 
     def __getstate__(self) -> dict:
@@ -81,7 +84,9 @@ class ScoreBlocks:
                 "this model was not loaded with iarmem_core.adapters.load_adapter, so a worker cannot load it "
                 "again: load it with load_adapter (or use the local backend)"
             )
-        return {k: v for k, v in vars(self).items() if k != "_adapter"}
+        d = {k: v for k, v in vars(self).items() if k != "_adapter"}
+        d["tokens_NT"] = np.ascontiguousarray(self.tokens_NT)  # a memory map pickles as its values
+        return d
 
     def __setstate__(self, d: dict) -> None:
         self.__dict__.update(d, _adapter=None)
@@ -93,12 +98,12 @@ class ScoreBlocks:
 
         return reload_adapter(self.load_args, backends.worker_device(), self.identity)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def run(self, adapter: IARAdapter, start: int, stop: int) -> np.ndarray:
         idx = np.arange(start, stop)
-        tokens = adapter.tokenize(self.image_set.images(idx, size=adapter.image_size))
-        logits_BNV = adapter.teacher_forced_logits(tokens, self.image_set.labels_tensor(idx))
-        correct_BN = (logits_BNV.argmax(-1) == adapter.flatten(tokens)).cpu().numpy()
+        flat_BN = torch.from_numpy(np.asarray(self.tokens_NT[start:stop], np.int64)).to(adapter.device)
+        logits_BNV = adapter.teacher_forced_logits(adapter.unflatten(flat_BN), self.image_set.labels_tensor(idx))
+        correct_BN = (logits_BNV.argmax(-1) == flat_BN).cpu().numpy()
         return accuracies_from_correct(correct_BN, adapter)
 
 
@@ -112,12 +117,21 @@ def _score_job(adapter: IARAdapter, image_set: data.ImageSet, batch_size: int):
             acc_NG[:] = arrays["acc_NG"]
             start = int(meta["n_done"])
 
+        # the token ids come from the shared cache (a `tokens` job of its own, stored for the attack)
+        tokens_NT = cache.image_tokens(
+            adapter,
+            image_set,
+            store=ctx.store,
+            batch_size=batch_size,
+            on_progress=lambda f, msg: ctx.progress(0.3 * f, msg),
+        )
+
         def merge(i: int, j: int, acc_BG: np.ndarray) -> None:
             acc_NG[i:j] = acc_BG
 
         report = backends.map_blocks(
             ctx,
-            ScoreBlocks(adapter, image_set),
+            ScoreBlocks(adapter, image_set, tokens_NT),
             n,
             SCORE_BLOCK,
             start=start,
@@ -125,7 +139,7 @@ def _score_job(adapter: IARAdapter, image_set: data.ImageSet, batch_size: int):
             batch_size=batch_size,
             events=events,
             what="teacher-forced block",
-            progress=lambda j: (j / n, f"scoring {j}/{n} images (teacher-forced)"),
+            progress=lambda j: (0.3 + 0.7 * j / n, f"scoring {j}/{n} images (teacher-forced)"),
             save=lambda j: ({"acc_NG": acc_NG}, {"n_done": j}),
         )
         gi = [g for g, _ in score_groups(adapter)].index(score_definition(adapter))
