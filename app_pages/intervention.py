@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from iarmem_app import config, edits, loaders, results, state, ui
-from iarmem_core import figures, intervention, jobs, unitmem
+from iarmem_core import figures, intervention, jobs, localize, unitmem
 from iarmem_core.cli import commands
 
 OPS = {
@@ -205,6 +205,7 @@ def main() -> None:
     else:
         _numbers(adapter, image_set, res, cfg, mchoice, dchoice, kw, mkey)
     _curve(adapter, image_set, res, cfg, mchoice, dchoice, None if picked else float(state.get("iv_top")))
+    _dose(adapter, image_set, res, cfg, mchoice, dchoice)
 
 
 def _fmt(v) -> str:
@@ -430,6 +431,79 @@ def _curve(adapter, image_set, res, cfg, mchoice, dchoice, top) -> None:
     draws = int(df["random_draws"].max()) if "random_draws" in df else 1
     band = f" Shaded: the 5-95% band of {draws} random draws." if draws > 1 else ""
     st.caption(f"{meta.get('how', '')}.{band} Dotted line: your k. Result {key}, {results.source_label(key)}.")
+
+
+def _dose(adapter, image_set, res, cfg, mchoice, dchoice) -> None:
+    """The dose-response curves (iarmem_core.dose): copies still extracted vs units edited, four selections."""
+    from iarmem_core import dose, extraction
+
+    st.subheader("Dose-response: which units remove the copies?")
+    ekey = extraction.extraction_key(
+        adapter, image_set, extraction.ExtractionConfig(seed=mchoice.seed), store=results.user_store()
+    )
+    if results.locate(ekey) is None:
+        st.info("The curves follow the copies the attack extracts: run the attack on the Extraction page first.")
+        return
+    ids = extraction.load_extraction(results.locate(ekey), ekey).extracted_ids()
+    dcfg = dose.CurveConfig(ranking=state.get("iv_ranking"), localize=localize.LocalizeConfig(seed=int(mchoice.seed)))
+    store = results.user_store()
+    key = store.key(dose.KIND, dose.job_spec(adapter, image_set, res, dcfg, ids), dose.VERSION)
+    got = results.load(key)
+    cli = commands.curve_command(mchoice.args(), dchoice.args(), cfg, dcfg)
+    results.job_panel(
+        key,
+        "dose-response",
+        lambda: dose.start_dose_response(adapter, image_set, res, dcfg, store=store),
+        "Run the dose-response (job)",
+        done=got is not None,
+        widget_key="dose",
+    )
+    if got is None:
+        st.caption(
+            f"For the {len(ids)} copies the attack extracts, zeroes n units chosen four ways (the top units by "
+            f"UnitMem at {', '.join(f'{k:g}%' for k in dcfg.percents)}; as many random units, "
+            f"{dcfg.random_draws} draws; the union of the per-image minimal sets; a greedy cover guided by "
+            "attribution) and counts the copies still extracted. From a terminal:"
+        )
+        st.code(cli, language="bash", wrap_lines=True)
+        return
+    meta = got[1]
+    df = figures.dose_frame(meta)
+    title = f"{mchoice.name}: copies still extracted as more units are zeroed"
+    ui.plotly(figures.dose_curve(df, title, int(meta["n_units_total"])), df, title, key="iv_dose", cli=cli)
+    sm, n_all, n0 = meta.get("summary", {}), int(meta["n_units_total"]), int(meta["extracted_before"])
+
+    def needs(name: str, label: str) -> str:
+        s = sm.get(name) or {}
+        last = s.get("last") or {}
+        if s.get("units_for_half") is None:
+            return (
+                f"{label}: fewer than half removed within the curve ({last.get('extracted', '?'):g} of {n0} "
+                f"left at {last.get('n_units', 0):,} units)"
+            )
+        n = int(s["units_for_half"])
+        return f"{label}: half removed at {n:,} units ({100 * n / n_all:.2g}% of all)"
+
+    st.markdown(
+        f"Of the **{n0} copies** the attack extracts:\n"
+        + "\n".join(
+            f"- {needs(k, v)}"
+            for k, v in (
+                ("unitmem", "top units by UnitMem"),
+                ("random", "random units (median draw)"),
+                ("union", "union of the per-image minimal sets"),
+                ("greedy", "greedy cover"),
+            )
+        )
+    )
+    st.caption(
+        "How to read it: a ranking that finds where the copies live removes them with few units, far below the "
+        "random band; a curve inside the band says its units are no better than any units. The union and the "
+        "greedy cover are built from the copies themselves (per-image minimal sets, attribution), so they show "
+        "how few units suffice when you know where to look; they are not a privacy defence for copies nobody "
+        f"has found. Counts use the localization's decision (the attack from its prefix, calibrated threshold). "
+        f"Result {key}, {results.source_label(key)}."
+    )
 
 
 with ui.guard("The intervention page"):

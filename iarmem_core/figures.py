@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -400,6 +400,87 @@ def tradeoff_curve(df: pd.DataFrame, title: str, current_k: float | None = None,
         )
     fig.update_annotations(font_size=FONT_SIZE)
     return _layout(fig, title, height=430, legend={"orientation": "h", "y": -0.3})
+
+
+DOSE_SERIES = {
+    "unitmem": ("top units by UnitMem", SERIES["top units"], "solid"),
+    "random": ("random units (median of the draws)", SERIES["random units"], "dash"),
+    "union": ("union of the per-image minimal sets", "#009E73", "solid"),
+    "greedy": ("greedy cover (attribution-guided)", "#CC79A7", "dot"),
+}
+
+
+def dose_frame(res: Mapping) -> pd.DataFrame:
+    """One row per point of the dose-response curves of `dose.run_dose_response`: selection, n_units,
+    extracted (the random curve: the draws' median) and q05 / q95 (the random band)."""
+    rows = []
+    for name, pts in res.get("curves", {}).items():
+        for r in pts:
+            rows.append(
+                {
+                    "selection": name,
+                    "n_units": int(r["n_units"]),
+                    "extracted": float(r["extracted"]),
+                    "q05": r.get("q05"),
+                    "q95": r.get("q95"),
+                    "top_percent": r.get("top_percent"),
+                    "n_images": r.get("n_images"),
+                }
+            )
+    return pd.DataFrame(rows, columns=["selection", "n_units", "extracted", "q05", "q95", "top_percent", "n_images"])
+
+
+def dose_curve(df: pd.DataFrame, title: str, n_units_total: int) -> go.Figure:
+    """Copies still extracted against the number of units edited (log axis) for the four selections of `dose`,
+    the random curve with its shaded 5-95% band; the unedited model's count (n = 0) is a dotted line."""
+    fig = go.Figure()
+    d = df[df["n_units"] > 0]
+    n0 = df.loc[df["n_units"] == 0, "extracted"]
+    rnd = d[d["selection"] == "random"].sort_values("n_units")
+    if len(rnd) and rnd["q05"].notna().any():
+        r = rnd.dropna(subset=["q05"])
+        fig.add_trace(
+            go.Scatter(
+                x=list(r["n_units"]) + list(r["n_units"])[::-1],
+                y=list(r["q95"]) + list(r["q05"])[::-1],
+                mode="lines",
+                fill="toself",
+                fillcolor="rgba(230, 159, 0, 0.25)",
+                line={"width": 0},
+                hoverinfo="skip",
+                name="random units: 5-95% of the draws",
+            )
+        )
+    for name, (label, color, dash) in DOSE_SERIES.items():
+        sub = d[d["selection"] == name].sort_values("n_units")
+        if not len(sub):
+            continue
+        fig.add_trace(
+            go.Scatter(
+                x=sub["n_units"],
+                y=sub["extracted"],
+                customdata=100.0 * sub["n_units"] / max(1, n_units_total),
+                mode="lines+markers",
+                name=label,
+                marker={"size": 10, "color": color},
+                line={"width": 4, "color": color, "dash": dash},
+                hovertemplate="%{x} units (%{customdata:.2f}% of all)<br>%{y:g} copies still "
+                f"extracted<extra>{label}</extra>",
+            )
+        )
+    if len(n0):
+        fig.add_hline(
+            y=float(n0.iloc[0]),
+            line_dash="dot",
+            line_color="#333",
+            annotation_text=f"unedited: {float(n0.iloc[0]):g} copies",
+            annotation_position="bottom left",
+            annotation_font_size=FONT_SIZE - 3,
+        )
+    ymax = float(df["extracted"].max()) if len(df) else 1.0
+    fig.update_yaxes(title="copies still extracted", rangemode="tozero", range=[0, ymax * 1.08 + 0.5])
+    fig.update_xaxes(title=f"units edited (log scale; {n_units_total:,} units in all)", type="log")
+    return _layout(fig, title, height=460, legend={"orientation": "h", "y": -0.28})
 
 
 def _err(y, lo, hi, color: str) -> dict:

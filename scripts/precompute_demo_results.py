@@ -4,7 +4,8 @@ For every demo model (demo-var, demo-rar) this runs the app's default analyses e
 key them: UnitMem on the demo selection (500 images, seed 0) with the app's overview groups, its null control
 (plus 500 never-trained images) and its class-controlled variant, the extraction attack with its defaults
 (plus the held-out control), the localization of every extracted image and their union, the unedited model's
-quality samples, the default edit's measurement (top 10%, factor 0.5, 20 random draws) and the trade-off sweep.
+quality samples, the default edit's measurement (top 10%, factor 0.5, 20 random draws), the trade-off sweep and
+the dose-response curves.
 The results are computed in (or taken from) a working store, then copied to assets/store/results/<key>/,
 and assets/store/index.json lists them. tests/app/test_shipped_store.py fails when a shipped key no
 longer matches what the current code would compute, so rerun this script after changing a model, the data,
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from iarmem_app import config
-from iarmem_core import data, extraction, intervention, localize, unitmem
+from iarmem_core import data, dose, extraction, intervention, localize, unitmem
 from iarmem_core.adapters import load_adapter
 from iarmem_core.store import ResultStore
 
@@ -147,6 +148,16 @@ def default_keys(name: str, store: ResultStore, sweep: bool = True) -> list[dict
             "kind": intervention.SWEEP_KIND,
             "key": intervention.sweep_key(adapter, res0, sel, store, **args),
             "run": lambda: intervention.run_sweep(adapter, um_result(), sel, store=store, **args),
+        }
+    )
+    # the dose-response curves (the copies the attack extracts, four selections of units)
+    dcfg = dose.CurveConfig(localize=localize.LocalizeConfig(seed=SEED))
+    out.append(
+        {
+            "model": name,
+            "kind": dose.KIND,
+            "key": lambda: dose.dose_response_key(adapter, sel, res0, dcfg, store),
+            "run": lambda: dose.run_dose_response(adapter, sel, um_result(), dcfg, store=store),
         }
     )
     return out
