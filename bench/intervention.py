@@ -19,9 +19,10 @@ The random control is drawn --random-draws times (default 20 on demo models, in 
 carries the draws' mean, min, max, 5-95% band, the ranked edit's rank and its one-sided p-value against them
 (`intervention.random_draw_stats`).
 
---oracle adds the ground-truth diagnostic (demo): the top-k% units by how much more they fire for the
-planted images than for the rest (`intervention.target_selectivity`), edited x0.5 and zeroed, with the
-extraction count after each: how far any ranking of single units could get on this model.
+--group-selectivity adds the ground-truth group diagnostic (demo): the top-k% units by how much more they fire for
+the planted images than for the rest (`intervention.target_selectivity`), edited x0.5 and zeroed, with the
+extraction count after each. It is not an oracle or an upper bound: per-image sets remove far more copies with
+fewer units (iarmem_core.dose).
 
 ``flops``: the model FLOPs of every tokenize / teacher forcing / generation / decode the run made
 (`iarmem_core.flops.Meter`; results already in the store cost nothing), per part with seconds, against the
@@ -74,7 +75,9 @@ def main() -> None:
     ap.add_argument("--store", help="result store (default $IARMEM_STORE or ./store)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    ap.add_argument("--oracle", action="store_true", help="add the ground-truth (planted) unit diagnostic")
+    ap.add_argument(
+        "--group-selectivity", action="store_true", help="add the ground-truth (planted group) selectivity diagnostic"
+    )
     ap.add_argument(
         "--random-draws", type=int, help="random-control draws per k (default: the model kind's, 20 on demo models)"
     )
@@ -152,7 +155,7 @@ def main() -> None:
             "rows": rows,
             "seconds": round(time.time() - tu, 1),
         }
-    if args.oracle:
+    if args.group_selectivity:
         counts = [c or 1 for c in sel.meta["count"]]
         target = [c >= 16 for c in counts]  # the planted images the attack extracts (16x and 64x)
         to = time.time()
@@ -174,7 +177,7 @@ def main() -> None:
                         "extracted_planted": c.get("extracted_planted"),
                     }
                 )
-        out["oracle"] = {
+        out["group_selectivity"] = {
             "target": "planted images with count >= 16",
             "rows": rows,
             "seconds": round(time.time() - to, 1),

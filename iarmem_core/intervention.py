@@ -226,9 +226,10 @@ def target_selectivity(
     """[L, U] how much more each unit fires for the target images than for the rest: (m_t - m_r) / (m_t + m_r).
 
     m = the mean over images of the unit's mean |activation| over all token positions, teacher-forced, one
-    view per image. This is a diagnostic that needs ground truth (the demo's planted images): the units an
-    oracle would edit. If editing even these barely changes extraction, the memorization is spread over many
-    units in this model, and no ranking of single units can remove it with a small edit.
+    view per image. This group-selectivity diagnostic needs ground truth (the demo's planted images). It is
+    neither an oracle nor an upper bound on what an edit of k% can do: it ranks units by how they fire for the
+    planted group as a whole, while each copy is carried by its own set of units (`localize`: the per-image
+    minimal sets, and `dose` for their union and a greedy cover, remove far more copies with fewer units).
     """
     target = np.asarray(target_N, dtype=bool)
     if target.shape != (len(image_set),) or not target.any() or target.all():
