@@ -61,7 +61,7 @@ def _gallery(res, rows: np.ndarray, measure: str, thr: float, res_um=None, colum
         pair = np.concatenate([res.recon_images[int(i)], res.generated_images[int(i)]], axis=1)
         planted = bool(table["planted"].fillna(False).iloc[int(i)])
         tag = f" planted {int(r['count'])}x" if planted else (" held-out" if r["split"] == "heldout" else "")
-        verdict = "extracted" if float(r[measure]) > thr else "not extracted"
+        verdict = "extracted" if extraction.is_extracted(r[measure], thr) else "not extracted"
         col.image(
             pair,
             width="stretch",
@@ -89,33 +89,49 @@ def _live(key: str) -> None:
     _gallery(part, order, m, thr)
 
 
+def _own_threshold(key: str, measure: str) -> None:
+    """Thresholds are per result (model, data, attack) and measure: coming to another one restores the
+    threshold set there earlier in this session, else its calibrated one (-1); a fresh session keeps the
+    URL's value (a shared link)."""
+    ss = st.session_state
+    owner = f"{key}|{measure}"
+    if ss.get("_ex_thr_owner") not in (None, owner):
+        state.set_many(ex_threshold=float(ss.setdefault("_ex_thr_by", {}).get(owner, -1.0)))
+    ss["_ex_thr_owner"] = owner
+
+
+def _keep_threshold(key: str, measure: str) -> None:
+    st.session_state.setdefault("_ex_thr_by", {})[f"{key}|{measure}"] = float(state.get("ex_threshold"))
+
+
 @st.fragment
 def _view(res, key: str, demo: bool, cli: str, res_um, name: str) -> None:
     """Everything that follows the threshold: a fragment, so a slider move reruns only this part."""
     table = res.table
     measures = list(res.meta["measures"])
     if state.get("ex_measure") not in measures:
-        state.set_many(ex_measure=res.similarity, ex_threshold=-1.0)
+        state.set_many(ex_measure=res.similarity)
     prefix = int(res.meta["prefix_tokens"][0])
-    c1, c2, c3 = st.columns([1, 3, 1])
-    state.widget(
-        c1.selectbox, "ex_measure", "Similarity", measures, on_change=lambda: state.set_many(ex_threshold=-1.0)
-    )
+    c1, c2, c3 = st.columns([1.4, 3, 1])
+    state.widget(c1.selectbox, "ex_measure", "Similarity", measures)
     measure = state.get("ex_measure")
+    _own_threshold(key, measure)
     calibrated = float(res.thresholds(measure)[prefix])
-    if state.get("ex_threshold") < 0:
-        state.set_many(ex_threshold=round(calibrated, 3))
     vals = table[measure].to_numpy(dtype=np.float64)
     lo, hi = float(min(0.0, np.nanmin(vals))), float(max(1.0, np.nanmax(vals)))
-    state.set_many(ex_threshold=float(np.clip(state.get("ex_threshold"), lo, hi)))
-    state.widget(
-        c2.slider,
-        "ex_threshold",
-        f"Threshold on {measure} (calibrated: {calibrated:.3f})",
+    if state.get("ex_threshold") >= 0:
+        state.set_many(ex_threshold=float(np.clip(state.get("ex_threshold"), lo, hi)))
+    # -1 means "the calibrated threshold": counts use its exact value, the slider shows it rounded to its step
+    ss = st.session_state
+    ss["w_ex_threshold"] = round(calibrated, 3) if state.get("ex_threshold") < 0 else float(state.get("ex_threshold"))
+    c2.slider(
+        f"Threshold on {measure} (calibrated: {calibrated:.4g})",
         lo,
         hi,
         step=0.005,
         format="%.3f",
+        key="w_ex_threshold",
+        on_change=lambda: state.set_many(ex_threshold=float(ss["w_ex_threshold"])),
     )
     c3.button(
         "Calibrated",
@@ -123,7 +139,8 @@ def _view(res, key: str, demo: bool, cli: str, res_um, name: str) -> None:
         key="ex_reset",
         help="back to the calibrated threshold",
     )
-    thr = float(state.get("ex_threshold"))
+    _keep_threshold(key, measure)
+    thr = calibrated if state.get("ex_threshold") < 0 else float(state.get("ex_threshold"))
     c = res.count(threshold=thr, similarity=measure)
 
     # the counts, against the planted ground truth on the demo
@@ -154,9 +171,10 @@ def _view(res, key: str, demo: bool, cli: str, res_um, name: str) -> None:
             f"### {c['extracted_planted']} of {planted_total} planted images extracted, "
             f"{c['heldout_extracted']} of {c['heldout_n']} held-out"
         )
-    which = "calibrated" if abs(thr - calibrated) < 5e-4 else "your threshold"
+    which = "calibrated" if state.get("ex_threshold") < 0 else "your threshold"
     st.caption(
-        f"Similarity {measure} > {thr:.3f} ({which}), prefix {prefix} tokens, greedy, no CFG; "
+        f"Similarity {measure} > {thr:.4g} ({which}; compared in float32, so a score equal to the threshold is "
+        f"not extracted), prefix {prefix} tokens, greedy, no CFG; "
         f"{c['candidates']} candidates "
         f"({res.meta.get('config', {}).get('candidates_per_class', '?')} per class by memorization score). "
         f"Result {key}, {results.source_label(key)}."
@@ -168,7 +186,7 @@ def _view(res, key: str, demo: bool, cli: str, res_um, name: str) -> None:
     st.subheader("Reconstruction (left) vs generation (right)")
     state.widget(st.radio, "ex_show", "Show", list(SHOW), format_func=SHOW.get, horizontal=True)
     sel = {
-        "extracted": (vals > thr) & (table["split"] == "train").to_numpy(),
+        "extracted": extraction.is_extracted(vals, thr) & (table["split"] == "train").to_numpy(),
         "all": (table["split"] == "train").to_numpy(),
         "planted": table["planted"].fillna(False).to_numpy(dtype=bool),
         "held-out": (table["split"] == "heldout").to_numpy(),
@@ -199,6 +217,7 @@ def main() -> None:
         allow_rerun=True,
         widget_key="ex",
         live=lambda: _live(key),
+        command=cli + (" --force" if res is not None else ""),
     )
     if res is None:
         st.caption(f"The attack runs as a background job; from a terminal: {ui.code_span(cli)}")

@@ -94,6 +94,7 @@ def _grid(adapter, image_set, mchoice, dchoice, li: int, block: int, scale_idx: 
             "Compute UnitMem per position (job)",
             done=False,
             widget_key="um_detail",
+            command=cli,
         )
         return
     grid = dres.position_grid(block, scale_idx, state.get("summary"))
@@ -121,6 +122,7 @@ def main() -> None:
             "Compute UnitMem",
             done=False,
             widget_key="um",
+            command=cli,
         )
         return
     meta = res.meta
@@ -305,6 +307,7 @@ def _null_control(adapter, mchoice, cfg, res) -> None:
             "Compute the null control (job)",
             done=False,
             widget_key="um_null",
+            command=ncli,
         )
         return
     col_ids = nres.heatmap_group_ids()
@@ -368,6 +371,7 @@ def _class_controlled(adapter, image_set, mchoice, dchoice, cfg) -> None:
             "Compute class-controlled UnitMem (job)",
             done=False,
             widget_key="um_class",
+            command=ccli,
         )
         return
     col_ids = cres.heatmap_group_ids()

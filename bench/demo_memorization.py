@@ -14,7 +14,10 @@ Layout: {"assets_mb": ..., "models": {"demo-var": M, "demo-rar": M}} where M has
   classifier on class-conditional samples with the model's CFG settings), fd_samples_heldout (Frechet
   distance of those samples to the held-out images in the bundled demo-fashion-cnn feature space; not FID).
 
-Everything runs on the weights as shipped (fp16 files loaded through the registry), on CPU.
+Everything runs on the weights as shipped (fp16 files loaded through the registry), on CPU (--device picks
+another). ``flops`` per model: the model FLOPs of every tokenize / teacher forcing / generation / decode of
+the measurement (`iarmem_core.flops.Meter`), per part, against the fp32 peak of the device (a large matmul
+timed at the start and the end of this run, the better of the two).
 """
 
 from __future__ import annotations
@@ -48,8 +51,12 @@ def main() -> None:
     ap.add_argument("--n-heldout", type=int, default=0, help="held-out images (0: all 1000)")
     ap.add_argument("--samples-per-class", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    from iarmem_core import flops
+
+    peak = flops.measure_peak(args.device)
     plans = {p.spec.name: p for p in dt.default_plans().values()}
     fnet = dt.load_demo_feature_net()
     out: dict = {"assets_mb": assets_mb(), "models": {}}
@@ -59,11 +66,20 @@ def main() -> None:
         cfg = dt.MeasureConfig(
             n_unique=args.n_unique or None, n_heldout=args.n_heldout or None, samples_per_class=args.samples_per_class
         )
-        model = load_adapter(name, device="cpu")
-        out["models"][name] = dt.measure_demo_model(model, fnet, plan.prefixes, plan.main_prefix, cfg)
+        model = load_adapter(name, device=args.device)
+        t = time.perf_counter()
+        with flops.Meter(model) as meter:
+            out["models"][name] = dt.measure_demo_model(model, fnet, plan.prefixes, plan.main_prefix, cfg)
+        out["models"][name]["flops"] = (meter, time.perf_counter() - t)
+    peak = flops.best_peak(peak, flops.measure_peak(args.device))  # start and end: the better of the two
+    for rec in out["models"].values():
+        meter, wall = rec["flops"]
+        rec["flops"] = meter.report(wall, peak)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     out["torch_threads"] = torch.get_num_threads()
     out["loadavg_1min"] = round(os.getloadavg()[0], 2)
+    out["device"] = args.device
+    out["peak"] = peak
     print(json.dumps(out))
 
 

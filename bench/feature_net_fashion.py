@@ -1,7 +1,8 @@
 """Train the bundled FeatureNet on the full Fashion-MNIST train set and print one JSON object.
 
 Needs Debian's `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist). Reports test accuracy per
-epoch, wall and CPU time, torch threads and the load average, so `train-demo` can pick the epochs.
+epoch, wall and CPU time, torch threads and the load average, so `train-demo` can pick the epochs, and the
+training's model FLOPs (3 x the counted forward per image and epoch) against the measured fp32 peak.
 
     PYTHONPATH=. python bench/feature_net_fashion.py --epochs 2 [--batch-size 128] [--out net.safetensors]
 
@@ -44,8 +45,19 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="also save the net here (.safetensors)")
+    ap.add_argument("--device", default="cpu", help="cpu only: the trainer (iarmem_core.demo.features) runs on CPU")
     args = ap.parse_args()
+    if args.device != "cpu":
+        print(json.dumps({"skipped": f"--device {args.device}: the FeatureNet trainer runs on CPU only"}))
+        return
     torch.set_num_threads(args.threads)
+    from iarmem_core import flops
+    from iarmem_core.metrics import FeatureNet
+
+    peak = flops.measure_peak("cpu")
+    with torch.device("meta"):
+        meta_net = FeatureNet()
+    fwd_per_image = flops.count(meta_net, torch.zeros(1, 3, 32, 32, device="meta"))
     xtr, ytr = load_split("train")
     xte, yte = load_split("t10k")
     xtr, xte = fashion_to_input(xtr), fashion_to_input(xte)  # uint8 [N, 1, 32, 32]
@@ -66,6 +78,13 @@ def main() -> None:
         "n_train": stats["n_train"],
         "loadavg_1min_before": load0,
         "loadavg_1min_after": os.getloadavg()[0],
+    }
+    # training = forward + backward, about 3x the forward's FLOPs per image and epoch (default FeatureNet config)
+    work = 3 * fwd_per_image * stats["n_train"] * args.epochs
+    peak = flops.best_peak(peak, flops.measure_peak("cpu"))  # start and end: the better of the two
+    out["flops"] = {
+        **flops.fraction(work, stats["seconds"], peak),
+        "what": "3 x forward FLOPs (counted on meta) x images x epochs",
     }
     if args.out:
         save_feature_net(

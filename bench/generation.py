@@ -8,9 +8,12 @@ random weights (`load_adapter(name)` without files), which is all a speed measur
     python bench/generation.py --models var-d16 --quick         # batch 1 only
     python bench/generation.py --models var-d16,rar-b --batches 1,8 --reps 3 --devices cpu
 
-Prints one JSON object: {"results": [record, ...], "host": {...}, "args": {...}}; a record has model,
-batch, device, kv_cache, images_per_s, tokens_per_s, peak_mem_mb (and seconds, n_tokens, load_s), or
-model, batch, device, kv_cache and error when that configuration could not run.
+Prints one JSON object: {"results": [record, ...], "peak": {device: ...}, "host": {...}, "args": {...}}; a
+record has model, batch, device, kv_cache, images_per_s, tokens_per_s, peak_mem_mb (and seconds, n_tokens,
+load_s) and flops (the generation's model FLOPs from `iarmem_core.flops`, achieved FLOP/s and the fraction of
+the device's peak: an fp32 matmul timed at the start and the end of this run with the same threads, the
+better of the two), or model, batch, device, kv_cache
+and error when that configuration could not run. --device is --devices.
 """
 
 from __future__ import annotations
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated registry names ({DEFAULT_MODELS})")
     ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
-    ap.add_argument("--devices", default="auto", help="cpu, cuda, or auto = cpu plus cuda when available")
+    ap.add_argument("--devices", "--device", default="auto", help="cpu, cuda, or auto = cpu plus cuda when available")
     ap.add_argument("--kv", choices=("both", "on", "off"), default="both", help="KV cache on, off or both")
     ap.add_argument("--reps", type=int, default=1, help="timed repetitions per configuration (the fastest counts)")
     ap.add_argument("--warmup", type=int, default=-1, help="untimed runs first (default: 1 on CUDA, 0 on CPU)")
@@ -147,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     batches = [1] if args.quick else [int(b) for b in args.batches.split(",")]
     kvs = {"both": [True, False], "on": [True], "off": [False]}[args.kv]
+    from iarmem_core import flops
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    peaks = {d: flops.measure_peak(d) for d in devices}
     results = []
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
         for device in devices:
@@ -155,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
                     rec = _run_one(model, batch, device, kv, args)
                     results.append(rec)
                     print(json.dumps(rec), file=sys.stderr, flush=True)  # progress
+    peaks = {d: flops.best_peak(peaks[d], flops.measure_peak(d)) for d in devices}  # start and end: the better
+    for rec in results:
+        if "seconds" in rec:
+            work = flops.generate_flops(rec["model"], rec["batch"], prefix=0, kv_cache=rec["kv_cache"])
+            rec["flops"] = flops.fraction(work, rec["seconds"], peaks[rec["device"]])
     host = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -162,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "load_avg": os.getloadavg(),
     }
-    print(json.dumps({"results": results, "host": host, "args": vars(args)}, indent=1))
+    print(json.dumps({"results": results, "peak": peaks, "host": host, "args": vars(args)}, indent=1))
     return 0
 
 

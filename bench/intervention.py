@@ -15,12 +15,18 @@ Variants (--variants, comma separated):
   factor0.25   fc1 rows x 0.25
   a+b          both, e.g. last_scale+zero
 
-The random control is drawn --random-draws times (default 10 on demo models): each row carries the draws'
-mean, min, max and the one-sided p-value of the ranked edit against them (`intervention.random_draw_stats`).
+The random control is drawn --random-draws times (default 20 on demo models, in one batched attack): each row
+carries the draws' mean, min, max, 5-95% band, the ranked edit's rank and its one-sided p-value against them
+(`intervention.random_draw_stats`).
 
---oracle adds the ground-truth diagnostic (demo): the top-k% units by how much more they fire for the
-planted images than for the rest (`intervention.target_selectivity`), edited x0.5 and zeroed, with the
-extraction count after each: how far any ranking of single units could get on this model.
+--group-selectivity adds the ground-truth group diagnostic (demo): the top-k% units by how much more they fire for
+the planted images than for the rest (`intervention.target_selectivity`), edited x0.5 and zeroed, with the
+extraction count after each. It is not an oracle or an upper bound: per-image sets remove far more copies with
+fewer units (iarmem_core.dose).
+
+``flops``: the model FLOPs of every tokenize / teacher forcing / generation / decode the run made
+(`iarmem_core.flops.Meter`; results already in the store cost nothing), per part with seconds, against the
+fp32 peak of this machine (a large matmul timed at the start and the end, the better of the two).
 
     python bench/intervention.py --model demo-var
     python bench/intervention.py --model demo-rar --variants default,zero --top-percents 5,10
@@ -68,22 +74,27 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--store", help="result store (default $IARMEM_STORE or ./store)")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--oracle", action="store_true", help="add the ground-truth (planted) unit diagnostic")
+    ap.add_argument("--device", default="auto", help="cpu, cuda or auto")
     ap.add_argument(
-        "--random-draws", type=int, help="random-control draws per k (default: the model kind's, 10 on demo models)"
+        "--group-selectivity", action="store_true", help="add the ground-truth (planted group) selectivity diagnostic"
+    )
+    ap.add_argument(
+        "--random-draws", type=int, help="random-control draws per k (default: the model kind's, 20 on demo models)"
     )
     args = ap.parse_args()
 
     import torch
 
-    from iarmem_core import data, extraction, intervention, unitmem
+    from iarmem_core import data, extraction, flops, intervention, unitmem
     from iarmem_core.adapters import load_adapter
     from iarmem_core.store import ResultStore, get_store
 
     if args.threads:
         torch.set_num_threads(args.threads)
     st = ResultStore(args.store) if args.store else get_store()
-    m = load_adapter(args.model)
+    m = load_adapter(args.model, device=args.device)
+    peak = flops.measure_peak(m.device)
+    meter = flops.Meter(m).__enter__()  # every tokenize / teacher forcing / generation / decode of the run
     sel = data.select_demo(n=args.n, seed=args.seed)
     ks = [float(k) for k in args.top_percents.split(",")]
     ecfg = extraction.ExtractionConfig(candidates_per_class=args.candidates_per_class, seed=args.seed)
@@ -144,7 +155,7 @@ def main() -> None:
             "rows": rows,
             "seconds": round(time.time() - tu, 1),
         }
-    if args.oracle:
+    if args.group_selectivity:
         counts = [c or 1 for c in sel.meta["count"]]
         target = [c >= 16 for c in counts]  # the planted images the attack extracts (16x and 64x)
         to = time.time()
@@ -166,7 +177,7 @@ def main() -> None:
                         "extracted_planted": c.get("extracted_planted"),
                     }
                 )
-        out["oracle"] = {
+        out["group_selectivity"] = {
             "target": "planted images with count >= 16",
             "rows": rows,
             "seconds": round(time.time() - to, 1),
@@ -175,6 +186,9 @@ def main() -> None:
     out["threshold"] = before.summary()["threshold"]
     out["fd_metric"] = "FD[demo-fashion-cnn]"
     out["wall_s"] = round(time.time() - t0, 1)
+    meter.__exit__(None, None, None)
+    out["flops"] = meter.report(time.time() - t0, flops.best_peak(peak, flops.measure_peak(m.device)))
+    out["flops"]["what"] = "model FLOPs of every adapter call of the run (stored jobs found in the store cost none)"
     print(json.dumps(out))
 
 

@@ -7,7 +7,13 @@ For each model:
 - peak_mem_mb_small / peak_mem_mb_large: peak resident memory (CPU) or peak allocated (CUDA) of a full
   UnitMem pass over N and 10 N images, each in a fresh subprocess (target: within 10% of each other,
   since the state is O(units x groups));
-- images_per_s: images (each with A views) per second in the UnitMem pass.
+- images_per_s: images (each with A views) per second in the UnitMem pass;
+- flops: model FLOPs of the plain pass (tokenize + teacher forcing of every view, `iarmem_core.flops`), the
+  achieved FLOP/s of both passes and their fraction of this machine's peak (a large matmul timed in the same
+  worker process before and after the passes, the better of the two; the bf16 peak for --dtype bf16).
+
+--dtype bf16 runs the UnitMem pass (and the plain pass) under bf16 autocast, as `UnitMemConfig(dtype="bf16")`
+(a GPU option; tests/test_gpu.py compares it with fp32).
 
 Models: demo-var and demo-rar (bundled weights), and var-d16-random (the VAR-d16 config with seeded
 random weights; only the scale groups, as the CLI's `--detail-scales none`).
@@ -43,11 +49,15 @@ def _entry(name: str) -> tuple:
     return MODELS.get(name, (name, 20, True, None))
 
 
-def _config(detail: bool, augs: int, batch: int):
+def _config(detail: bool, augs: int, batch: int, dtype: str = "fp32"):
     from iarmem_core.unitmem import UnitMemConfig
 
     return UnitMemConfig(
-        n_augs=augs, group_kinds=("scale", "position") if detail else ("scale",), batch_size=batch, top_images=5
+        n_augs=augs,
+        group_kinds=("scale", "position") if detail else ("scale",),
+        batch_size=batch,
+        top_images=5,
+        dtype=dtype,
     )
 
 
@@ -58,17 +68,19 @@ def _selection(n: int):
     return data.select_demo(n=n, seed=0) if n >= 30 else data.load_demo("unique").subset(range(n))
 
 
-def _timing(name: str, n: int, augs: int, batch: int, device: str, reps: int) -> dict:
+def _timing(name: str, n: int, augs: int, batch: int, device: str, reps: int, dtype: str = "fp32") -> dict:
     """Plain teacher-forced pass vs UnitMem pass on the same batches and views."""
+    import contextlib
+
     import torch
 
-    from iarmem_core import data
+    from iarmem_core import data, flops
     from iarmem_core.adapters import load_adapter
     from iarmem_core.unitmem import UnitMemPass
 
     reg, _, detail, _ = _entry(name)
     m = load_adapter(reg, device=device)
-    cfg = _config(detail, augs, batch)
+    cfg = _config(detail, augs, batch, dtype)
     ds = _selection(n)
     batches = []
     for s in range(0, len(ds), batch):
@@ -82,12 +94,18 @@ def _timing(name: str, n: int, augs: int, batch: int, device: str, reps: int) ->
         if m.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def autocast():
+        if dtype == "bf16":
+            return torch.autocast(m.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     @torch.no_grad()
     def plain():
-        for x, y, _, views in batches:
-            for v in range(augs):
-                view = x if v == 0 else views[:, v - 1]
-                m.teacher_forced_logits(m.tokenize(view), y.to(m.device))
+        with autocast():
+            for x, y, _, views in batches:
+                for v in range(augs):
+                    view = x if v == 0 else views[:, v - 1]
+                    m.teacher_forced_logits(m.tokenize(view), y.to(m.device))
 
     def with_unitmem():
         p = UnitMemPass(m, len(ds), cfg)
@@ -95,6 +113,8 @@ def _timing(name: str, n: int, augs: int, batch: int, device: str, reps: int) ->
             p.step(x, y, keys)
         return p
 
+    pdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    peak0 = flops.measure_peak(m.device, pdtype)
     plain()  # warm-up (allocator, kernels)
     t_plain, t_um = [], []
     for _ in range(reps):  # interleave so both see the same machine load
@@ -108,6 +128,9 @@ def _timing(name: str, n: int, augs: int, batch: int, device: str, reps: int) ->
         sync()
         t_um.append(time.perf_counter() - t)
     p_s, u_s = min(t_plain), min(t_um)
+    views = len(ds) * augs
+    work = flops.tokenize_flops(reg, views) + flops.teacher_forced_flops(reg, views)
+    peak = flops.best_peak(peak0, flops.measure_peak(m.device, pdtype))  # before and after: the better
     return {
         "plain_s": round(p_s, 3),
         "unitmem_s": round(u_s, 3),
@@ -120,10 +143,16 @@ def _timing(name: str, n: int, augs: int, batch: int, device: str, reps: int) ->
         "blocks": m.n_blocks,
         "units_per_block": m.n_units,
         "device": str(m.device),
+        "dtype": dtype,
+        "flops": {
+            "plain": flops.fraction(work, p_s, peak),
+            "unitmem": flops.fraction(work, u_s, peak),
+            "what": "model FLOPs of tokenizing and teacher-forcing every view (UnitMem's own reductions not counted)",
+        },
     }
 
 
-def _memory(name: str, n: int, augs: int, batch: int, device: str) -> dict:
+def _memory(name: str, n: int, augs: int, batch: int, device: str, dtype: str = "fp32") -> dict:
     """A full UnitMem pass over n images; reports the peak memory of this process."""
     import torch
 
@@ -132,7 +161,7 @@ def _memory(name: str, n: int, augs: int, batch: int, device: str) -> dict:
 
     reg, _, detail, _ = _entry(name)
     m = load_adapter(reg, device=device)
-    cfg = _config(detail, augs, batch)
+    cfg = _config(detail, augs, batch, dtype)
     ds = _selection(n)
     if m.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -164,6 +193,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--n-small", type=int, help="override the small data size (the large one is 10x)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="UnitMem precision (bf16: autocast)")
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     ap.add_argument("--_n", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -174,9 +204,9 @@ def main() -> None:
     if args._worker:
         kind, name = args._worker.split(":", 1)
         if kind == "time":
-            rec = _timing(name, args._n, args.augs, args.batch, args.device, args.reps)
+            rec = _timing(name, args._n, args.augs, args.batch, args.device, args.reps, args.dtype)
         else:
-            rec = _memory(name, args._n, args.augs, args.batch, args.device)
+            rec = _memory(name, args._n, args.augs, args.batch, args.device, args.dtype)
         print(json.dumps(rec))
         return
 
@@ -201,6 +231,8 @@ def main() -> None:
             args.device,
             "--threads",
             str(args.threads),
+            "--dtype",
+            args.dtype,
         ]
         rec = _sub(["--_worker", f"time:{name}", "--_n", str(n_small), *common])
         small = _sub(["--_worker", f"mem:{name}", "--_n", str(n_small), *common])

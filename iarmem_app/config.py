@@ -35,6 +35,12 @@ def model_memory_budget() -> int:
     return int(total // 2)
 
 
+def live_measurement() -> bool:
+    """Measure every edit as soon as it changes on demo and test models (off with IARMEM_LIVE=0, e.g. for
+    scripted tests that must not leave background jobs running)."""
+    return os.environ.get("IARMEM_LIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def allowed_roots() -> list[Path]:
     """Folders that typed paths must resolve inside: $IARMEM_ALLOWED_ROOTS (os.pathsep-separated), else
     the repository, the home folder and the result store."""
@@ -57,3 +63,9 @@ def other_models() -> list[str]:
     """Every other registry model (released and test configs) for the 'another model' choice."""
     quick = set(quick_models())
     return [m for m in list_models() if m not in quick]
+
+
+def ray_address() -> str:
+    """The Ray Jobs API address the sidebar starts with: $IARMEM_RAY_ADDRESS, else an http:// $RAY_ADDRESS."""
+    addr = os.environ.get("IARMEM_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS") or ""
+    return addr if addr.startswith(("http://", "https://")) else ""

@@ -68,6 +68,8 @@ register("data", "demo", choices=lambda: ["demo", "folder"])
 register("folder", "")
 register("device", "auto", choices=lambda: list(config.DEVICES))
 register("seed", 0, "int", lo=0, hi=2**31 - 1)
+register("backend", "local", choices=lambda: ["local", "ray"])
+register("ray_address", config.ray_address())
 # model page
 register("image", "")
 # memorization page
@@ -89,6 +91,7 @@ register("iv_op", "fc1_scale", choices=lambda: ["fc1_scale", "zero", "out_scale"
 register("iv_units", [], "list", item=_UNIT_TAG)
 register("iv_edit_on", True, "bool")
 register("iv_labels", "0,1,2,3,4,5,6,7")
+register("iv_seed", 0, "int")  # the side-by-side samples only (no stored result depends on it)
 
 
 def _shown(raw: str) -> str:

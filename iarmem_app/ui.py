@@ -27,6 +27,16 @@ html, body, [data-testid="stAppViewContainer"] { font-size: 19px; }
 [data-testid="stMetricLabel"] p { font-size: 1.05rem !important; }
 [data-testid="stCaptionContainer"] { font-size: 0.95rem; }
 [data-testid="stSidebar"] [data-testid="stMarkdownContainer"] p { font-size: 1rem; }
+/* metric labels wrap instead of being cut ("Held-out 'extracted'" at 1280 px) */
+[data-testid="stMetricLabel"], [data-testid="stMetricLabel"] * {
+  white-space: normal !important; overflow: visible !important; text-overflow: clip !important; }
+/* a projector (1280x720): less empty space above the title (just below the fixed header with the menu), so
+   the page's main figure starts above the fold */
+[data-testid="stMainBlockContainer"], .block-container { padding-top: 4rem !important; }
+h1 { font-size: 2.2rem !important; line-height: 1.2 !important; padding-top: 0.2rem !important; }
+@media (max-height: 800px) { h1 { font-size: 1.8rem !important; } }
+/* the CLI popover shows its whole command (wrapped), however long */
+[data-testid="stPopoverBody"] { max-width: min(92vw, 980px) !important; width: min(92vw, 980px) !important; }
 /* small images are sent at their own size and scaled by the browser without blurring the tokens */
 [data-testid="stImage"] img, [data-testid="stFullScreenFrame"] img { image-rendering: pixelated; }
 </style>
@@ -113,7 +123,7 @@ def downloads(chart, df: pd.DataFrame, name: str, cli: str | None, key: str) -> 
     if cli:
         with c3.popover("CLI command", icon=":material/terminal:"):
             st.caption("Reproduces these numbers from a terminal (same store, same result key):")
-            st.code(cli, language="bash")
+            st.code(cli, language="bash", wrap_lines=True)
 
 
 def plotly(fig, df: pd.DataFrame, name: str, key: str, cli: str | None = None, on_select=None) -> object:

@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,7 @@ SEQUENTIAL = "Viridis"  # magnitudes: UnitMem, activations
 DIFFERENCE = "Cividis"  # |after - before|
 DIVERGING = "PuOr"  # signed quantities around a centre (colour-blind safe)
 FONT_SIZE = 18
+PNG_WIDTH = 900  # px (before `scale`) of an exported altair chart that has no width of its own
 TITLE_SIZE = 22
 SERIES = {
     "top units": "#0072B2",
@@ -284,7 +285,7 @@ def similarity_histogram(table: pd.DataFrame, measure: str, threshold: float, ti
         if len(vals):
             fig.add_trace(go.Histogram(x=vals, name=name, marker_color=SERIES[name], nbinsx=30, opacity=0.8))
     fig.add_vline(
-        x=threshold, line_width=3, line_dash="dash", line_color="#333", annotation_text=f"threshold {threshold:.2f}"
+        x=threshold, line_width=3, line_dash="dash", line_color="#333", annotation_text=f"threshold {threshold:.4g}"
     )
     fig.update_layout(barmode="overlay")
     fig.update_xaxes(title=f"similarity ({measure})")
@@ -293,53 +294,258 @@ def similarity_histogram(table: pd.DataFrame, measure: str, threshold: float, ti
 
 
 # ---- intervention --------------------------------------------------------------------------------------
-def tradeoff_curve(df: pd.DataFrame, title: str, x: str = "fd", y: str = "extracted") -> go.Figure:
-    """Extraction (y) against quality (x) as more units are edited; top units vs the random control.
+def tradeoff_curve(df: pd.DataFrame, title: str, current_k: float | None = None, quality: str = "fd") -> go.Figure:
+    """The trade-off as more units are edited: k% on the x axis of two panels, images extracted (left) and
+    sample quality (right), for the top units and the random control; the current k marked.
 
-    `df` has columns top_percent, `x`, `y` and `selection` ("top units" / "random units"); with the sweep's
-    random_extracted_min / _max columns (several random draws) the random points get a bar from the fewest
-    to the most images any draw left extracted.
+    `df` has columns top_percent, selection ("top units" / "random units"), extracted and `quality` ("fd" or
+    "class_acc"). Optional: random_extracted_q05 / _q95 (several random draws: a shaded 5-95% band of the
+    draws' counts, with their mean as the random line when random_extracted_mean is there),
+    extracted_lo / _hi and fd_lo / _hi (intervals, drawn as bars). Points are joined in k order on a k axis,
+    so nothing zig-zags and no label is needed on the points (hover shows every number).
     """
-    fig = go.Figure()
-    for sel in ("top units", "random units"):
-        sub = df[df["selection"] == sel].sort_values("top_percent")
-        if len(sub):
-            err = None
-            ranged = {"random_draws", "random_extracted_min", "random_extracted_max"} <= set(sub.columns)
-            if sel == "random units" and y == "extracted" and ranged and (sub["random_draws"] > 1).any():
-                err = {
-                    "type": "data",
-                    "symmetric": False,
-                    "array": sub["random_extracted_max"] - sub[y],
-                    "arrayminus": sub[y] - sub["random_extracted_min"],
-                    "color": SERIES[sel],
-                    "thickness": 2,
-                }
+    from plotly.subplots import make_subplots
+
+    qname = {"fd": "Frechet distance (lower = better)", "class_acc": "class accuracy of samples"}.get(quality, quality)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("images extracted", qname), horizontal_spacing=0.12)
+    ks = sorted(float(k) for k in df["top_percent"].unique())
+    top = df[df["selection"] == "top units"].sort_values("top_percent")
+    rnd = df[df["selection"] == "random units"].sort_values("top_percent")
+    band = {"random_extracted_q05", "random_extracted_q95"} <= set(rnd.columns) and len(rnd)
+    if band and "random_draws" in rnd and (rnd["random_draws"] > 1).any():
+        n = int(rnd["random_draws"].max())
+        xs = list(rnd["top_percent"]) + list(rnd["top_percent"])[::-1]
+        ys = list(rnd["random_extracted_q95"]) + list(rnd["random_extracted_q05"])[::-1]
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                fill="toself",
+                fillcolor="rgba(230, 159, 0, 0.25)",
+                line={"width": 0},
+                hoverinfo="skip",
+                name=f"random units: 5-95% of {n} draws",
+            ),
+            row=1,
+            col=1,
+        )
+    for sel, sub in (("top units", top), ("random units", rnd)):
+        if not len(sub):
+            continue
+        color = SERIES[sel]
+        style = {"width": 4, "color": color, "dash": "solid" if sel == "top units" else "dash"}
+        y_ext = sub["extracted"]
+        name = sel
+        if sel == "random units" and "random_extracted_mean" in sub and band:
+            y_ext, name = sub["random_extracted_mean"], "random units (mean of the draws)"
+        err = None
+        if sel == "top units" and {"extracted_lo", "extracted_hi"} <= set(sub.columns):
+            err = _err(sub["extracted"], sub["extracted_lo"], sub["extracted_hi"], color)
+        fig.add_trace(
+            go.Scatter(
+                x=sub["top_percent"],
+                y=y_ext,
+                mode="lines+markers",
+                name=name,
+                legendgroup=sel,
+                marker={"size": 12, "color": color},
+                line=style,
+                error_y=err,
+                hovertemplate="k = %{x:g}%<br>%{y:.3g} images extracted<extra>" + sel + "</extra>",
+            ),
+            row=1,
+            col=1,
+        )
+        if quality in sub and sub[quality].notna().any():
+            qerr = None
+            if quality == "fd" and {"fd_lo", "fd_hi"} <= set(sub.columns) and sub["fd_lo"].notna().any():
+                qerr = _err(sub["fd"], sub["fd_lo"], sub["fd_hi"], color)
             fig.add_trace(
                 go.Scatter(
-                    x=sub[x],
-                    y=sub[y],
-                    mode="lines+markers+text",
-                    name=sel,
-                    text=[f"{p:g}%" for p in sub["top_percent"]],
-                    textposition="top right",
-                    marker={"size": 14, "color": SERIES[sel]},
-                    error_y=err,
-                    line={"width": 4, "color": SERIES[sel], "dash": "solid" if sel == "top units" else "dash"},
-                )
+                    x=sub["top_percent"],
+                    y=sub[quality],
+                    mode="lines+markers",
+                    name=sel if sel == "top units" else "random units (first draw)",
+                    legendgroup=sel,
+                    showlegend=False,
+                    marker={"size": 12, "color": color},
+                    line=style,
+                    error_y=qerr,
+                    hovertemplate="k = %{x:g}%<br>%{y:.4g}<extra>" + sel + "</extra>",
+                ),
+                row=1,
+                col=2,
             )
-    fig.update_xaxes(
-        title={"fd": "Frechet distance (lower = better quality)", "class_acc": "class accuracy of samples"}.get(x, x)
+    tops = [
+        df[c].max() for c in ("extracted", "random_extracted_q95", "extracted_hi") if c in df and df[c].notna().any()
+    ]
+    ymax = float(max(tops)) if tops else 0.0
+    fig.update_yaxes(rangemode="tozero", range=[0, ymax * 1.1 + 1] if ymax > 0 else None, row=1, col=1)
+    fig.update_yaxes(rangemode="tozero", row=1, col=2)
+    for c in (1, 2):
+        fig.update_xaxes(title="units edited: top k% by UnitMem", tickvals=ks, ticksuffix="%", row=1, col=c)
+    if current_k is not None:
+        for c in (1, 2):
+            fig.add_vline(x=float(current_k), line_width=2, line_dash="dot", line_color="#333", row=1, col=c)
+        fig.add_annotation(
+            x=float(current_k),
+            y=1.0,
+            yref="paper",
+            xref="x",
+            text=f"your k = {float(current_k):g}%",
+            showarrow=False,
+            yshift=-4,
+            xanchor="left",
+            font={"size": FONT_SIZE - 3},
+        )
+    fig.update_annotations(font_size=FONT_SIZE)
+    return _layout(fig, title, height=430, legend={"orientation": "h", "y": -0.3})
+
+
+DOSE_SERIES = {
+    "unitmem": ("top units by UnitMem", SERIES["top units"], "solid"),
+    "random": ("random units (median of the draws)", SERIES["random units"], "dash"),
+    "union": ("union of the per-image minimal sets", "#009E73", "solid"),
+    "greedy": ("greedy cover (attribution-guided)", "#CC79A7", "dot"),
+}
+
+
+def dose_frame(res: Mapping) -> pd.DataFrame:
+    """One row per point of the dose-response curves of `dose.run_dose_response`: selection, n_units,
+    extracted (the random curve: the draws' median) and q05 / q95 (the random band)."""
+    rows = []
+    for name, pts in res.get("curves", {}).items():
+        for r in pts:
+            rows.append(
+                {
+                    "selection": name,
+                    "n_units": int(r["n_units"]),
+                    "extracted": float(r["extracted"]),
+                    "q05": r.get("q05"),
+                    "q95": r.get("q95"),
+                    "top_percent": r.get("top_percent"),
+                    "n_images": r.get("n_images"),
+                }
+            )
+    return pd.DataFrame(rows, columns=["selection", "n_units", "extracted", "q05", "q95", "top_percent", "n_images"])
+
+
+def dose_curve(df: pd.DataFrame, title: str, n_units_total: int) -> go.Figure:
+    """Copies still extracted against the number of units edited (log axis) for the four selections of `dose`,
+    the random curve with its shaded 5-95% band; the unedited model's count (n = 0) is a dotted line."""
+    fig = go.Figure()
+    d = df[df["n_units"] > 0]
+    n0 = df.loc[df["n_units"] == 0, "extracted"]
+    rnd = d[d["selection"] == "random"].sort_values("n_units")
+    if len(rnd) and rnd["q05"].notna().any():
+        r = rnd.dropna(subset=["q05"])
+        fig.add_trace(
+            go.Scatter(
+                x=list(r["n_units"]) + list(r["n_units"])[::-1],
+                y=list(r["q95"]) + list(r["q05"])[::-1],
+                mode="lines",
+                fill="toself",
+                fillcolor="rgba(230, 159, 0, 0.25)",
+                line={"width": 0},
+                hoverinfo="skip",
+                name="random units: 5-95% of the draws",
+            )
+        )
+    for name, (label, color, dash) in DOSE_SERIES.items():
+        sub = d[d["selection"] == name].sort_values("n_units")
+        if not len(sub):
+            continue
+        fig.add_trace(
+            go.Scatter(
+                x=sub["n_units"],
+                y=sub["extracted"],
+                customdata=100.0 * sub["n_units"] / max(1, n_units_total),
+                mode="lines+markers",
+                name=label,
+                marker={"size": 10, "color": color},
+                line={"width": 4, "color": color, "dash": dash},
+                hovertemplate="%{x} units (%{customdata:.2f}% of all)<br>%{y:g} copies still "
+                f"extracted<extra>{label}</extra>",
+            )
+        )
+    if len(n0):
+        fig.add_hline(
+            y=float(n0.iloc[0]),
+            line_dash="dot",
+            line_color="#333",
+            annotation_text=f"unedited: {float(n0.iloc[0]):g} copies",
+            annotation_position="bottom left",
+            annotation_font_size=FONT_SIZE - 3,
+        )
+    ymax = float(df["extracted"].max()) if len(df) else 1.0
+    fig.update_yaxes(title="copies still extracted", rangemode="tozero", range=[0, ymax * 1.08 + 0.5])
+    fig.update_xaxes(title=f"units edited (log scale; {n_units_total:,} units in all)", type="log")
+    return _layout(fig, title, height=460, legend={"orientation": "h", "y": -0.28})
+
+
+def _err(y, lo, hi, color: str) -> dict:
+    return {
+        "type": "data",
+        "symmetric": False,
+        "array": (pd.Series(hi).to_numpy(float) - pd.Series(y).to_numpy(float)).clip(min=0),
+        "arrayminus": (pd.Series(y).to_numpy(float) - pd.Series(lo).to_numpy(float)).clip(min=0),
+        "color": color,
+        "thickness": 2,
+    }
+
+
+def margin_chart(df: pd.DataFrame, title: str, measure: str) -> go.Figure:
+    """The margin view: per candidate (x, sorted by its margin before the edit) similarity minus threshold
+    before the edit and after it, with the random draws' 5-95% band; above 0 = extracted.
+
+    `df` is `intervention.margin_table(...)`: image_id, planted, count, margin_before, margin_after and
+    optionally margin_random_median / _q05 / _q95.
+    """
+    x = np.arange(len(df))
+    planted = df["planted"].to_numpy() == 1 if "planted" in df else np.zeros(len(df), bool)
+    label = [f"{i}" + (f" (planted {int(c)}x)" if p else "") for i, p, c in zip(df["image_id"], planted, df["count"])]
+    fig = go.Figure()
+    if "margin_random_q05" in df:
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=df["margin_random_median"],
+                mode="markers",
+                name="random draws: median, 5-95%",
+                marker={"size": 7, "color": SERIES["random units"], "symbol": "line-ew-open", "line": {"width": 3}},
+                error_y=_err(
+                    df["margin_random_median"], df["margin_random_q05"], df["margin_random_q95"], SERIES["random units"]
+                ),
+                text=label,
+                hovertemplate="%{text}<br>random draws: median %{y:.3f}<extra></extra>",
+            )
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=df["margin_before"],
+            mode="markers",
+            name="before the edit",
+            marker={"size": 9, "color": SERIES["held-out"], "symbol": np.where(planted, "diamond", "circle")},
+            text=label,
+            hovertemplate="%{text}<br>before: %{y:.3f}<extra></extra>",
+        )
     )
-    tops = [df[c].max() for c in (y, "random_extracted_max") if c in df and df[c].notna().any()]
-    top = float(max(tops)) if tops else 0.0
-    # room above the highest point (or range bar) for the k% labels, which sit above the markers
-    fig.update_yaxes(
-        title={"extracted": "images extracted"}.get(y, y),
-        rangemode="tozero",
-        range=[0, top * 1.15 + 1] if top > 0 else None,
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=df["margin_after"],
+            mode="markers",
+            name="after the edit (top units)",
+            marker={"size": 11, "color": SERIES["top units"], "symbol": np.where(planted, "diamond", "circle")},
+            text=label,
+            hovertemplate="%{text}<br>after: %{y:.3f}<extra></extra>",
+        )
     )
-    return _layout(fig, title, height=440, legend={"orientation": "h", "y": -0.25})
+    fig.add_hline(y=0, line_width=2, line_dash="dash", line_color="#333", annotation_text="threshold")
+    fig.update_xaxes(title="candidates, by margin before the edit (diamonds: planted duplicates)", showticklabels=False)
+    fig.update_yaxes(title=f"{measure} minus threshold")
+    return _layout(fig, title, height=400, legend={"orientation": "h", "y": -0.22})
 
 
 def before_after_bars(df: pd.DataFrame, title: str) -> go.Figure:
@@ -436,4 +642,10 @@ def to_png(chart, scale: float = 2.0) -> bytes:
         import vl_convert as vlc
     except ImportError as e:
         raise RuntimeError("PNG export of altair charts needs vl-convert (pip install vl-convert-python)") from e
+    import altair as alt
+
+    if getattr(chart, "width", alt.Undefined) is alt.Undefined:
+        # the app draws altair charts container-wide; a file has no container, so give it a slide's width
+        # (vega-lite's default would make a 6-block box plot about 250 px wide)
+        chart = chart.properties(width=PNG_WIDTH)
     return vlc.vegalite_to_png(chart.to_json(), scale=scale)

@@ -9,20 +9,32 @@
   models the grid rows of a pass that has them). `random_control` draws the same number of units in
   every block, uniformly and seeded: the control a careful researcher always runs. One draw is one
   sample of a random distribution (on the demo, single draws of the same size left 16 to 18 of 18 images
-  extracted), so the control is drawn several times (`random_draws`; 10 on demo and test models) and the
-  ranked edit is compared with all draws (`random_draw_stats`: mean, range, one-sided p-value).
+  extracted), so the control is drawn many times (`random_draws`; 20 on demo and test models, 1 on released
+  ones unless raised) and the ranked edit is compared with all draws (`random_draw_stats`: mean, range, 5-95%
+  band, the ranked edit's rank among them, one-sided p-value).
 - Edits (`make_edit`): a `hooks.UnitEdit` value, fc1 weight rows times a factor (paper: 0.5, biases
   unchanged), zeroing, or scaling the unit's output; optionally only one half of a CFG batch. Edits are
   applied with `hooks.edit(model, spec)`, a scoped context of this thread only: a shared model object is
   never modified (not even briefly), also with other sessions running or an exception inside.
+- Many edits at once (`measure_edits`): one batched attack in which every batch row carries its own edit
+  (`hooks.BatchedEdit`), on the unedited run's candidates, thresholds and decision measure: the ranked edit
+  and its 20 random draws, every k of a sweep, or any list of edits (dose-response curves, minimal-set
+  searches). It returns `EditScores` (scores [E, I, P], counts, decisions via `extraction.is_extracted`,
+  margins = similarity minus threshold, `margin_table` for the margin view); `bootstrap_counts` gives
+  intervals over the candidates.
 - Quality (`quality`): Frechet distance between samples and real reference images in a named feature
   space (the bundled ``demo-fashion-cnn`` offline, or Inception from the user's TorchScript file
   ``inception-2015-12-05.pt``: real FID), and the class accuracy of the samples by the bundled classifier
-  (demo and test models). Samples use the model's published sampling settings (registry ``sampling``).
-- `run_intervention`: extraction and quality before the edit, after it, and for the random control;
-  `run_sweep`: the trade-off curve over k (default 0, 1, 5, 10, 20%) for UnitMem-ranked and random units,
-  a table and a job in the store. Every extraction and quality number is its own stored job, so a sweep
-  that is interrupted resumes where it stopped and shares the unedited numbers with every other run.
+  (demo and test models), each with a bootstrap interval (`quality_estimate`). Samples use the model's
+  published sampling settings (registry ``sampling``) and are drawn in blocks of `QUALITY_BLOCK` seeded by
+  their first index, so the first n samples of a run are those of any smaller run: a first estimate on 200
+  samples is refined to 1000, never redrawn. `quality_many` samples several edits in one batched pass.
+- `run_intervention`: extraction and quality before the edit, after it, and for the random control, in
+  stages (extraction, first estimate, full; `on_stage`); `start_measurement` runs it as the app's job, whose
+  checkpoint holds the latest stage. `run_sweep`: the trade-off curve over k (default 0, 1, 5, 10, 20%) for
+  UnitMem-ranked and random units, every k and its draws in one batched attack, a table and a job in the
+  store. The unedited attack and the unedited model's quality samples are stored once per model and
+  shared by every measurement (`read_stores` adds read-only stores such as the app's shipped results).
 
 Example:
     >>> units = select_units(unitmem_result, top_percent=10)            # {block: (unit, ...)}
@@ -34,9 +46,11 @@ Example:
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -48,8 +62,9 @@ from iarmem_core.hooks import UnitEdit
 
 QUALITY_KIND = "quality"
 SWEEP_KIND = "intervention-sweep"
-QUALITY_VERSION = "1"  # the quality job's code version (part of its store key)
-SWEEP_VERSION = "2"  # 2: random-control draws in every row
+QUALITY_VERSION = "2"  # 2: blocks of QUALITY_BLOCK, features and predictions stored, bootstrap intervals
+SWEEP_VERSION = "3"  # 3: every k and its random draws in one batched attack; 20 draws
+DEFAULT_RANDOM_DRAWS = 20  # random-control draws on demo and test models
 RANKINGS = ("global", "per_block", "per_group")
 DEFAULT_TOP_PERCENTS = (0, 1, 5, 10, 20)
 # the paper's edit, and what the CLI and the app start from
@@ -59,6 +74,13 @@ DEFAULT_OP = "fc1_scale"
 DEFAULT_RANKING = "global"
 DEFAULT_COMBINE = "generated"  # each unit's max over the groups the attack generates; "max": over all scales
 DEFAULT_N_SAMPLES = 1000  # samples for FD and class accuracy
+DEFAULT_N_FIRST = 200  # samples of a first quality estimate (refined to DEFAULT_N_SAMPLES in the background)
+QUALITY_BLOCK = 200  # quality samples are drawn in blocks of 200, block [a, b) seeded seed + a (sample_features):
+# a first estimate is one generate call (on 2 CPU cores a call of 200 samples costs per sample a third of one of 50)
+MAX_ROWS_PER_BATCH = 1024  # (edit, candidate) rows per generation batch of measure_edits on demo and test models
+CI_LEVEL = 0.95  # bootstrap intervals
+N_BOOT_FD = 200  # bootstrap resamples of an FD (an eigen-decomposition each)
+N_BOOT_COUNTS = 2000  # bootstrap resamples of the candidates for counts (cheap)
 SAMPLING_KEYS = ("cfg", "top_k", "top_p", "temperature")
 FAMILY_SAMPLING_KEYS = {"rar": ("cfg_power",), "llamagen": ("cfg_interval",), "var": ()}
 N_KEEP_SAMPLES = 16  # samples kept with a quality result (a glimpse; sample_pair makes more in-process)
@@ -162,19 +184,23 @@ def random_control(
 
 
 def default_random_draws(adapter: IARAdapter, requested: int | None = None) -> int:
-    """Random-control draws: `requested`, or when None 10 on demo and test models (one extraction run takes
-    seconds there) and 1 on released models (every draw is one more full extraction run)."""
+    """Random-control draws: `requested`, or when None `DEFAULT_RANDOM_DRAWS` (20) on demo and test models (the
+    draws run in one batched attack, `measure_edits`) and 1 on released models (each draw is one more full
+    attack on a large model; raise it with `random_draws` / `--random-draws`)."""
     if requested is not None:
         return int(requested)
-    return 10 if adapter.spec.kind in ("demo", "test") else 1
+    return DEFAULT_RANDOM_DRAWS if adapter.spec.kind in ("demo", "test") else 1
 
 
 def random_draw_stats(ranked_after: int, draws_after: Sequence[int]) -> dict:
     """How the ranked edit's extraction count compares with `draws_after`, the counts after random draws.
 
-    p_value = (1 + #draws that left at most as many images extracted) / (draws + 1): the chance, if the ranking
-    were no better than random units, that a random draw removes at least as much (one-sided, exact for
-    exchangeable draws; its smallest value is 1 / (draws + 1), so 10 draws can show p = 0.09 at best).
+    - p_value = (1 + #draws that left at most as many images extracted) / (draws + 1): the chance, if the
+      ranking were no better than random units, that a random draw removes at least as much (one-sided,
+      exact for exchangeable draws; its smallest value is 1 / (draws + 1): 20 draws can show p = 0.048).
+    - rank: the ranked edit's place among itself and the draws, ordered by images left extracted (1 = it
+      left the fewest); a tie takes the best place, and `ties` says how many draws tie with it.
+    - extracted_after_q05 / _q95: the 5% and 95% quantiles of the draws (linear interpolation): the band.
     """
     d = np.asarray(list(draws_after), dtype=np.int64)
     if d.size == 0:
@@ -185,7 +211,11 @@ def random_draw_stats(ranked_after: int, draws_after: Sequence[int]) -> dict:
         "extracted_after_mean": float(d.mean()),
         "extracted_after_min": int(d.min()),
         "extracted_after_max": int(d.max()),
+        "extracted_after_q05": float(np.quantile(d, 0.05)),
+        "extracted_after_q95": float(np.quantile(d, 0.95)),
         "p_value": float((1 + (d <= ranked_after).sum()) / (d.size + 1)),
+        "rank": int(1 + (d < ranked_after).sum()),
+        "ties": int((d == ranked_after).sum()),
     }
 
 
@@ -196,9 +226,10 @@ def target_selectivity(
     """[L, U] how much more each unit fires for the target images than for the rest: (m_t - m_r) / (m_t + m_r).
 
     m = the mean over images of the unit's mean |activation| over all token positions, teacher-forced, one
-    view per image. This is a diagnostic that needs ground truth (the demo's planted images): the units an
-    oracle would edit. If editing even these barely changes extraction, the memorization is spread over many
-    units in this model, and no ranking of single units can remove it with a small edit.
+    view per image. This group-selectivity diagnostic needs ground truth (the demo's planted images). It is
+    neither an oracle nor an upper bound on what an edit of k% can do: it ranks units by how they fire for the
+    planted group as a whole, while each copy is carried by its own set of units (`localize`: the per-image
+    minimal sets, and `dose` for their union and a greedy cover, remove far more copies with fewer units).
     """
     target = np.asarray(target_N, dtype=bool)
     if target.shape != (len(image_set),) or not target.any() or target.all():
@@ -355,60 +386,226 @@ def reference_features(space, reference_set: data.ImageSet, size: int) -> torch.
     return _REF_CACHE[key]
 
 
-def _quality_fn(adapter, edit, n_samples, feature_space, reference_set, seed, sampling, batch_size):
-    def fn(ctx) -> tuple[dict, dict]:
-        from iarmem_core import metrics
+def quality_labels(adapter: IARAdapter, n: int) -> torch.Tensor:
+    """The classes of quality samples 0..n-1: class-balanced, sample i has class i mod num_classes."""
+    return torch.arange(int(n)) % adapter.num_classes
 
-        t0 = time.perf_counter()
-        space = _space(feature_space, adapter)
-        labels = torch.arange(n_samples) % adapter.num_classes  # class-balanced
-        events: list = []
 
-        def on_batch(i: int, j: int) -> None:
-            ctx.check()
-            ctx.progress(0.9 * j / n_samples, f"sampling {j}/{n_samples}")
+@dataclass
+class SampleFeatures:
+    """What quality needs of samples 0..n-1 of one edit: features [n, D] (float32) in the feature space, the
+    bundled classifier's predicted class [n] (None without a classifier) and the asked-for classes [n]."""
 
-        samples = generate_images(
-            adapter,
-            labels,
-            edit,
-            seed=seed,
-            batch_size=batch_size,
-            sampling=sampling,
-            on_batch=on_batch,
-            oom_events=events,
+    features_ND: np.ndarray
+    predictions_N: np.ndarray | None
+    labels_N: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.features_ND.shape[0])
+
+    def head(self, n: int) -> SampleFeatures:
+        """Samples 0..n-1 (the first estimate of a larger run: the same samples, see `QUALITY_BLOCK`)."""
+        if n > self.n:
+            raise ValueError(f"asked for the first {n} samples of {self.n}")
+        p = None if self.predictions_N is None else self.predictions_N[:n]
+        return SampleFeatures(self.features_ND[:n], p, self.labels_N[:n])
+
+    def extend(self, more: SampleFeatures) -> SampleFeatures:
+        p = None if self.predictions_N is None else np.concatenate([self.predictions_N, more.predictions_N])
+        return SampleFeatures(
+            np.concatenate([self.features_ND, more.features_ND]), p, np.concatenate([self.labels_N, more.labels_N])
         )
-        t_gen = time.perf_counter() - t0
-        ctx.progress(0.9, "features")
-        ref = reference_features(space, reference_set, adapter.image_size)
-        feats = space.features(samples)
-        fd = metrics.frechet_result(space, feats, ref)
-        clf = _classifier(adapter, space)
-        acc = metrics.class_accuracy(clf, samples, labels) if clf is not None else None
-        meta = {
-            "fd": fd.value,
-            "fd_metric": fd.metric,
-            "feature_space": fd.feature_space,
-            "comparable_to_published_fid": fd.comparable_to_published_fid,
-            "class_acc": acc,
-            "classifier": "bundled demo-fashion-cnn head" if acc is not None else None,
-            "n_samples": int(n_samples),
-            "n_reference": int(ref.shape[0]),
-            "reference": reference_set.name,
-            "sampling": sampling_kwargs(adapter, sampling),
-            "seed": int(seed),
-            "edit": edit.to_dict() if edit is not None else None,
-            "oom_events": events,
-            "timings": {"sampling_s": round(t_gen, 3), "total_s": round(time.perf_counter() - t0, 3)},
-        }
-        keep = samples[:N_KEEP_SAMPLES]
-        arrays = {
-            "samples_BHW3": (keep.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(),
-            "sample_labels": labels[:N_KEEP_SAMPLES].numpy(),
-        }
-        return arrays, meta
 
-    return fn
+    def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+        out = {f"{prefix}features_ND": self.features_ND, f"{prefix}labels_N": self.labels_N}
+        if self.predictions_N is not None:
+            out[f"{prefix}predictions_N"] = self.predictions_N
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], prefix: str = "") -> SampleFeatures:
+        return cls(
+            np.asarray(arrays[f"{prefix}features_ND"], np.float32),
+            None if f"{prefix}predictions_N" not in arrays else np.asarray(arrays[f"{prefix}predictions_N"]),
+            np.asarray(arrays[f"{prefix}labels_N"]),
+        )
+
+    @classmethod
+    def empty(cls, dim: int, with_predictions: bool) -> SampleFeatures:
+        return cls(np.zeros((0, dim), np.float32), np.zeros(0, np.int64) if with_predictions else None, np.zeros(0))
+
+
+@torch.no_grad()
+def sample_features(
+    adapter: IARAdapter,
+    edits: Sequence[UnitEdit | None],
+    start: int,
+    stop: int,
+    *,
+    space,
+    classifier=None,
+    seed: int = 0,
+    sampling: Mapping | None = None,
+    batched: bool = True,
+    on_block: Callable[[int], None] | None = None,
+    check: Callable[[], None] | None = None,
+    keep: int = 0,
+) -> tuple[list[SampleFeatures], list[torch.Tensor]]:
+    """Quality samples [start, stop) of every edit in `edits`: (features per edit, the first `keep` images).
+
+    Samples are drawn in blocks of `QUALITY_BLOCK`: block [a, b) is one generate call seeded ``seed + a``
+    (classes `quality_labels`), so a result never depends on a batch size and the first n samples of a
+    larger run are exactly the n samples of a smaller one (a first estimate is refined, never redrawn).
+    `start` must be a multiple of `QUALITY_BLOCK`.
+
+    `batched=True` generates a block for all E edits in one pass (`hooks.BatchedEdit`: E x block rows), which
+    is what makes many small estimates cheap; the sampler's noise of a row depends on its place in the batch,
+    so an edit's samples are then other draws from the same distribution than those of the one-edit path
+    (with greedy decoding they are the same). `batched=False` runs each edit on its own: the one-edit path,
+    whose samples share the noise of the unedited model's (same seed, same block): a paired comparison.
+    """
+    if start % QUALITY_BLOCK:
+        raise ValueError(f"start must be a multiple of QUALITY_BLOCK={QUALITY_BLOCK}, got {start}")
+    kw = sampling_kwargs(adapter, sampling)
+    labels = quality_labels(adapter, stop)
+    E = len(edits)
+    parts: list[list[tuple[np.ndarray, np.ndarray | None]]] = [[] for _ in range(E)]
+    kept: list[list[torch.Tensor]] = [[] for _ in range(E)]
+
+    def embed(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        f = space.features(images).float().cpu().numpy()
+        p = None
+        if classifier is not None:
+            dev = next(classifier.parameters()).device
+            p = torch.cat([classifier(x.to(dev)).argmax(1).cpu() for x in images.split(256)]).numpy()
+        return f, p
+
+    groups = [list(range(E))] if batched and E > 1 else [[e] for e in range(E)]
+    for a in range(start, stop, QUALITY_BLOCK):
+        b = min(stop, a + QUALITY_BLOCK)
+        for group in groups:
+            if check is not None:
+                check()
+            if len(group) == 1:
+                spec, lab = edits[group[0]], labels[a:b]
+            else:
+                spec = hooks.BatchedEdit.tiled([edits[e] for e in group], b - a)
+                lab = labels[a:b].repeat(len(group))
+            with hooks.edit(adapter.transformer, spec):
+                toks = adapter.generate(lab, seed=seed + a, kv_cache=True, **kw)
+            imgs = adapter.decode(toks).float().cpu().clamp(0, 1)
+            for gi, e in enumerate(group):
+                x = imgs[gi * (b - a) : (gi + 1) * (b - a)]
+                parts[e].append(embed(x))
+                have = sum(t.shape[0] for t in kept[e])
+                if have < keep:
+                    kept[e].append(x[: keep - have])
+        if on_block is not None:
+            on_block(b)
+    out = []
+    for e in range(E):
+        feats = np.concatenate([f for f, _ in parts[e]]).astype(np.float32)
+        preds = None if classifier is None else np.concatenate([p for _, p in parts[e]]).astype(np.int64)
+        out.append(SampleFeatures(feats, preds, labels[start:stop].numpy()))
+    imgs = [torch.cat(k) if k else torch.zeros(0, 3, adapter.image_size, adapter.image_size) for k in kept]
+    return out, imgs
+
+
+_THREADS_MU = threading.Lock()
+
+
+@contextmanager
+def _one_thread():
+    """Small dense linear algebra (D x D covariances, D ~ 128) in one thread: on a busy machine a second
+    thread's synchronisation costs 100x the work (an eigendecomposition took 1.3 s with 2 threads, 7 ms with 1).
+    The thread count is process-wide, so it is restored at once, under a lock."""
+    with _THREADS_MU:
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(n)
+
+
+class _FDRef:
+    """The reference side of the Frechet distance, precomputed once for bootstrap resamples of the samples."""
+
+    def __init__(self, ref_MD: torch.Tensor):
+        r = torch.as_tensor(ref_MD).double().cpu()
+        self.mu = r.mean(0)
+        self.cov = torch.cov(r.T)
+        w, v = torch.linalg.eigh(self.cov)
+        self.sqrt = (v * w.clamp(min=0).sqrt()) @ v.T  # cov^(1/2), symmetric
+
+    def distance(self, x_ND) -> float:
+        """||mu_x - mu_r||^2 + tr(S_x) + tr(S_r) - 2 tr((S_r^1/2 S_x S_r^1/2)^1/2): the same Gaussian
+        Frechet distance as `metrics.frechet_distance` (which is the reported value), in float64."""
+        x = torch.as_tensor(x_ND).double()
+        cov = torch.cov(x.T)
+        m = self.sqrt @ cov @ self.sqrt
+        tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+        d = float(((x.mean(0) - self.mu) ** 2).sum() + cov.trace() + self.cov.trace() - 2 * tr_sqrt)
+        return max(d, 0.0)
+
+
+def _percentile_interval(values, level: float = CI_LEVEL) -> list[float]:
+    lo, hi = np.quantile(np.asarray(values, np.float64), [(1 - level) / 2, (1 + level) / 2])
+    return [float(lo), float(hi)]
+
+
+def quality_estimate(
+    samples: SampleFeatures,
+    reference_MD: torch.Tensor | np.ndarray,
+    space,
+    *,
+    n: int | None = None,
+    n_boot: int = N_BOOT_FD,
+    seed: int = 0,
+) -> dict:
+    """FD and class accuracy of the first `n` samples (all when None), each with a bootstrap interval.
+
+    - fd: `metrics.frechet_result` of the samples' features against the reference features.
+    - fd_interval: the spread of FD over `n_boot` bootstrap resamples of the samples (the reference fixed),
+      its 2.5-97.5% range centred on the estimate: fd + (q - median of the resampled FDs). Resampling with
+      replacement repeats samples, which shrinks the covariance and shifts every resampled FD upwards (by
+      about as much as FD itself at a few hundred samples), so only the spread of the resamples is used.
+      FD depends on the sample size: compare only numbers of the same n.
+    - class_acc and class_acc_interval: the fraction of samples the bundled classifier assigns to their class,
+      percentile bootstrap interval over the same resamples (None without a classifier).
+    """
+    from iarmem_core import metrics
+
+    s = samples if n is None else samples.head(n)
+    ref = reference_MD if isinstance(reference_MD, torch.Tensor) else torch.as_tensor(reference_MD)
+    rng = np.random.default_rng([int(seed), s.n])
+    idx_BN = rng.integers(0, s.n, size=(int(n_boot), s.n))
+    feats = torch.as_tensor(s.features_ND).double()
+    with _one_thread():
+        fd = metrics.frechet_result(space, torch.as_tensor(s.features_ND), ref)
+        fref = _FDRef(ref)
+        boot = np.array([fref.distance(feats[torch.as_tensor(i)]) for i in idx_BN])
+    q_lo, q_hi = _percentile_interval(boot)
+    med = float(np.median(boot))
+    out = {
+        "fd": fd.value,
+        "fd_metric": fd.metric,
+        "feature_space": fd.feature_space,
+        "comparable_to_published_fid": fd.comparable_to_published_fid,
+        "fd_interval": [max(0.0, fd.value + q_lo - med), fd.value + q_hi - med],
+        "n_samples": s.n,
+        "n_reference": int(ref.shape[0]),
+        "class_acc": None,
+        "class_acc_interval": None,
+        "interval": f"{int(round(100 * CI_LEVEL))}% bootstrap over the {s.n} samples ({int(n_boot)} resamples; "
+        "FD: the resamples' spread centred on the estimate, reference fixed; class accuracy: percentile)",
+    }
+    if s.predictions_N is not None:
+        correct = (s.predictions_N == s.labels_N).astype(np.float64)
+        out["class_acc"] = float(correct.mean())
+        out["class_acc_interval"] = _percentile_interval(correct[idx_BN].mean(1))
+    return out
 
 
 def _space_id(feature_space) -> str | None:
@@ -422,47 +619,14 @@ def _space_id(feature_space) -> str | None:
     return f"inception:{checkpoints.file_fingerprint(feature_space)}"
 
 
-def quality(
-    adapter: IARAdapter,
-    edit: UnitEdit | None = None,
-    *,
-    n_samples: int = 1000,
-    feature_space=None,
-    reference_set: data.ImageSet | None = None,
-    seed: int = 0,
-    sampling: Mapping | None = None,
-    batch_size: int = 64,
-    store=None,
-    on_progress=None,
-    force: bool = False,
-) -> dict:
-    """{"fd", "fd_metric", "class_acc", "feature_space", "n_samples", ...} of class-balanced samples.
-
-    `feature_space`: None / "demo-fashion-cnn" (bundled), a FeatureSpace, or the path of NVIDIA's
-    TorchScript ``inception-2015-12-05.pt`` (real FID; no other format is accepted). `reference_set`:
-    real images (default: the demo's held-out split). With a `store` the result is a job in it (kind
-    ``quality``), cached by everything that determines it.
-    """
-    if n_samples < 2:
-        raise ValueError(f"n_samples must be >= 2 for a covariance, got {n_samples}")
+def quality_spec(
+    adapter: IARAdapter, edit: UnitEdit | None, *, n_samples, feature_space, reference_set, seed, sampling
+):
+    """Everything that determines a `quality` result (its store key is ``store.key(QUALITY_KIND, spec,
+    QUALITY_VERSION)``)."""
     ref = reference_set if reference_set is not None else default_reference_set(adapter)
     edit = edit if edit is not None and edit.n_units else None
-    fn = _quality_fn(adapter, edit, n_samples, feature_space, ref, seed, sampling, batch_size)
-    if store is None:
-
-        class _Ctx:  # in-process run without a store: no checkpoints, no cancel
-            resume_state = None
-
-            def check(self):
-                return None
-
-            def progress(self, f, m=""):
-                if on_progress is not None:
-                    on_progress(f, m)
-
-        arrays, meta = fn(_Ctx())
-        return dict(meta)
-    spec = {
+    return {
         "model": adapter.identity,
         "dtype": str(adapter.dtype),
         "edit": edit.to_dict() if edit else None,
@@ -471,19 +635,617 @@ def quality(
         "reference": data.data_fingerprint(ref),
         "seed": int(seed),
         "sampling": sampling_kwargs(adapter, sampling),
+        "block": QUALITY_BLOCK,
     }
-    _, meta = jobs.run_job(
-        QUALITY_KIND, spec, fn, store=store, version=QUALITY_VERSION, force=force, on_progress=on_progress
+
+
+def _quality_result(adapter, edit, samples: SampleFeatures, images, space, reference_set, seed, sampling, extra):
+    """(arrays, meta) of a quality result from its samples' features (the stored form)."""
+    ref = reference_features(space, reference_set, adapter.image_size)
+    est = quality_estimate(samples, ref, space, seed=seed)
+    meta = {
+        **est,
+        "classifier": "bundled demo-fashion-cnn head" if est["class_acc"] is not None else None,
+        "reference": reference_set.name,
+        "sampling": sampling_kwargs(adapter, sampling),
+        "seed": int(seed),
+        "edit": edit.to_dict() if edit is not None else None,
+        "how": f"class-balanced samples (sample i has class i mod {adapter.num_classes}) in blocks of "
+        f"{QUALITY_BLOCK}, block [a, b) seeded seed + a, with the model's published sampling settings",
+        **extra,
+    }
+    keep = images[:N_KEEP_SAMPLES]
+    arrays = {
+        **samples.to_arrays(),
+        "samples_BHW3": (keep.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(),
+        "sample_labels": quality_labels(adapter, keep.shape[0]).numpy(),
+    }
+    return arrays, meta
+
+
+def _quality_fn(adapter, edit, n_samples, feature_space, reference_set, seed, sampling, on_first):
+    def fn(ctx) -> tuple[dict, dict]:
+        t0 = time.perf_counter()
+        space = _space(feature_space, adapter)
+        clf = _classifier(adapter, space)
+        acc = SampleFeatures.empty(space.dim, clf is not None)
+        imgs = torch.zeros(0, 3, adapter.image_size, adapter.image_size)
+        start = 0
+        if ctx.resume_state is not None:
+            arrays, st_meta = ctx.resume_state
+            acc = SampleFeatures.from_arrays(arrays)
+            start = acc.n
+            imgs = torch.as_tensor(arrays["keep_B3HW"]) if "keep_B3HW" in arrays else imgs
+        events: list = []
+        first = [on_first is not None and start < (on_first[0] if on_first else 0)]
+
+        def work(i: int, j: int) -> None:
+            nonlocal acc, imgs
+            got, kept = sample_features(
+                adapter,
+                [edit],
+                i,
+                j,
+                space=space,
+                classifier=clf,
+                seed=seed,
+                sampling=sampling,
+                keep=max(0, N_KEEP_SAMPLES - imgs.shape[0]),
+            )
+            acc, imgs = acc.extend(got[0]), torch.cat([imgs, kept[0]])
+            if first[0] and acc.n >= on_first[0]:
+                first[0] = False
+                ref = reference_features(space, reference_set, adapter.image_size)
+                on_first[1](quality_estimate(acc, ref, space, n=on_first[0], seed=seed), acc.head(on_first[0]))
+
+        jobs.run_batches(
+            ctx,
+            n_samples,
+            QUALITY_BLOCK,
+            work,
+            start=start,
+            events=events,
+            align=QUALITY_BLOCK,
+            what="sampling block",
+            progress=lambda j: (0.95 * j / n_samples, f"sampling {j}/{n_samples}"),
+            save=lambda j: ({**acc.to_arrays(), "keep_B3HW": imgs.numpy()}, {"n": acc.n}),
+        )
+        ctx.progress(0.95, "features")
+        timings = {"total_s": round(time.perf_counter() - t0, 3), "resumed_at": int(start)}
+        return _quality_result(
+            adapter, edit, acc, imgs, space, reference_set, seed, sampling, {"oom_events": events, "timings": timings}
+        )
+
+    return fn
+
+
+class _InlineCtx:
+    """A job context for in-process runs without a store: no checkpoints, progress to a callback."""
+
+    resume_state = None
+    store = None
+
+    def __init__(self, on_progress=None, check=None):
+        self._on_progress, self._check = on_progress, check
+
+    def check(self) -> None:
+        if self._check is not None:
+            self._check()
+
+    def progress(self, f: float, m: str = "") -> None:
+        if self._on_progress is not None:
+            self._on_progress(f, m)
+
+    def checkpoint(self, arrays, meta=None) -> None:
+        return None
+
+
+def _find(key: str, store, read_stores: Sequence = ()):
+    """The store holding a complete result under `key`: `store` first, then `read_stores` (e.g. the app's
+    shipped results); None if none has it."""
+    for s in (store, *read_stores):
+        if s is not None and s.exists(key):
+            return s
+    return None
+
+
+def quality(
+    adapter: IARAdapter,
+    edit: UnitEdit | None = None,
+    *,
+    n_samples: int = DEFAULT_N_SAMPLES,
+    feature_space=None,
+    reference_set: data.ImageSet | None = None,
+    seed: int = 0,
+    sampling: Mapping | None = None,
+    store=None,
+    read_stores: Sequence = (),
+    on_progress=None,
+    on_first: tuple[int, Callable[[dict, SampleFeatures], None]] | None = None,
+    force: bool = False,
+    with_samples: bool = False,
+) -> dict:
+    """{"fd", "fd_interval", "fd_metric", "class_acc", "class_acc_interval", "feature_space", "n_samples",
+    ...} of class-balanced samples of the model with `edit` (see `quality_estimate` for the intervals).
+
+    `feature_space`: None / "demo-fashion-cnn" (bundled), a FeatureSpace, or the path of NVIDIA's
+    TorchScript ``inception-2015-12-05.pt`` (real FID; no other format is accepted). `reference_set`:
+    real images (default: the demo's held-out split). With a `store` the result is a job in it (kind
+    ``quality``), cached by everything that determines it (`quality_spec`); `read_stores` are searched too.
+    `on_first=(n, fn)` calls ``fn(estimate, samples)`` once the first n samples are measured (a progressive
+    first estimate; not called when the result is already stored). `with_samples` adds "samples": the
+    `SampleFeatures` (for estimates on the first n of them).
+    """
+    if n_samples < 2:
+        raise ValueError(f"n_samples must be >= 2 for a covariance, got {n_samples}")
+    ref = reference_set if reference_set is not None else default_reference_set(adapter)
+    edit = edit if edit is not None and edit.n_units else None
+    fn = _quality_fn(adapter, edit, n_samples, feature_space, ref, seed, sampling, on_first)
+    if store is None:
+        arrays, meta = fn(_InlineCtx(on_progress))
+        out = dict(meta)
+    else:
+        spec = quality_spec(
+            adapter,
+            edit,
+            n_samples=n_samples,
+            feature_space=feature_space,
+            reference_set=ref,
+            seed=seed,
+            sampling=sampling,
+        )
+        key = store.key(QUALITY_KIND, spec, QUALITY_VERSION)
+        src = None if force else _find(key, store, read_stores)
+        if src is not None:
+            arrays, meta = src.load(key)
+        else:
+            arrays, meta = jobs.run_job(
+                QUALITY_KIND, spec, fn, store=store, version=QUALITY_VERSION, force=force, on_progress=on_progress
+            )
+        out = {**meta, "store_key": key}
+    if with_samples:
+        out["samples"] = SampleFeatures.from_arrays(arrays)
+    return out
+
+
+def quality_many(
+    adapter: IARAdapter,
+    edits: Sequence[UnitEdit | None],
+    *,
+    n_samples: int = DEFAULT_N_FIRST,
+    feature_space=None,
+    reference_set: data.ImageSet | None = None,
+    seed: int = 0,
+    sampling: Mapping | None = None,
+    batched: bool = True,
+    n_boot: int = N_BOOT_FD,
+    on_progress=None,
+    check=None,
+) -> list[dict]:
+    """`quality` of several edits from one batched sampling pass (in-process, not stored): one dict per edit
+    with fd, fd_interval, class_acc, class_acc_interval, n_samples and "samples" (its `SampleFeatures`).
+
+    The rows of a generate call carry all E edits (`sample_features` with ``batched=True``), so E estimates of
+    n samples cost about one sampling of E x n images with few calls: the dose-response and random-draw
+    quality spreads. The samples are other draws than `quality` makes for the same edit (same distribution);
+    `batched=False` gives the one-edit path's samples (E separate passes).
+    """
+    ref_set = reference_set if reference_set is not None else default_reference_set(adapter)
+    space = _space(feature_space, adapter)
+    clf = _classifier(adapter, space)
+    got, _ = sample_features(
+        adapter,
+        list(edits),
+        0,
+        int(n_samples),
+        space=space,
+        classifier=clf,
+        seed=seed,
+        sampling=sampling,
+        batched=batched,
+        check=check,
+        on_block=None if on_progress is None else lambda j: on_progress(j / n_samples, f"sampling {j}/{n_samples}"),
     )
-    return {**meta, "store_key": store.key(QUALITY_KIND, spec, QUALITY_VERSION)}
+    ref = reference_features(space, ref_set, adapter.image_size)
+    return [{**quality_estimate(g, ref, space, n_boot=n_boot, seed=seed), "samples": g} for g in got]
 
 
 # ---------------------------------------------------------------------------------------------------
-# 4. One intervention, and the sweep
+# 4. Many edits in one batched attack
+@dataclass
+class EditScores:
+    """The extraction attack on the same candidates before any edit and after each of E edits.
+
+    `scores[m]` is float32 [E, I, P]: similarity `m` of candidate i at prefix p after edit e; `before[m]` is
+    [I, P], the unedited attack (the base result's rows). The decision measure and the thresholds per prefix
+    are the unedited result's, so every count here is comparable with it; every decision goes through
+    `extraction.is_extracted`. Candidate columns: image_id, label, planted (1/0, -1 unknown), count.
+    """
+
+    scores: dict[str, np.ndarray]
+    before: dict[str, np.ndarray]
+    image_id: np.ndarray
+    label: np.ndarray
+    planted: np.ndarray
+    count: np.ndarray
+    prefixes: list[int]
+    similarity: str
+    thresholds: dict[str, dict[int, float]]
+    edits: list[dict | None]
+    planted_counts_in_data: dict[str, int]
+    meta: dict
+
+    @property
+    def n_edits(self) -> int:
+        return len(self.edits)
+
+    @property
+    def n_candidates(self) -> int:
+        return int(self.image_id.shape[0])
+
+    def _pick(self, similarity, threshold, prefix) -> tuple[str, int, float]:
+        from iarmem_core import metrics
+
+        m = metrics.canonical_measure(similarity or self.similarity)
+        if m not in self.scores:
+            raise ValueError(f"{m!r} was not measured here; measures: {', '.join(self.scores)}")
+        p = int(prefix if prefix is not None else self.prefixes[0])
+        if p not in self.prefixes:
+            raise ValueError(f"prefix {p} not in {self.prefixes}")
+        t = float(self.thresholds[m][p]) if threshold is None else float(threshold)
+        return m, self.prefixes.index(p), t
+
+    def threshold(self, similarity: str | None = None, prefix: int | None = None) -> float:
+        return self._pick(similarity, None, prefix)[2]
+
+    def extracted(self, similarity=None, threshold=None, prefix=None) -> np.ndarray:
+        """Bool [E, I]: candidate i extracted after edit e (`extraction.is_extracted`)."""
+        m, pi, t = self._pick(similarity, threshold, prefix)
+        return extraction.is_extracted(self.scores[m][:, :, pi], t)
+
+    def extracted_before(self, similarity=None, threshold=None, prefix=None) -> np.ndarray:
+        """Bool [I]: extracted by the unedited attack."""
+        m, pi, t = self._pick(similarity, threshold, prefix)
+        return extraction.is_extracted(self.before[m][:, pi], t)
+
+    def counts(self, similarity=None, threshold=None, prefix=None) -> np.ndarray:
+        """Int [E]: candidates extracted after each edit."""
+        return self.extracted(similarity, threshold, prefix).sum(1)
+
+    def margins(self, similarity=None, threshold=None, prefix=None) -> np.ndarray:
+        """Float [E, I]: similarity minus threshold after each edit (> 0: extracted)."""
+        m, pi, t = self._pick(similarity, threshold, prefix)
+        return self.scores[m][:, :, pi].astype(np.float64) - float(np.float32(t))
+
+    def margins_before(self, similarity=None, threshold=None, prefix=None) -> np.ndarray:
+        m, pi, t = self._pick(similarity, threshold, prefix)
+        return self.before[m][:, pi].astype(np.float64) - float(np.float32(t))
+
+    def planted_summary(self, ext_I: np.ndarray) -> dict:
+        """extracted_planted and recall_planted_max_count of one bool [I] decision (None without ground truth)."""
+        if not self.planted_counts_in_data:
+            return {"extracted_planted": None, "recall_planted_max_count": None}
+        hit = ext_I & (self.planted == 1)
+        top = max(self.planted_counts_in_data, key=int)
+        n_top = self.planted_counts_in_data[top]
+        rec = float((hit & (self.count == int(top))).sum() / n_top) if n_top else None
+        return {"extracted_planted": int(hit.sum()), "recall_planted_max_count": rec}
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        out = {f"after_{m}_EIP": v for m, v in self.scores.items()}
+        out.update({f"before_{m}_IP": v for m, v in self.before.items()})
+        out.update(image_id=self.image_id, label=self.label, planted=self.planted, count=self.count)
+        return out
+
+    def to_meta(self) -> dict:
+        return {
+            "prefixes": self.prefixes,
+            "similarity": self.similarity,
+            "thresholds": {m: {str(p): t for p, t in d.items()} for m, d in self.thresholds.items()},
+            "edits": self.edits,
+            "planted_counts_in_data": self.planted_counts_in_data,
+            **self.meta,
+        }
+
+    @classmethod
+    def from_stored(cls, arrays: Mapping[str, np.ndarray], meta: Mapping) -> EditScores:
+        ms = [k[len("after_") : -len("_EIP")] for k in arrays if k.startswith("after_") and k.endswith("_EIP")]
+        rest = {k: v for k, v in meta.items() if k not in ("prefixes", "similarity", "thresholds", "edits")}
+        rest.pop("planted_counts_in_data", None)
+        return cls(
+            scores={m: np.asarray(arrays[f"after_{m}_EIP"]) for m in ms},
+            before={m: np.asarray(arrays[f"before_{m}_IP"]) for m in ms},
+            image_id=np.asarray(arrays["image_id"]).astype(str),
+            label=np.asarray(arrays["label"]),
+            planted=np.asarray(arrays["planted"]),
+            count=np.asarray(arrays["count"]),
+            prefixes=[int(p) for p in meta["prefixes"]],
+            similarity=meta["similarity"],
+            thresholds={m: {int(p): float(t) for p, t in d.items()} for m, d in meta["thresholds"].items()},
+            edits=list(meta["edits"]),
+            planted_counts_in_data=dict(meta.get("planted_counts_in_data") or {}),
+            meta=rest,
+        )
+
+
+def base_extraction(
+    adapter: IARAdapter,
+    image_set: data.ImageSet,
+    extraction_cfg: extraction.ExtractionConfig | None = None,
+    *,
+    store=None,
+    read_stores: Sequence = (),
+    heldout_set=None,
+    sscd_path=None,
+    on_progress=None,
+) -> extraction.ExtractionResult:
+    """The unedited attack (`extraction.run_extraction`), taken from `store` or `read_stores` when stored."""
+    st = store if store is not None else store_mod.get_store()
+    cfg = extraction_cfg or extraction.ExtractionConfig()
+    key = extraction.extraction_key(adapter, image_set, cfg, store=st, heldout_set=heldout_set, sscd_path=sscd_path)
+    src = _find(key, st, read_stores)
+    if src is not None and src is not st:
+        res = extraction.load_extraction(src, key)
+        return extraction.finalize(res, st, cfg.similarity, cfg.threshold)
+    return extraction.run_extraction(
+        adapter, image_set, cfg, store=st, heldout_set=heldout_set, sscd_path=sscd_path, on_progress=on_progress
+    )
+
+
+def default_rows_per_batch(adapter: IARAdapter, cfg: extraction.ExtractionConfig, n_rows: int) -> int:
+    """Rows per batch of `measure_edits`: on demo and test models the fewest batches of at most
+    `MAX_ROWS_PER_BATCH` rows, of even size (1050 rows: 2 x 528); on released models 4 x cfg.batch_size
+    (GPU memory; out-of-memory halves it anyway). Always a multiple of 8."""
+    if adapter.spec.kind in ("demo", "test"):
+        n_batches = -(-int(n_rows) // MAX_ROWS_PER_BATCH)
+        rows = -(-int(n_rows) // max(1, n_batches))
+    else:
+        rows = 4 * int(cfg.batch_size)
+    return max(8, -(-rows // 8) * 8)
+
+
+@torch.no_grad()
+def measure_edits(
+    adapter: IARAdapter,
+    image_set: data.ImageSet,
+    edits: Sequence[UnitEdit | None],
+    extraction_cfg: extraction.ExtractionConfig | None = None,
+    *,
+    base: extraction.ExtractionResult | None = None,
+    store=None,
+    read_stores: Sequence = (),
+    measures: Sequence[str] | str | None = None,
+    heldout_set=None,
+    sscd_path=None,
+    rows_per_batch: int | None = None,
+    on_progress: Callable[[float, str], None] | None = None,
+    check: Callable[[], None] | None = None,
+) -> EditScores:
+    """The extraction attack after each of `edits`, on the unedited run's candidates, as one batched attack.
+
+    - `base`: the unedited `ExtractionResult` (default: `base_extraction` with `extraction_cfg`, from the
+      store when there). Its candidates (the train rows), prefixes, decision measure and thresholds are used,
+      so the counts are comparable with its count; the edits apply to generation only, as in
+      `run_extraction(..., edit=...)`.
+    - The rows (edit e, candidate i), edit-major, are attacked `rows_per_batch` at a time (a multiple of 8;
+      default `default_rows_per_batch`: the rows in as few even batches of at most `MAX_ROWS_PER_BATCH` as
+      they fit, on demo and test models; 4 x the config's batch size on released models)
+      through `extraction.attack_batch` with a `hooks.BatchedEdit` that gives every row its own edit: E edits
+      of I candidates cost one attack of E x I rows, not E attacks. When only token match is measured, the
+      candidates' true tokens are the unedited run's and nothing is decoded (the same generate call and
+      score as attack_batch, without tokenizing and decoding every row).
+    - `measures`: None measures only the decision measure, "all" the base result's measures, or a list.
+    - Equality with the one-edit path (`run_extraction(..., edit=e)`): the same greedy attack row by row; the
+      scores are equal where the batch shapes give the same transformer rows (tests: bit-exact at batches of
+      8 and 16 rows on CPU) and may differ in a rare argmax flip otherwise. With a sampling attack config
+      (top_k != 1) the noise depends on the batch layout.
+
+    Returns `EditScores` (counts, margins and decisions for every edit and candidate). `None` or empty
+    edits are the unedited model (a check: its scores equal the base result's up to that batch effect).
+    """
+    t0 = time.perf_counter()
+    cfg = extraction_cfg or extraction.ExtractionConfig()
+    if base is None:
+        base = base_extraction(
+            adapter, image_set, cfg, store=store, read_stores=read_stores, heldout_set=heldout_set, sscd_path=sscd_path
+        )
+    prefixes = [int(p) for p in base.meta["prefix_tokens"]]
+    if measures is None:
+        ms = [base.similarity]
+    elif measures == "all":
+        ms = list(base.meta["measures"])
+    else:
+        from iarmem_core import metrics
+
+        ms = [metrics.canonical_measure(m) for m in measures]
+        missing = [m for m in ms if m not in base.meta["measures"]]
+        if missing:
+            raise ValueError(f"measures {missing} are not in the unedited result ({base.meta['measures']})")
+    a = base.arrays
+    P = len(prefixes)
+    train = np.flatnonzero((a["split"].astype(str) == "train") & (a["prefix_tokens"] == prefixes[0]))
+    items = a["item"][train].astype(np.int64)
+    I, E = len(items), len(edits)
+    if I == 0:
+        raise ValueError("the unedited extraction result has no train candidates to attack")
+    if E == 0:
+        raise ValueError("measure_edits needs at least one edit (None for the unedited model)")
+    rows_of = {p: np.flatnonzero((a["split"].astype(str) == "train") & (a["prefix_tokens"] == p)) for p in prefixes}
+    before = {m: np.stack([a[f"sim_{m}"][rows_of[p]] for p in prefixes], 1).astype(np.float32) for m in ms}
+    y_I = image_set.labels_tensor(items)
+    gen_kw = {
+        "cfg": float(cfg.cfg),
+        "top_k": int(cfg.top_k),
+        "top_p": float(cfg.top_p),
+        "temperature": float(cfg.temperature),
+    }
+    batched = hooks.BatchedEdit.tiled(list(edits), I)
+    scores = {m: np.full((E, I, P), np.nan, np.float32) for m in ms}
+    n_rows = E * I
+    if rows_per_batch is None:
+        rows_per_batch = default_rows_per_batch(adapter, cfg, n_rows)
+    events: list = []
+
+    images_needed = any(m != "token_match" for m in ms)
+    true_IN = np.asarray(a["true_tokens_RN"][train], np.int64) if "true_tokens_RN" in a else None
+
+    def work(r0: int, r1: int) -> None:
+        rows = np.arange(r0, r1)
+        e_R, i_R = rows // I, rows % I
+        seed_b = cfg.seed + 1_000_003 * int(i_R[0])
+        if images_needed or true_IN is None:
+            uniq, inv = np.unique(i_R, return_inverse=True)
+            x_R = image_set.images(items[uniq], size=adapter.image_size)[torch.as_tensor(inv)]
+            _, _, results = extraction.attack_batch(
+                adapter,
+                x_R.to(adapter.device),
+                y_I[i_R].to(adapter.device),
+                prefixes,
+                ms,
+                gen_kw,
+                seed=seed_b,
+                edit=batched.rows(r0, r1),
+                sscd_path=sscd_path,
+            )
+            sims_P = [sims for _, _, sims in results]
+        else:
+            # token match only: the candidates' true tokens come from the unedited run (the same tokens its
+            # attack_batch made), nothing is decoded; the same generate call and score as attack_batch's
+            from iarmem_core import metrics
+
+            true_R = torch.as_tensor(true_IN[i_R])
+            prefix = adapter.unflatten(true_R.to(adapter.device))
+            sims_P = []
+            for p in prefixes:
+                with hooks.edit(adapter.transformer, batched.rows(r0, r1)):
+                    gen = adapter.generate(
+                        y_I[i_R].to(adapter.device),
+                        prefix=prefix if p else None,
+                        n_prefix=p,
+                        seed=seed_b + p,
+                        kv_cache=True,
+                        **gen_kw,
+                    )
+                s_R = metrics.score("token_match", tokens_a=adapter.flatten(gen).cpu(), tokens_b=true_R, token_start=p)
+                sims_P.append({"token_match": s_R.float().numpy().astype(np.float32)})
+        for pi, sims in enumerate(sims_P):
+            for m in ms:
+                scores[m][e_R, i_R, pi] = sims[m]
+
+    ctx = _InlineCtx(on_progress, check)
+    jobs.run_batches(
+        ctx,
+        n_rows,
+        max(8, int(rows_per_batch)),
+        work,
+        events=events,
+        align=8,
+        what="batched attack",
+        progress=lambda j: (j / n_rows, f"attacked {j}/{n_rows} (edit, candidate) rows"),
+    )
+    thr = {m: {p: float(v) for p, v in base.thresholds(m).items()} for m in ms}
+
+    def col(k: str, fill) -> np.ndarray:
+        return a[k][train] if k in a else np.full(I, fill)
+
+    return EditScores(
+        scores=scores,
+        before=before,
+        image_id=np.asarray(a["image_id"][train]).astype(str),
+        label=np.asarray(a["label"][train]),
+        planted=np.asarray(col("planted", -1)).astype(np.int8),
+        count=np.asarray(col("count", -1)).astype(np.int64),
+        prefixes=prefixes,
+        similarity=base.similarity,
+        thresholds=thr,
+        edits=[e.to_dict() if e is not None and e.n_units else None for e in edits],
+        planted_counts_in_data=dict(base.meta.get("planted_counts_in_data") or {}),
+        meta={
+            "base_key": base.meta.get("store_key"),
+            "rows": int(n_rows),
+            "rows_per_batch": int(rows_per_batch),
+            "oom_events": events,
+            "generation": {**gen_kw, "kv_cache": True, "prefix_tokens": prefixes},
+            "decision": "similarity strictly above the threshold, compared in float32 (extraction.is_extracted)",
+            "timings": {"total_s": round(time.perf_counter() - t0, 3)},
+        },
+    )
+
+
+def bootstrap_counts(
+    extracted_EI: np.ndarray,
+    before_I: np.ndarray | None = None,
+    *,
+    n_boot: int = N_BOOT_COUNTS,
+    seed: int = 0,
+    level: float = CI_LEVEL,
+) -> dict:
+    """Bootstrap intervals over the candidates (items) for extraction counts.
+
+    `extracted_EI` bool [E, I] (after each edit), `before_I` bool [I] (unedited). The candidates are
+    resampled with replacement `n_boot` times, the same resamples for every row (paired). Returns
+    {"after": [E, 2], "before": [2] or None, "change": [E, 2] (after - before) or None}: percentile intervals
+    at `level` of the counts (scaled to the I candidates).
+    """
+    ext = np.asarray(extracted_EI, bool)
+    if ext.ndim == 1:
+        ext = ext[None]
+    E, I = ext.shape
+    rng = np.random.default_rng([int(seed), I])
+    w_BI = np.stack([np.bincount(rng.integers(0, I, I), minlength=I) for _ in range(int(n_boot))])
+    after_BE = w_BI @ ext.T.astype(np.int64)
+    q = [(1 - level) / 2, (1 + level) / 2]
+    out = {"after": np.quantile(after_BE, q, axis=0).T.tolist(), "before": None, "change": None}
+    if before_I is not None:
+        b_B = w_BI @ np.asarray(before_I, bool).astype(np.int64)
+        out["before"] = np.quantile(b_B, q).tolist()
+        out["change"] = np.quantile(after_BE - b_B[:, None], q, axis=0).T.tolist()
+    return out
+
+
+def margin_table(scores: EditScores, edit_index: int = 0, random_indices: Sequence[int] | None = None):
+    """The margin view: per candidate, similarity minus threshold before and after edit `edit_index`
+    (> 0 means extracted), and over the edits `random_indices` (the random draws) their median and 5-95% band.
+
+    Columns: image_id, label, planted, count, margin_before, margin_after, extracted_before, extracted_after,
+    and with random draws margin_random_median, margin_random_q05, margin_random_q95. Sorted by margin_before
+    (highest first). The threshold is the unedited result's (decision measure, first prefix).
+    """
+    import pandas as pd
+
+    after = scores.margins()
+    before = scores.margins_before()
+    ext = scores.extracted()
+    df = pd.DataFrame(
+        {
+            "image_id": scores.image_id,
+            "label": scores.label,
+            "planted": scores.planted,
+            "count": scores.count,
+            "margin_before": before,
+            "margin_after": after[edit_index],
+            "extracted_before": scores.extracted_before(),
+            "extracted_after": ext[edit_index],
+        }
+    )
+    if random_indices is not None and len(random_indices):
+        r = after[list(random_indices)]
+        df["margin_random_median"] = np.median(r, 0)
+        df["margin_random_q05"] = np.quantile(r, 0.05, axis=0)
+        df["margin_random_q95"] = np.quantile(r, 0.95, axis=0)
+    df = df.sort_values("margin_before", ascending=False, kind="stable").reset_index(drop=True)
+    df.attrs["similarity"] = scores.similarity
+    df.attrs["threshold"] = scores.threshold()
+    return df
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. One intervention, measured progressively, and the sweep
 @dataclass
 class RandomControl:
     """The random-units control of one edit: the same number of units in every block, edited the same way,
-    drawn `draws` times (seeds seed, seed + 1, ...). Quality is measured for the first draw only."""
+    drawn `draws` times (seeds seed, seed + 1, ...), all draws in the same batched attack as the ranked edit.
+    Quality is measured for the first draw."""
 
     extracted_after: int  # of the first draw
     fd_after: float | None
@@ -501,6 +1263,12 @@ class RandomControl:
     p_value: float  # one-sided, see random_draw_stats
     draw_seeds: list[int]
     store_keys: dict
+    rank: int | None = None  # the ranked edit's place among itself and the draws (1 = fewest left extracted)
+    ties: int | None = None
+    extracted_after_q05: float | None = None
+    extracted_after_q95: float | None = None
+    fd_after_interval: list | None = None
+    class_acc_after_interval: list | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -509,7 +1277,9 @@ class RandomControl:
 @dataclass
 class InterventionResult:
     """Extraction and quality before and after one edit, with its random control and how each number was
-    computed (similarity and threshold, feature space, sample count, store keys). `to_dict()` is the CLI's JSON."""
+    computed (similarity and threshold, feature space, sample count, intervals, store keys). `to_dict()` is
+    the CLI's JSON. `stage`: "extraction" (quality still to come), "first estimate" (quality from the first
+    `n_samples` of `n_samples_target`) or "full"."""
 
     extracted_before: int
     extracted_after: int
@@ -539,6 +1309,16 @@ class InterventionResult:
     edit: dict
     store_keys: dict
     random_control: RandomControl | None = None
+    stage: str = "full"
+    n_samples_target: int | None = None
+    extracted_before_interval: list | None = None
+    extracted_after_interval: list | None = None
+    extracted_change_interval: list | None = None
+    fd_before_interval: list | None = None
+    fd_after_interval: list | None = None
+    class_acc_before_interval: list | None = None
+    class_acc_after_interval: list | None = None
+    how: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -555,17 +1335,86 @@ class InterventionResult:
         return cls(**kw)
 
 
-def _counts(res: extraction.ExtractionResult, similarity: str, threshold: float | None) -> dict:
-    c = res.count(threshold=threshold, similarity=similarity)
-    return {
-        "extracted": c["extracted"],
-        "extracted_planted": c.get("extracted_planted"),
-        "recall_planted": c["recall_planted"],
-        "recall_planted_max_count": c["recall_planted_max_count"],
-        "precision_planted": c["precision_planted"],
-        "candidates": c["candidates"],
-        "threshold": c["threshold"],
-    }
+STAGES = ("extraction", "first estimate", "full")
+
+
+def _quality_numbers(q: dict | None) -> dict:
+    keys = ("fd", "fd_interval", "class_acc", "class_acc_interval")
+    return {k: None for k in keys} if q is None else {k: q.get(k) for k in keys}
+
+
+class _EditQuality:
+    """Progressive quality of one edit: samples in blocks, a first estimate on the first n, refined to all.
+    A result already stored under the edit's `quality` key is used as it is (and saved there once done)."""
+
+    def __init__(self, adapter, edit, n_samples, feature_space, ref_set, seed, sampling, store, read_stores):
+        self.adapter, self.edit, self.n = adapter, edit, int(n_samples)
+        self.feature_space, self.ref_set, self.seed, self.sampling = feature_space, ref_set, seed, sampling
+        self.store = store
+        self.spec = quality_spec(
+            adapter,
+            edit,
+            n_samples=n_samples,
+            feature_space=feature_space,
+            reference_set=ref_set,
+            seed=seed,
+            sampling=sampling,
+        )
+        self.key = store.key(QUALITY_KIND, self.spec, QUALITY_VERSION) if store is not None else None
+        src = _find(self.key, store, read_stores) if store is not None else None
+        self.stored = src.load(self.key) if src is not None else None
+        self.samples: SampleFeatures | None = None
+        self.images = torch.zeros(0, 3, adapter.image_size, adapter.image_size)
+        if self.stored is not None:
+            self.samples = SampleFeatures.from_arrays(self.stored[0])
+
+    @property
+    def have(self) -> int:
+        return 0 if self.samples is None else self.samples.n
+
+    def sample_to(self, n: int, space, clf, check, on_block=None) -> None:
+        n = min(int(n), self.n)
+        if self.have >= n:
+            return
+        got, kept = sample_features(
+            self.adapter,
+            [self.edit],
+            self.have,
+            n,
+            space=space,
+            classifier=clf,
+            seed=self.seed,
+            sampling=self.sampling,
+            check=check,
+            keep=max(0, N_KEEP_SAMPLES - self.images.shape[0]),
+            on_block=on_block,
+        )
+        self.samples = got[0] if self.samples is None else self.samples.extend(got[0])
+        self.images = torch.cat([self.images, kept[0]])
+
+    def estimate(self, n: int, space, ref) -> dict:
+        if self.stored is not None and n >= self.n:
+            return {**self.stored[1], "store_key": self.key}
+        return {**quality_estimate(self.samples, ref, space, n=min(n, self.have), seed=self.seed), "store_key": None}
+
+    def save(self, space) -> dict:
+        """The full result, saved under the quality key (as `quality` would have stored it)."""
+        if self.stored is None:
+            arrays, meta = _quality_result(
+                self.adapter,
+                self.edit,
+                self.samples,
+                self.images,
+                space,
+                self.ref_set,
+                self.seed,
+                self.sampling,
+                {"oom_events": [], "timings": {}, "computed_by": "run_intervention (progressive)"},
+            )
+            if self.store is not None and not self.store.read_only:
+                self.store.save(self.key, arrays, meta, kind=QUALITY_KIND, spec=self.spec, version=QUALITY_VERSION)
+            self.stored = (arrays, meta)
+        return {**self.stored[1], "store_key": self.key}
 
 
 def run_intervention(
@@ -583,7 +1432,7 @@ def run_intervention(
     combine: str | int = DEFAULT_COMBINE,
     cfg_half: str = "both",
     units: Mapping | None = None,
-    n_samples: int = 1000,
+    n_samples: int = DEFAULT_N_SAMPLES,
     feature_space=None,
     reference_set=None,
     sampling=None,
@@ -592,137 +1441,195 @@ def run_intervention(
     sscd_path=None,
     with_random: bool = True,
     random_draws: int | None = None,
+    n_first: int | None = None,
+    on_stage: Callable[[InterventionResult, EditScores], None] | None = None,
+    read_stores: Sequence = (),
+    check: Callable[[], None] | None = None,
 ) -> InterventionResult:
     """Extraction and quality before the edit, after it, and with random units of the same size and blocks.
 
-    The random control (`RandomControl`) is drawn `random_draws` times (seeds seed, seed + 1, ...; default
-    `default_random_draws`): extraction after each draw, its mean / min / max and the ranked edit's p_value
-    (`random_draw_stats`); its FD and class accuracy are those of the first draw. `units` replaces the
-    UnitMem selection with an explicit {block: units}. After the edit the same candidates are attacked
-    (those of the unedited model); held-out images are attacked before the edit only.
+    1. The unedited attack (`base_extraction`, usually stored) and the ranked edit with its `random_draws`
+       random draws (seeds seed, seed + 1, ...; default `default_random_draws`) in ONE batched attack
+       (`measure_edits`) on the same candidates: counts with bootstrap intervals over the candidates, the
+       draws' mean / range / 5-95% band, the ranked edit's rank among them and its p-value
+       (`random_draw_stats`). `on_stage(result, scores)` is called with stage "extraction".
+    2. Quality (FD, class accuracy, bootstrap intervals) of the unedited model, the ranked edit and the first
+       random draw: with `n_first`, first the ranked edit on its first `n_first` samples (`on_stage` with
+       stage "first estimate"; the unedited numbers are then of its first `n_first` samples too, so both sides
+       have the same sample size; the random draw's quality follows), then refined on the same samples plus
+       the rest up to `n_samples` (stage "full", the return value). Quality samples share the unedited
+       model's noise (same seed and blocks): a paired view.
+
+    `units` replaces the UnitMem selection with an explicit {block: units}. Held-out images are attacked
+    before the edit only. `read_stores` are searched for stored sub-results (the app's shipped results).
     """
     st = store if store is not None else store_mod.get_store()
     ecfg = extraction_cfg or extraction.ExtractionConfig()
-    draws = default_random_draws(adapter, random_draws)
+    if n_first is not None and n_first < n_samples and n_first % QUALITY_BLOCK:
+        raise ValueError(
+            f"n_first={n_first}: a first estimate must be whole blocks of QUALITY_BLOCK={QUALITY_BLOCK} samples "
+            "(so its samples are the first ones of the full measurement)"
+        )
+    draws = default_random_draws(adapter, random_draws) if with_random else 0
     if with_random and draws < 1:
         raise ValueError(f"random_draws must be at least 1, got {draws}")
     sel = dict(units) if units is not None else select_units(unitmem_result, top_percent, ranking, combine)
     edit = make_edit(sel, op, factor, cfg_half)
-    rnd = random_control(sel, adapter.n_units, seed=seed)
-    redit = make_edit(rnd, op, factor, cfg_half)
-    steps = 5 + draws if with_random else 4
+    draw_edits = [
+        make_edit(random_control(sel, adapter.n_units, seed=seed + i), op, factor, cfg_half) for i in range(draws)
+    ]
+    prog = on_progress or (lambda f, m: None)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    before = base_extraction(
+        adapter,
+        image_set,
+        ecfg,
+        store=st,
+        read_stores=read_stores,
+        heldout_set=heldout_set,
+        sscd_path=sscd_path,
+        on_progress=lambda f, m: prog(0.05 * f, f"extraction before: {m}"),
+    )
+    es = measure_edits(
+        adapter,
+        image_set,
+        [edit] + draw_edits,
+        ecfg,
+        base=before,
+        sscd_path=sscd_path,
+        on_progress=lambda f, m: prog(0.05 + 0.35 * f, f"extraction after the edit and {draws} random draws: {m}"),
+        check=check,
+    )
+    timings["extraction_s"] = round(time.perf_counter() - t0, 3)
+    sim, thr = es.similarity, es.threshold()
+    ext_EI, ext0_I = es.extracted(), es.extracted_before()
+    counts = ext_EI.sum(1)
+    boot = bootstrap_counts(ext_EI, ext0_I, seed=seed)
+    c_before = before.count(similarity=sim)
+    pl_before, pl_after = es.planted_summary(ext0_I), es.planted_summary(ext_EI[0])
+    how = {
+        "extraction": f"{es.n_candidates} candidates of the unedited attack, {sim} > {thr:.4g} (float32, "
+        f"extraction.is_extracted), the edit on generation only; the ranked edit and {draws} random draws in "
+        "one batched attack",
+        "intervals": f"{int(round(100 * CI_LEVEL))}% bootstrap intervals over the candidates "
+        f"({N_BOOT_COUNTS} resamples, paired) for counts; quality: see interval of each number",
+        "random_band": "5-95% quantiles of the random draws' counts",
+    }
+    base_keys = {
+        "extraction_before": before.meta.get("store_key"),
+        "unitmem": getattr(unitmem_result, "meta", {}).get("store_key") if unitmem_result else None,
+    }
+
+    def result(stage: str, q0: dict | None, q1: dict | None, q2: dict | None, n_q: int) -> InterventionResult:
+        n0, n1, n2 = _quality_numbers(q0), _quality_numbers(q1), _quality_numbers(q2)
+        rc = None
+        if draws:
+            pl2 = es.planted_summary(ext_EI[1])
+            stats = random_draw_stats(int(counts[0]), [int(v) for v in counts[1:]])
+            rc = RandomControl(
+                extracted_after=int(counts[1]),
+                fd_after=n2["fd"],
+                class_acc_after=n2["class_acc"],
+                extracted_planted_after=pl2["extracted_planted"],
+                recall_planted_max_count_after=pl2["recall_planted_max_count"],
+                n_units=draw_edits[0].n_units,
+                seed=seed,
+                edit=draw_edits[0].to_dict(),
+                **stats,
+                draw_seeds=[seed + i for i in range(draws)],
+                store_keys={"quality": (q2 or {}).get("store_key")},
+                fd_after_interval=n2["fd_interval"],
+                class_acc_after_interval=n2["class_acc_interval"],
+            )
+        return InterventionResult(
+            extracted_before=int(ext0_I.sum()),
+            extracted_after=int(counts[0]),
+            fd_before=n0["fd"],
+            fd_after=n1["fd"],
+            class_acc_before=n0["class_acc"],
+            class_acc_after=n1["class_acc"],
+            recall_planted_max_count_before=pl_before["recall_planted_max_count"],
+            recall_planted_max_count_after=pl_after["recall_planted_max_count"],
+            extracted_planted_before=pl_before["extracted_planted"],
+            extracted_planted_after=pl_after["extracted_planted"],
+            heldout_false_rate_before=c_before["heldout_false_rate"],
+            candidates=es.n_candidates,
+            similarity=sim,
+            threshold=float(thr),
+            fd_metric=(q0 or {}).get("fd_metric", ""),
+            feature_space=(q0 or {}).get("feature_space", ""),
+            n_samples=int(n_q),
+            n_units=edit.n_units,
+            units_per_block={str(b): len(u) for b, u in sorted(sel.items())},
+            top_percent=top_percent,
+            factor=factor,
+            op=op,
+            ranking=ranking,
+            combine=combine,
+            cfg_half=cfg_half,
+            edit=edit.to_dict(),
+            store_keys={
+                **base_keys,
+                "quality_before": (q0 or {}).get("store_key"),
+                "quality_after": (q1 or {}).get("store_key"),
+            },
+            random_control=rc,
+            stage=stage,
+            n_samples_target=int(n_samples),
+            extracted_before_interval=boot["before"],
+            extracted_after_interval=boot["after"][0],
+            extracted_change_interval=boot["change"][0],
+            fd_before_interval=n0["fd_interval"],
+            fd_after_interval=n1["fd_interval"],
+            class_acc_before_interval=n0["class_acc_interval"],
+            class_acc_after_interval=n1["class_acc_interval"],
+            how={**how, "quality": (q1 or q0 or {}).get("interval"), "timings": dict(timings)},
+        )
+
+    if on_stage is not None:
+        on_stage(result("extraction", None, None, None, 0), es)
+
+    # quality: the unedited model (stored once per model), the ranked edit, the first random draw
+    ref_set = reference_set if reference_set is not None else default_reference_set(adapter)
+    space = _space(feature_space, adapter)
+    clf = _classifier(adapter, space)
+    ref = reference_features(space, ref_set, adapter.image_size)
+    qargs = (n_samples, feature_space, ref_set, seed, sampling, st, read_stores)
+    qs = [_EditQuality(adapter, e, *qargs) for e in [None, edit] + draw_edits[:1]]
+
+    todo = max(1, sum(q.n - q.have for q in qs))
     done = [0]
 
-    def sub(what: str):
-        def f(frac: float, msg: str) -> None:
-            if on_progress is not None:
-                on_progress((done[0] + frac) / steps, f"{what}: {msg}")
+    def grow(q: _EditQuality, n: int) -> None:
+        """Sample edit q up to n; the bar moves over all quality samples still to draw, never backwards."""
+        had = q.have
 
-        return f
+        def blk(j: int) -> None:
+            prog(0.4 + 0.6 * min(1.0, (done[0] + j - had) / todo), f"quality samples: {j}/{q.n} of one edit")
 
-    def step(fn, what):
-        out = fn(sub(what))
-        done[0] += 1
-        return out
+        q.sample_to(n, space, clf, check, blk)
+        done[0] += q.have - had
 
-    before = step(
-        lambda p: extraction.run_extraction(
-            adapter, image_set, ecfg, store=st, heldout_set=heldout_set, sscd_path=sscd_path, on_progress=p
-        ),
-        "extraction before",
-    )
-    after_cfg = replace(ecfg, heldout=False)
-    sim, thr = before.similarity, ecfg.threshold
-    qkw = dict(
-        n_samples=n_samples,
-        feature_space=feature_space,
-        reference_set=reference_set,
-        seed=seed,
-        sampling=sampling,
-        store=st,
-    )
-    after = step(
-        lambda p: extraction.run_extraction(
-            adapter, image_set, after_cfg, store=st, edit=edit, sscd_path=sscd_path, on_progress=p
-        ),
-        "extraction after",
-    )
-    q0 = step(lambda p: quality(adapter, None, on_progress=p, **qkw), "quality before")
-    q1 = step(lambda p: quality(adapter, edit, on_progress=p, **qkw), "quality after")
-    c0, c1 = _counts(before, sim, thr), _counts(after, sim, thr)
-    out = InterventionResult(
-        extracted_before=c0["extracted"],
-        extracted_after=c1["extracted"],
-        fd_before=q0["fd"],
-        fd_after=q1["fd"],
-        class_acc_before=q0["class_acc"],
-        class_acc_after=q1["class_acc"],
-        recall_planted_max_count_before=c0["recall_planted_max_count"],
-        recall_planted_max_count_after=c1["recall_planted_max_count"],
-        extracted_planted_before=c0["extracted_planted"],
-        extracted_planted_after=c1["extracted_planted"],
-        heldout_false_rate_before=before.count(similarity=sim, threshold=thr)["heldout_false_rate"],
-        candidates=c0["candidates"],
-        similarity=sim,
-        threshold=c0["threshold"],
-        fd_metric=q0["fd_metric"],
-        feature_space=q0["feature_space"],
-        n_samples=q0["n_samples"],
-        n_units=edit.n_units,
-        units_per_block={str(b): len(u) for b, u in sorted(sel.items())},
-        top_percent=top_percent,
-        factor=factor,
-        op=op,
-        ranking=ranking,
-        combine=combine,
-        cfg_half=cfg_half,
-        edit=edit.to_dict(),
-        store_keys={
-            "extraction_before": before.meta["store_key"],
-            "extraction_after": after.meta["store_key"],
-            "quality_before": q0["store_key"],
-            "quality_after": q1["store_key"],
-            "unitmem": getattr(unitmem_result, "meta", {}).get("store_key") if unitmem_result else None,
-        },
-    )
-    if with_random:
-        runs = []  # draw i: random units of seed + i; draw 0 is `redit`, the only one whose quality is measured
-        for i in range(draws):
-            e_i = (
-                redit
-                if i == 0
-                else make_edit(random_control(sel, adapter.n_units, seed=seed + i), op, factor, cfg_half)
-            )
-            runs.append(
-                step(
-                    lambda p, e_i=e_i: extraction.run_extraction(
-                        adapter, image_set, after_cfg, store=st, edit=e_i, sscd_path=sscd_path, on_progress=p
-                    ),
-                    f"extraction random draw {i + 1}/{draws}",
-                )
-            )
-        q2 = step(lambda p: quality(adapter, redit, on_progress=p, **qkw), "quality random")
-        ra = runs[0]
-        c2 = _counts(ra, sim, thr)
-        counts = [c2["extracted"]] + [_counts(r, sim, thr)["extracted"] for r in runs[1:]]
-        keys = [r.meta["store_key"] for r in runs]
-        out.random_control = RandomControl(
-            extracted_after=c2["extracted"],
-            fd_after=q2["fd"],
-            class_acc_after=q2["class_acc"],
-            extracted_planted_after=c2["extracted_planted"],
-            recall_planted_max_count_after=c2["recall_planted_max_count"],
-            n_units=redit.n_units,
-            seed=seed,
-            edit=redit.to_dict(),
-            **random_draw_stats(c1["extracted"], counts),
-            draw_seeds=[seed + i for i in range(draws)],
-            store_keys={"extraction": ra.meta["store_key"], "quality": q2["store_key"], "extraction_draws": keys},
-        )
+    first = n_first if n_first is not None and n_first < n_samples else None
+    if first is not None:
+        for q in qs[:2]:  # the first estimate: the ranked edit (the unedited side is stored once per model)
+            grow(q, first)
+        timings["first_estimate_s"] = round(time.perf_counter() - t0, 3)
+        if on_stage is not None:
+            on_stage(result("first estimate", *[q.estimate(first, space, ref) for q in qs[:2]], None, first), es)
+    for q in qs:
+        grow(q, n_samples)
+    full = [q.save(space) for q in qs]
+    timings["full_s"] = round(time.perf_counter() - t0, 3)
+    out = result("full", *(full + [None] * (3 - len(full)))[:3], n_samples)
+    prog(1.0, "done")
     return out
 
 
 MEASURE_KIND = "intervention-app"  # one edit's numbers as a job (the app's "measure this edit")
+MEASURE_VERSION = "2"  # 2: batched draws (20), progressive quality, intervals, margins
 
 
 def measurement_spec(
@@ -736,8 +1643,11 @@ def measurement_spec(
     op: str,
     ranking: str,
     seed: int,
+    n_samples: int = DEFAULT_N_SAMPLES,
+    n_first: int | None = DEFAULT_N_FIRST,
+    random_draws: int | None = None,
 ) -> dict:
-    """Everything that determines `run_intervention` with the default extraction and quality settings."""
+    """Everything that determines the measurement of one edit with the default extraction and quality settings."""
     return {
         "model": adapter.identity,
         "data": data.data_fingerprint(image_set),
@@ -748,13 +1658,16 @@ def measurement_spec(
         "op": op,
         "ranking": ranking,
         "seed": int(seed),
-        "random_draws": default_random_draws(adapter),
+        "random_draws": default_random_draws(adapter, random_draws),
+        "n_samples": int(n_samples),
+        "n_first": None if n_first is None else int(n_first),
+        "quality_block": QUALITY_BLOCK,
     }
 
 
 def measurement_key(adapter: IARAdapter, unitmem_result, image_set: data.ImageSet, store=None, **edit) -> str:
     st = store if store is not None else store_mod.get_store()
-    return st.key(MEASURE_KIND, measurement_spec(adapter, unitmem_result, image_set, **edit))
+    return st.key(MEASURE_KIND, measurement_spec(adapter, unitmem_result, image_set, **edit), MEASURE_VERSION)
 
 
 def start_measurement(
@@ -769,17 +1682,31 @@ def start_measurement(
     op: str,
     ranking: str,
     seed: int,
+    n_samples: int = DEFAULT_N_SAMPLES,
+    n_first: int | None = DEFAULT_N_FIRST,
+    random_draws: int | None = None,
+    read_stores: Sequence = (),
 ) -> jobs.JobHandle:
-    """`run_intervention` for one edit (top-k% or explicit units) as a background job; the result's meta is
-    `InterventionResult.to_dict()` (read it back with `load_measurement`)."""
+    """`run_intervention` for one edit (top-k% or explicit units) as a background job.
+
+    While it runs, its checkpoint holds the latest stage ("extraction", then "first estimate"; read it with
+    `load_measurement_stage`); its result is the full measurement (`load_measurement`): meta =
+    `InterventionResult.to_dict()` plus the batched scores' meta, arrays = the scores (`EditScores`).
+    `read_stores`: stores searched for the unedited results (the app's shipped results).
+    """
     st = store if store is not None else store_mod.get_store()
     edit = dict(top_percent=top_percent, units=units, factor=factor, op=op, ranking=ranking, seed=seed)
-    spec = measurement_spec(adapter, unitmem_result, image_set, **edit)
+    spec = measurement_spec(
+        adapter, unitmem_result, image_set, n_samples=n_samples, n_first=n_first, random_draws=random_draws, **edit
+    )
 
     def fn(ctx):
         def progress(frac: float, msg: str) -> None:
             ctx.check()
             ctx.progress(frac, msg)
+
+        def stage(r: InterventionResult, es: EditScores) -> None:
+            ctx.checkpoint(es.to_arrays(), {"result": r.to_dict(), "edit_scores": es.to_meta()})
 
         out = run_intervention(
             adapter,
@@ -793,15 +1720,40 @@ def start_measurement(
             seed=seed,
             store=ctx.store,
             on_progress=progress,
+            n_samples=n_samples,
+            n_first=n_first,
+            random_draws=random_draws,
+            on_stage=lambda r, es: (stage(r, es), scores.__setitem__(0, es)),
+            read_stores=read_stores,
+            check=ctx.check,
         )
-        return {}, out.to_dict()
+        return scores[0].to_arrays(), {**out.to_dict(), "edit_scores": scores[0].to_meta()}
 
-    return jobs.start_job(MEASURE_KIND, spec, fn, store=st)
+    scores: list = [None]
+    return jobs.start_job(MEASURE_KIND, spec, fn, store=st, version=MEASURE_VERSION)
 
 
 def measurement_from_meta(meta: Mapping) -> InterventionResult:
-    """The InterventionResult stored by `start_measurement`."""
-    return InterventionResult.from_dict(dict(meta))
+    """The InterventionResult stored by `start_measurement` (or held in its checkpoint)."""
+    m = dict(meta)
+    return InterventionResult.from_dict(m.get("result", m))
+
+
+def load_measurement(arrays: Mapping[str, np.ndarray], meta: Mapping) -> tuple[InterventionResult, EditScores | None]:
+    """(result, batched scores) of a stored measurement or of its checkpoint (`load_measurement_stage`)."""
+    r = measurement_from_meta(meta)
+    es_meta = meta.get("edit_scores")
+    es = EditScores.from_stored(arrays, es_meta) if es_meta and any(k.startswith("after_") for k in arrays) else None
+    return r, es
+
+
+def load_measurement_stage(store, key: str) -> tuple[InterventionResult, EditScores | None] | None:
+    """The latest stage of a running measurement job (from its checkpoint), or None."""
+    st = store if store is not None else store_mod.get_store()
+    part = st.load_partial(key)
+    if part is None or "result" not in part[1]:
+        return None
+    return load_measurement(*part)
 
 
 def _sweep_rows(
@@ -825,83 +1777,135 @@ def _sweep_rows(
     sscd_path,
     progress,
     random_draws=None,
+    read_stores=(),
+    check=None,
 ) -> list[dict]:
+    """All k and their random draws in one batched attack; quality of each ranked edit and first draw."""
+    ecfg = extraction_cfg or extraction.ExtractionConfig()
+    draws = default_random_draws(adapter, random_draws)
+    ks = [float(k) for k in top_percents]
+    plan: list[tuple[float, UnitEdit | None, list[UnitEdit]]] = []
+    for k in ks:
+        if k <= 0:
+            plan.append((k, None, []))
+            continue
+        sel = select_units(unitmem_result, k, ranking, combine)
+        e = make_edit(sel, op, factor, cfg_half)
+        rnd = [
+            make_edit(random_control(sel, adapter.n_units, seed=seed + i), op, factor, cfg_half) for i in range(draws)
+        ]
+        plan.append((k, e, rnd))
+    edits: list[UnitEdit | None] = []
+    index: list[tuple[int, list[int]]] = []
+    for _, e, rnd in plan:
+        if e is None:
+            index.append((-1, []))
+            continue
+        index.append((len(edits), list(range(len(edits) + 1, len(edits) + 1 + len(rnd)))))
+        edits += [e] + rnd
+    before = base_extraction(
+        adapter,
+        image_set,
+        ecfg,
+        store=store,
+        read_stores=read_stores,
+        heldout_set=heldout_set,
+        sscd_path=sscd_path,
+        on_progress=lambda f, m: progress(0.05 * f, f"extraction before: {m}"),
+    )
+    es = measure_edits(
+        adapter,
+        image_set,
+        edits or [None],  # only k = 0: one unedited row keeps the code one path
+        ecfg,
+        base=before,
+        sscd_path=sscd_path,
+        on_progress=lambda f, m: progress(0.05 + 0.45 * f, f"{len(edits)} edits in one batched attack: {m}"),
+        check=check,
+    )
+    ext0, ext_EI = es.extracted_before(), es.extracted()
+    boot = bootstrap_counts(ext_EI, ext0, seed=seed)
+    sim, thr = es.similarity, es.threshold()
+    qkw = dict(
+        n_samples=n_samples,
+        feature_space=feature_space,
+        reference_set=reference_set,
+        seed=seed,
+        sampling=sampling,
+        store=store,
+        read_stores=read_stores,
+    )
+    n_q = 1 + sum(2 for _, e, _ in plan if e is not None)
+    done = [0]
+
+    def q_of(e):
+        def p(f, m):
+            progress(0.5 + 0.5 * (done[0] + f) / n_q, f"quality: {m}")
+
+        out = quality(adapter, e, on_progress=p, **qkw)
+        done[0] += 1
+        return out
+
+    q0 = q_of(None)
     rows = []
-    ks = list(top_percents)
-    for i, k in enumerate(ks):
-
-        def p(frac: float, msg: str, i=i, k=k) -> None:
-            progress((i + frac) / len(ks), f"k={k}%: {msg}")
-
-        r = run_intervention(
-            adapter,
-            unitmem_result,
-            image_set,
-            top_percent=k,
-            factor=factor,
-            op=op,
-            ranking=ranking,
-            combine=combine,
-            cfg_half=cfg_half,
-            extraction_cfg=extraction_cfg,
-            n_samples=n_samples,
-            feature_space=feature_space,
-            reference_set=reference_set,
-            sampling=sampling,
-            seed=seed,
-            store=store,
-            heldout_set=heldout_set,
-            sscd_path=sscd_path,
-            with_random=k > 0,
-            on_progress=p,
-            random_draws=random_draws,
-        )
-        r = r.to_dict()
-        rs = r.get("random_control") or {}
+    for (k, e, rnd), (ei, ri) in zip(plan, index):
+        if e is None:
+            q1 = q2 = q0
+            ext1 = ext2 = ext0
+            n0 = int(ext0.sum())
+            stats = {
+                "draws": 0,
+                "extracted_after_mean": n0,
+                "extracted_after_min": n0,
+                "extracted_after_max": n0,
+                "extracted_after_q05": float(n0),
+                "extracted_after_q95": float(n0),
+                "p_value": None,
+                "rank": None,
+            }
+            iv1 = iv2 = boot["before"]
+            n_units = 0
+        else:
+            q1, q2 = q_of(e), q_of(rnd[0])
+            ext1, ext2 = ext_EI[ei], ext_EI[ri[0]]
+            stats = random_draw_stats(int(ext1.sum()), [int(ext_EI[i].sum()) for i in ri])
+            iv1, iv2 = boot["after"][ei], boot["after"][ri[0]]
+            n_units = e.n_units
         common = {
             "top_percent": float(k),
-            "n_units": r["n_units"],
-            "similarity": r["similarity"],
-            "threshold": r["threshold"],
-            "fd_metric": r["fd_metric"],
-            "n_samples": r["n_samples"],
-            "extracted_before": r["extracted_before"],
-            "fd_before": r["fd_before"],
-            "random_draws": rs.get("draws", 0),
-            "random_extracted_mean": rs.get("extracted_after_mean", r["extracted_after"]),
-            "random_extracted_min": rs.get("extracted_after_min", r["extracted_after"]),
-            "random_extracted_max": rs.get("extracted_after_max", r["extracted_after"]),
-            "p_value": rs.get("p_value"),
+            "n_units": n_units,
+            "similarity": sim,
+            "threshold": float(thr),
+            "fd_metric": q0["fd_metric"],
+            "n_samples": q0["n_samples"],
+            "extracted_before": int(ext0.sum()),
+            "fd_before": q0["fd"],
+            "random_draws": stats["draws"],
+            "random_extracted_mean": stats["extracted_after_mean"],
+            "random_extracted_min": stats["extracted_after_min"],
+            "random_extracted_max": stats["extracted_after_max"],
+            "random_extracted_q05": stats["extracted_after_q05"],
+            "random_extracted_q95": stats["extracted_after_q95"],
+            "p_value": stats["p_value"],
+            "rank": stats["rank"],
         }
-        rows.append(
-            {
-                **common,
-                "selection": "unitmem",
-                "extracted": r["extracted_after"],
-                "extracted_planted": r["extracted_planted_after"],
-                "recall_planted_max_count": r["recall_planted_max_count_after"],
-                "fd": r["fd_after"],
-                "class_acc": r["class_acc_after"],
-            }
-        )
-        rc = r.get("random_control") or {
-            "extracted_after": r["extracted_after"],
-            "fd_after": r["fd_after"],
-            "class_acc_after": r["class_acc_after"],
-            "extracted_planted_after": r["extracted_planted_after"],
-            "recall_planted_max_count_after": r["recall_planted_max_count_after"],
-        }
-        rows.append(
-            {
-                **common,
-                "selection": "random",
-                "extracted": rc["extracted_after"],
-                "extracted_planted": rc["extracted_planted_after"],
-                "recall_planted_max_count": rc["recall_planted_max_count_after"],
-                "fd": rc["fd_after"],
-                "class_acc": rc["class_acc_after"],
-            }
-        )
+        for name, ext, q, iv in (("unitmem", ext1, q1, iv1), ("random", ext2, q2, iv2)):
+            pl = es.planted_summary(ext)
+            rows.append(
+                {
+                    **common,
+                    "selection": name,
+                    "extracted": int(ext.sum()),
+                    "extracted_lo": float(iv[0]),
+                    "extracted_hi": float(iv[1]),
+                    "extracted_planted": pl["extracted_planted"],
+                    "recall_planted_max_count": pl["recall_planted_max_count"],
+                    "fd": q["fd"],
+                    "fd_lo": (q.get("fd_interval") or [None, None])[0],
+                    "fd_hi": (q.get("fd_interval") or [None, None])[1],
+                    "class_acc": q["class_acc"],
+                }
+            )
     return rows
 
 
@@ -947,16 +1951,17 @@ def sweep_spec(
         "heldout": data.data_fingerprint(heldout_set) if heldout_set is not None else None,
         "sscd": str(sscd_path) if sscd_path else None,
         "random_draws": default_random_draws(adapter, random_draws),
+        "quality_block": QUALITY_BLOCK,
     }
 
 
-def _sweep_job(args: dict):
+def _sweep_job(args: dict, read_stores: Sequence = ()):
     def fn(ctx) -> tuple[dict, dict]:
         def progress(frac: float, msg: str) -> None:
             ctx.check()
             ctx.progress(frac, msg)
 
-        rows = _sweep_rows(**args, store=ctx.store, progress=progress)
+        rows = _sweep_rows(**args, store=ctx.store, progress=progress, read_stores=read_stores, check=ctx.check)
         arrays = {}
         for k in rows[0]:
             vals = [r[k] for r in rows]
@@ -967,8 +1972,11 @@ def _sweep_job(args: dict):
         meta = {
             "rows": rows,
             "columns": list(rows[0]),
-            "how": "extraction count at the unedited result's measure and threshold; FD and class accuracy "
-            "of class-balanced samples with the model's published sampling settings",
+            "how": "extraction count at the unedited result's measure and threshold (float32 compare), every k "
+            "and its random draws in one batched attack on the same candidates; extracted_lo / _hi: 95% "
+            "bootstrap interval over the candidates; random_extracted_q05 / _q95: the draws' 5-95% band; rank: "
+            "the ranked edit's place among itself and the draws; FD and class accuracy of class-balanced "
+            "samples with the model's published sampling settings (fd_lo / _hi: 95% bootstrap interval)",
         }
         return arrays, meta
 
@@ -1040,14 +2048,16 @@ def run_sweep(
     store=None,
     on_progress=None,
     force: bool = False,
+    read_stores: Sequence = (),
 ):
     """The privacy / quality trade-off: one row per (k, selection in {unitmem, random}); a job in the store.
 
-    Columns: top_percent, selection, n_units, extracted, extracted_planted, recall_planted_max_count, fd,
-    class_acc, extracted_before, fd_before, similarity, threshold, fd_metric, n_samples, and per k the random
-    control over `random_draws` draws: random_draws, random_extracted_mean / _min / _max and p_value (see
+    Columns: top_percent, selection, n_units, extracted (with extracted_lo / _hi, a bootstrap interval over the
+    candidates), extracted_planted, recall_planted_max_count, fd (fd_lo / _hi), class_acc, extracted_before,
+    fd_before, similarity, threshold, fd_metric, n_samples, and per k the random control over `random_draws`
+    draws: random_draws, random_extracted_mean / _min / _max / _q05 / _q95, p_value and rank (see
     `random_draw_stats`; the random row's own numbers are the first draw's). k = 0 is the unedited model
-    (both selections).
+    (both selections). Every k and all its random draws run as one batched attack (`measure_edits`).
     """
     st = store if store is not None else store_mod.get_store()
     a = _sweep_args(
@@ -1072,7 +2082,13 @@ def run_sweep(
     )
     spec = sweep_spec(**a)
     _, meta = jobs.run_job(
-        SWEEP_KIND, spec, _sweep_job(a), store=st, version=SWEEP_VERSION, force=force, on_progress=on_progress
+        SWEEP_KIND,
+        spec,
+        _sweep_job(a, read_stores),
+        store=st,
+        version=SWEEP_VERSION,
+        force=force,
+        on_progress=on_progress,
     )
     return _frame(meta, st.key(SWEEP_KIND, spec, SWEEP_VERSION))
 
@@ -1135,6 +2151,7 @@ def start_sweep(
     random_draws: int | None = None,
     store=None,
     force: bool = False,
+    read_stores: Sequence = (),
 ) -> jobs.JobHandle:
     """Start the sweep as a background job; `load_sweep(store, handle.key)` once done."""
     st = store if store is not None else store_mod.get_store()
@@ -1158,7 +2175,9 @@ def start_sweep(
         sscd_path,
         random_draws,
     )
-    return jobs.start_job(SWEEP_KIND, sweep_spec(**a), _sweep_job(a), store=st, version=SWEEP_VERSION, force=force)
+    return jobs.start_job(
+        SWEEP_KIND, sweep_spec(**a), _sweep_job(a, read_stores), store=st, version=SWEEP_VERSION, force=force
+    )
 
 
 def load_sweep(store, key: str):

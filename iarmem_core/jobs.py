@@ -59,7 +59,8 @@ TERMINAL = ("done", "failed", "cancelled")
 HEARTBEAT_S = 2.0  # how often a running job refreshes its heartbeat
 STATUS_EVERY_S = 0.2  # progress is written to disk at most this often (the in-process handle is always current)
 CANCEL_POLL_S = 0.25  # how often ctx.cancelled looks for a cancel request file from another process
-CHECKPOINT_EVERY_S = 5.0  # run_batches saves partial state at most this often (and <= 10% of the time)
+# run_batches saves partial state at most this often (and <= 10% of the time); $IARMEM_CHECKPOINT_EVERY_S overrides
+CHECKPOINT_EVERY_S = float(os.environ.get("IARMEM_CHECKPOINT_EVERY_S") or 5.0)
 
 
 class Cancelled(Exception):
@@ -263,6 +264,7 @@ class JobContext:
         self.spec = handle.spec
         self.store = handle.store
         self.resume_state = resume_state
+        self.backend = handle.backend  # where split work runs (iarmem_core.backends; None: this process)
         self._last_poll = 0.0
 
     def progress(self, fraction: float, message: str = "") -> None:
@@ -308,6 +310,7 @@ class JobHandle:
         self._last_write = 0.0
         self._dirty = False  # progress held back by the write throttle; the beat thread flushes it
         self._on_progress: Callable[[float, str], None] | None = None
+        self.backend = None  # an iarmem_core.backends.Backend for map_blocks, or None (local)
         self.thread: threading.Thread | None = None
         self.exception: BaseException | None = None
 
@@ -498,10 +501,11 @@ def _check_writable(store: ResultStore, kind: str, key: str) -> None:
         store._writable(f"running the {kind} job {key}")
 
 
-def _local_handle(store, key, kind, spec, on_progress) -> JobHandle:
+def _local_handle(store, key, kind, spec, on_progress, backend=None) -> JobHandle:
     """A handle for a run in this process (the caller holds the lock); writes the queued status."""
     h = JobHandle(store, key, kind, spec, local=True)
     h._on_progress = on_progress
+    h.backend = backend
     h._status = {
         "key": key,
         "kind": kind,
@@ -513,6 +517,8 @@ def _local_handle(store, key, kind, spec, on_progress) -> JobHandle:
         "error": None,
         "started": None,
         "finished": None,
+        "backend": getattr(backend, "name", "local"),
+        "where": backend.describe() if backend is not None else f"this process (pid {os.getpid()} on {HOST})",
     }
     h._set()
     return h
@@ -526,13 +532,15 @@ def start_job(
     version: str | None = None,
     force: bool = False,
     on_progress: Callable[[float, str], None] | None = None,
+    backend=None,
 ) -> JobHandle:
     """Start job (kind, spec, fn) in a background thread of this process and return its handle.
 
     If the same key already runs here, its existing handle is returned; if it runs in another process, a
     handle that follows it through the status file; if its result is stored (and not `force`), a handle
     that is done at once. The thread is a daemon: it keeps running when the browser session that started
-    it goes away, and dies with the server process (the job then resumes from its checkpoint)."""
+    it goes away, and dies with the server process (the job then resumes from its checkpoint).
+    `backend` (an iarmem_core.backends.Backend, None: local) is where the job's blocks run (ctx.backend)."""
     store, key = _prepare(kind, spec, store, version)
     reg_key = (str(store.root), key)
     with _REGISTRY_MU:
@@ -546,7 +554,7 @@ def start_job(
         lock = _Lock(_paths(store, key)[1])
         if not lock.try_acquire():
             return JobHandle(store, key, kind, spec, local=False)
-        h = _local_handle(store, key, kind, spec, on_progress)
+        h = _local_handle(store, key, kind, spec, on_progress, backend)
         h.thread = threading.Thread(target=_run, args=(h, fn, lock, version), name=f"iarmem-job-{key}", daemon=True)
         _REGISTRY[reg_key] = h
         h.thread.start()
@@ -562,12 +570,14 @@ def run_job(
     force: bool = False,
     on_progress: Callable[[float, str], None] | None = None,
     wait: bool = True,
+    backend=None,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Run job (kind, spec, fn) in this thread (the CLI) and return its (arrays, meta).
 
     A stored result is returned without running (unless `force`). If the job runs elsewhere (another
     process or thread), wait for it (`wait=True`) or raise JobBusyError. Cancelled (Ctrl-C included) and
-    failures are recorded in the status and re-raised; the checkpoint is kept for a later resume."""
+    failures are recorded in the status and re-raised; the checkpoint is kept for a later resume.
+    `backend` (an iarmem_core.backends.Backend, None: local) is where the job's blocks run (ctx.backend)."""
     store, key = _prepare(kind, spec, store, version)
     if not force and store.exists(key):
         out = store.load(key)
@@ -587,7 +597,7 @@ def run_job(
         if not other.status().get("interrupted"):
             return other.result()
         # the other runner died: take over and resume from its checkpoint
-    h = _local_handle(store, key, kind, spec, on_progress)
+    h = _local_handle(store, key, kind, spec, on_progress, backend)
     _run(h, fn, lock, version)
     if h.exception is not None:
         raise h.exception

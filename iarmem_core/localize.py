@@ -203,6 +203,11 @@ class Judge:
                 **self.gen_kw,
             )
         gen_BN = ad.flatten(gen)
+        if self.measure == "token_match":  # tokens only: nothing to decode
+            s = metrics.score(
+                "token_match", tokens_a=gen_BN.cpu(), tokens_b=self.true_BN[idx].cpu(), token_start=self.prefix
+            )
+            return s.double().numpy()
         img = ad.decode(gen)
         sims = extraction.compute_similarities(
             [self.measure], img, self.recon[idx], gen_BN, self.true_BN[idx], self.prefix
@@ -211,6 +216,41 @@ class Judge:
 
     def extracted(self, edit: UnitEdit | None, rows: Sequence[int] | None = None) -> np.ndarray:
         return extraction.is_extracted(self.scores(edit, rows), self.threshold)
+
+    def scores_many(self, edits: Sequence[UnitEdit | None], rows_per_batch: int = 1024, on_batch=None) -> np.ndarray:
+        """float64 [E, B]: `scores` of every image under each of `edits`, E edits in batched generate calls (a
+        `hooks.BatchedEdit` gives each (edit, image) row its own edit). Equal to E `scores` calls where the batch
+        shapes give the same transformer rows (greedy decoding: a rare argmax flip otherwise)."""
+        ad, B, E = self.adapter, len(self.labels_B), len(edits)
+        batched = hooks.BatchedEdit.tiled(list(edits), B)
+        out = np.zeros(E * B, np.float64)
+        step = max(B, (max(1, int(rows_per_batch)) // B) * B)  # whole edits per batch
+        for r0 in range(0, E * B, step):
+            r1 = min(E * B, r0 + step)
+            i_R = np.arange(r0, r1) % B
+            tok = [t[i_R] for t in self.tokens] if isinstance(self.tokens, list) else self.tokens[i_R]
+            with torch.no_grad(), hooks.edit(ad.transformer, batched.rows(r0, r1)):
+                gen = ad.generate(
+                    self.labels_B[i_R].to(ad.device),
+                    prefix=tok,
+                    n_prefix=self.prefix,
+                    seed=self.seed + self.prefix,
+                    **self.gen_kw,
+                )
+            gen_BN = ad.flatten(gen)
+            if self.measure == "token_match":
+                s = metrics.score(
+                    "token_match", tokens_a=gen_BN.cpu(), tokens_b=self.true_BN[i_R].cpu(), token_start=self.prefix
+                )
+                out[r0:r1] = s.double().numpy()
+            else:
+                sims = extraction.compute_similarities(
+                    [self.measure], ad.decode(gen), self.recon[i_R], gen_BN, self.true_BN[i_R], self.prefix
+                )
+                out[r0:r1] = sims[self.measure].astype(np.float64)
+            if on_batch is not None:
+                on_batch(r1 / (E * B))
+        return out.reshape(E, B)
 
 
 def make_judge(

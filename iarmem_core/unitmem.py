@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from iarmem_core import data, hooks, jobs
+from iarmem_core import backends, data, hooks, jobs
 from iarmem_core import store as store_mod
 from iarmem_core.adapters.base import IARAdapter, PositionGroup
 from iarmem_core.extraction.config import default_prefix
@@ -294,7 +294,9 @@ class UnitMemPass:
         cfg: UnitMemConfig,
         spill_dir: str | os.PathLike | None = None,
         labels: Sequence[int] | None = None,
+        stats_only: bool = False,
     ):
+        """`stats_only`: a worker's pass that only computes `block_stats` (no spill file for the median)."""
         self.adapter, self.n, self.cfg = adapter, n_images, cfg
         self.augmentation = adapter.spec.train_augmentation if cfg.augmentation == "default" else cfg.augmentation
         data.parse_augmentation(self.augmentation)  # fail early on a bad name
@@ -335,7 +337,7 @@ class UnitMemPass:
         self._pending: list[tuple[torch.Tensor, torch.Tensor, list]] = []  # an incomplete block, held back
         self._spill: np.memmap | None = None
         self._spill_path: Path | None = None
-        if cfg.rest == "median":
+        if cfg.rest == "median" and not stats_only:
             d = Path(spill_dir) if spill_dir is not None else Path(tempfile.mkdtemp(prefix="iarmem-unitmem-"))
             d.mkdir(parents=True, exist_ok=True)
             self._spill_path = d / "mu_NLGU.f32"
@@ -385,21 +387,23 @@ class UnitMemPass:
                 f"{images_B3HW.shape[0]} images past the end of the selection "
                 f"({self.n_fed} + {images_B3HW.shape[0]} > {self.n})"
             )
-        self._pending.append((images_B3HW, labels_B, list(keys)))
+        pending = self._pending + [(images_B3HW, labels_B, list(keys))]
         blk = self.block
         while True:
-            have = sum(len(k) for _, _, k in self._pending)
+            have = sum(len(k) for _, _, k in pending)
             end = min(self.n, (self.state.n_seen // blk + 1) * blk)
             if self.state.n_seen + have < end:
+                self._pending = pending
                 return
-            x = torch.cat([p[0] for p in self._pending])
-            y = torch.cat([p[1] for p in self._pending])
-            ks = [k for p in self._pending for k in p[2]]
+            x = torch.cat([p[0] for p in pending])
+            y = torch.cat([p[1] for p in pending])
+            ks = [k for p in pending for k in p[2]]
             take = end - self.state.n_seen
-            rest = (x[take:], y[take:], ks[take:])
-            self._pending = [rest] if rest[2] else []
+            # the block is merged first: if computing it fails (out of memory), nothing fed is lost or moved
             self.merge(self.block_stats(x[:take], y[:take], ks[:take], self.state.n_seen))
-            if not self._pending:
+            pending = [(x[take:], y[take:], ks[take:])] if len(ks) > take else []
+            self._pending = pending
+            if not pending:
                 return
 
     @torch.no_grad()
@@ -962,8 +966,49 @@ def planted_flags(image_set: data.ImageSet, adapter: IARAdapter | None = None) -
     return None
 
 
+class UnitMemBlocks:
+    """The work unit of a UnitMem pass for `backends.map_blocks`: `block_stats` of images [start, stop).
+
+    Pickles as the model's load arguments and identity, the image set and the config; a worker loads the model
+    once (`setup`, on its GPU or the CPU) and keeps it. In this process it uses the given adapter (and pass)."""
+
+    def __init__(self, adapter: IARAdapter, image_set: data.ImageSet, cfg: UnitMemConfig, local_pass=None):
+        load_args = getattr(adapter, "load_args", None)
+        self.load_args = None if load_args is None else dict(load_args)
+        self.identity = adapter.identity
+        self.image_set, self.cfg, self.n = image_set, cfg, len(image_set)
+        self._adapter, self._pass = adapter, local_pass
+
+    def __getstate__(self) -> dict:
+        if self.load_args is None:
+            raise ValueError(
+                "this model was not loaded with iarmem_core.adapters.load_adapter, so a worker cannot load it "
+                "again: load it with load_adapter (or use the local backend)"
+            )
+        return {k: v for k, v in vars(self).items() if k not in ("_adapter", "_pass")}
+
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d, _adapter=None, _pass=None)
+
+    def setup(self) -> UnitMemPass:
+        if self._pass is not None:
+            return self._pass
+        from iarmem_core.adapters import reload_adapter
+
+        ad = self._adapter or reload_adapter(self.load_args, backends.worker_device(), self.identity)
+        return UnitMemPass(ad, self.n, self.cfg, stats_only=True)
+
+    def run(self, p: UnitMemPass, start: int, stop: int) -> BlockStats:
+        idx = np.arange(start, stop)
+        x = self.image_set.images(idx, size=p.adapter.image_size)
+        y = self.image_set.labels_tensor(idx)
+        bs = p.block_stats(x, y, [self.image_set.ids[i] for i in idx], start)
+        return bs if self._pass is not None else bs.to("cpu")  # a worker's payload travels on the CPU
+
+
 def make_job(adapter: IARAdapter, image_set: data.ImageSet, cfg: UnitMemConfig):
-    """The job function fn(ctx) -> (arrays, meta) of a UnitMem pass (resumable, cancellable)."""
+    """The job function fn(ctx) -> (arrays, meta) of a UnitMem pass (resumable, cancellable); its blocks run on
+    the job's backend (ctx.backend: this process, or the workers of a Ray cluster) and merge here in order."""
 
     def fn(ctx) -> tuple[dict[str, np.ndarray], dict]:
         n = len(image_set)
@@ -975,20 +1020,15 @@ def make_job(adapter: IARAdapter, image_set: data.ImageSet, cfg: UnitMemConfig):
             arrays, meta = ctx.resume_state
             p.load_state(UnitMemState.from_arrays(arrays, int(meta["n_seen"])))
 
-        def work(start: int, stop: int) -> None:
-            idx = np.arange(start, stop)
-            x = image_set.images(idx, size=adapter.image_size)
-            y = image_set.labels_tensor(idx)
-            p.step(x, y, keys=[image_set.ids[i] for i in idx])
-
-        jobs.run_batches(
+        report = backends.map_blocks(
             ctx,
+            UnitMemBlocks(adapter, image_set, cfg, local_pass=p),
             n,
-            cfg.batch_size,
-            work,
+            p.block,
             start=p.state.n_seen,
-            align=p.block,
-            what="UnitMem batch",
+            merge=lambda i, j, bs: p.merge(bs),
+            batch_size=cfg.batch_size,
+            what="UnitMem block",
             progress=lambda j: (j / n, f"{j}/{n} images x {p.views['n']} views"),
             save=lambda j: (p.state.arrays(), {"n_seen": p.state.n_seen}),
         )
@@ -1002,6 +1042,7 @@ def make_job(adapter: IARAdapter, image_set: data.ImageSet, cfg: UnitMemConfig):
             "config": cfg.to_dict(),
             "augmentation": p.augmentation,
             "views": p.views,
+            "execution": report,
             "reduction": {
                 "block_images": p.block,
                 "order": "aligned blocks of images merged in order; max keeps "
@@ -1049,23 +1090,32 @@ def load_result(store, key: str) -> UnitMemResult:
 
 
 def run_unitmem(
-    adapter: IARAdapter, image_set: data.ImageSet, cfg: UnitMemConfig, store=None, on_progress=None, force: bool = False
+    adapter: IARAdapter,
+    image_set: data.ImageSet,
+    cfg: UnitMemConfig,
+    store=None,
+    on_progress=None,
+    force: bool = False,
+    backend=None,
 ) -> UnitMemResult:
-    """Run (or load from the store) the UnitMem pass synchronously; returns the result with its key."""
+    """Run (or load from the store) the UnitMem pass synchronously; returns the result with its key.
+    `backend`: where the blocks run (iarmem_core.backends; None: this process). Never part of the key."""
     st = store if store is not None else store_mod.get_store()
     spec = job_spec(adapter, image_set, cfg)
     arrays, meta = jobs.run_job(
-        KIND, spec, make_job(adapter, image_set, cfg), store=st, force=force, on_progress=on_progress
+        KIND, spec, make_job(adapter, image_set, cfg), store=st, force=force, on_progress=on_progress, backend=backend
     )
     meta = dict(meta)
     meta["store_key"] = st.key(KIND, spec)
     return UnitMemResult(arrays, meta)
 
 
-def start_unitmem(adapter: IARAdapter, image_set: data.ImageSet, cfg: UnitMemConfig, store=None):
+def start_unitmem(adapter: IARAdapter, image_set: data.ImageSet, cfg: UnitMemConfig, store=None, backend=None):
     """Start the pass as a background job (the app); returns the job handle (a running one is reused)."""
     st = store if store is not None else store_mod.get_store()
-    return jobs.start_job(KIND, job_spec(adapter, image_set, cfg), make_job(adapter, image_set, cfg), store=st)
+    return jobs.start_job(
+        KIND, job_spec(adapter, image_set, cfg), make_job(adapter, image_set, cfg), store=st, backend=backend
+    )
 
 
 def summarize(res: UnitMemResult, top: int = 10, kinds: Sequence[str] = ("scale",)) -> dict:

@@ -3,8 +3,9 @@
 For every demo model (demo-var, demo-rar) this runs the app's default analyses exactly as the app and the CLI
 key them: UnitMem on the demo selection (500 images, seed 0) with the app's overview groups, its null control
 (plus 500 never-trained images) and its class-controlled variant, the extraction attack with its defaults
-(plus the held-out control), the localization of every extracted image and their union, the default edit's
-measurements (top 10%, factor 0.5) and the trade-off sweep.
+(plus the held-out control), the localization of every extracted image and their union, the unedited model's
+quality samples, the default edit's measurement (top 10%, factor 0.5, 20 random draws), the trade-off sweep and
+the dose-response curves.
 The results are computed in (or taken from) a working store, then copied to assets/store/results/<key>/,
 and assets/store/index.json lists them. tests/app/test_shipped_store.py fails when a shipped key no
 longer matches what the current code would compute, so rerun this script after changing a model, the data,
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from iarmem_app import config
-from iarmem_core import data, extraction, intervention, localize, unitmem
+from iarmem_core import data, dose, extraction, intervention, localize, unitmem
 from iarmem_core.adapters import load_adapter
 from iarmem_core.store import ResultStore
 
@@ -35,6 +36,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 SEED = 0
 MAX_MB = 8.0  # the shipped store must stay small
+
+
+def _wait(handle) -> None:
+    handle.wait()
+    if handle.state != "done":
+        raise RuntimeError(f"{handle.key}: {handle.status().get('error')}")
 
 
 def default_keys(name: str, store: ResultStore, sweep: bool = True) -> list[dict]:
@@ -105,7 +112,25 @@ def default_keys(name: str, store: ResultStore, sweep: bool = True) -> list[dict
     def um_result():
         return unitmem.run_unitmem(adapter, sel, cfg, store=store)
 
-    # the intervention page's first view: the default edit's numbers and the trade-off curve
+    # the intervention page's first view: the unedited model's quality samples (every edit's measurement
+    # compares with them), the default edit's numbers and the trade-off curve
+    qspec = intervention.quality_spec(
+        adapter,
+        None,
+        n_samples=intervention.DEFAULT_N_SAMPLES,
+        feature_space=None,
+        reference_set=None,
+        seed=SEED,
+        sampling=None,
+    )
+    out.append(
+        {
+            "model": name,
+            "kind": intervention.QUALITY_KIND,
+            "key": store.key(intervention.QUALITY_KIND, qspec, intervention.QUALITY_VERSION),
+            "run": lambda: intervention.quality(adapter, None, seed=SEED, store=store),
+        }
+    )
     kw = dict(top_percent=10.0, units=None, factor=0.5, op="fc1_scale", ranking="global", seed=SEED)
     res0 = unitmem.UnitMemResult({}, {"store_key": um_key})
     out.append(
@@ -113,7 +138,7 @@ def default_keys(name: str, store: ResultStore, sweep: bool = True) -> list[dict
             "model": name,
             "kind": intervention.MEASURE_KIND,
             "key": intervention.measurement_key(adapter, res0, sel, store, **kw),
-            "run": lambda: intervention.start_measurement(adapter, um_result(), sel, store, **kw).wait(),
+            "run": lambda: _wait(intervention.start_measurement(adapter, um_result(), sel, store, **kw)),
         }
     )
     args = {**intervention.sweep_defaults(), "seed": SEED}
@@ -123,6 +148,16 @@ def default_keys(name: str, store: ResultStore, sweep: bool = True) -> list[dict
             "kind": intervention.SWEEP_KIND,
             "key": intervention.sweep_key(adapter, res0, sel, store, **args),
             "run": lambda: intervention.run_sweep(adapter, um_result(), sel, store=store, **args),
+        }
+    )
+    # the dose-response curves (the copies the attack extracts, four selections of units)
+    dcfg = dose.CurveConfig(localize=localize.LocalizeConfig(seed=SEED))
+    out.append(
+        {
+            "model": name,
+            "kind": dose.KIND,
+            "key": lambda: dose.dose_response_key(adapter, sel, res0, dcfg, store),
+            "run": lambda: dose.run_dose_response(adapter, sel, um_result(), dcfg, store=store),
         }
     )
     return out

@@ -144,3 +144,23 @@ def test_localize_command_round_trip():
     assert localize_config(args) == cfg and args.image == "train/0012" and not args.all
     args = parse(commands.localize_command(commands.ModelArgs("demo-var"), commands.DataArgs()))
     assert args.all and localize_config(args) == LocalizeConfig()
+
+
+def test_curve_command_round_trip():
+    from iarmem_core import dose, localize
+    from iarmem_core.cli.intervene import curve_config
+
+    ucfg = unitmem.default_config("demo-var")
+    for cfg in (
+        dose.CurveConfig(),
+        dose.CurveConfig(
+            percents=(0.5, 3.0),
+            random_draws=30,
+            ranking="per_block",
+            combine="max",
+            localize=localize.LocalizeConfig(op="fc1_scale", factor=0.25, prefix_tokens=14, threshold=0.8, seed=2),
+        ),
+    ):
+        m = commands.ModelArgs("demo-var", seed=cfg.seed)
+        args = parse(commands.curve_command(m, commands.DataArgs(), ucfg, cfg))
+        assert args.curve and curve_config(args) == cfg

@@ -152,14 +152,14 @@ def test_out_of_memory_halves_the_batch_and_says_so(world, tmp_path, monkeypatch
     clean = extraction.run_extraction(
         m, train, _cfg(batch_size=2), heldout_set=heldout, store=ResultStore(tmp_path / "a")
     )
-    real = MemorizingVAR.generate
+    real = MemorizingVAR.generate_latent  # what the attack calls (generate + VAR's final f_hat)
 
     def small_gpu(self, labels, *a, **kw):
         if len(labels) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real(self, labels, *a, **kw)
 
-    monkeypatch.setattr(MemorizingVAR, "generate", small_gpu)
+    monkeypatch.setattr(MemorizingVAR, "generate_latent", small_gpu)
     res = extraction.run_extraction(
         m, train, _cfg(batch_size=8), heldout_set=heldout, store=ResultStore(tmp_path / "b")
     )
@@ -170,7 +170,7 @@ def test_out_of_memory_halves_the_batch_and_says_so(world, tmp_path, monkeypatch
     def no_gpu(self, labels, *a, **kw):
         raise RuntimeError("CUDA error: out of memory")
 
-    monkeypatch.setattr(MemorizingVAR, "generate", no_gpu)
+    monkeypatch.setattr(MemorizingVAR, "generate_latent", no_gpu)
     with pytest.raises(jobs.OutOfMemory, match="batch of 1 .*does not fit"):
         extraction.run_extraction(m, train, _cfg(batch_size=2), heldout_set=heldout, store=ResultStore(tmp_path / "c"))
 
@@ -318,3 +318,39 @@ def test_builtin_demo_calibration_is_for_the_shipped_weights_and_meets_the_demo_
     assert c["recall_planted_by_count"]["64"] >= 0.8, c
     assert c["precision_planted"] >= 0.9, c
     assert c["heldout_n"] == 200 and c["heldout_false_rate"] <= 0.02, c
+
+
+def test_one_decision_at_tied_thresholds():
+    """A score equal to the threshold is not extracted, in the counts and in every label (float32 compare)."""
+    # token match in steps of 1/100: 91/100 stored in float32 is 0.91000000238 > the float64 0.91
+    scores = (np.array([89, 90, 91, 91, 92, 95]) / 100).astype(np.float32)
+    assert (scores[2].astype(np.float64) > 0.91) and not extraction.is_extracted(scores[2], 0.91)
+    np.testing.assert_array_equal(extraction.is_extracted(scores, 0.91), [False, False, False, False, True, True])
+    np.testing.assert_array_equal(extraction.is_extracted(scores, 0.905), [False, False, True, True, True, True])
+    # per-row thresholds broadcast
+    np.testing.assert_array_equal(
+        extraction.is_extracted(scores, np.full(6, 0.90)), [False, False, True, True, True, True]
+    )
+    # a result's count and its table's labels agree at a tied threshold
+    arrays = {
+        "image_id": np.array([f"train/{i}" for i in range(6)]),
+        "label": np.zeros(6, np.int64),
+        "score": np.zeros(6, np.float32),
+        "prefix_tokens": np.full(6, 8),
+        "split": np.array(["train"] * 6),
+        "rank": np.arange(6),
+        "item": np.arange(6),
+        "planted": np.full(6, -1, np.int8),
+        "count": np.full(6, -1, np.int64),
+        "sim_token_match": scores,
+    }
+    meta = {
+        "measures": ["token_match"],
+        "similarity": "token_match",
+        "prefix_tokens": [8],
+        "thresholds": [{"measure": "token_match", "prefix_tokens": 8, "threshold": 0.91, "source": "user"}],
+    }
+    res = extraction.ExtractionResult(arrays, meta)
+    assert res.count()["extracted"] == 2 == int(res.table["extracted"].sum())
+    assert res.count(threshold=0.91)["extracted"] == 2 == int(res.decision(0.91).sum())
+    assert res.count(threshold=0.90)["extracted"] == 4

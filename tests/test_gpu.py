@@ -1,4 +1,6 @@
-"""CUDA agrees with the CPU: teacher forcing, greedy generation, UnitMem (fp32 and bf16) and the attack.
+"""CUDA agrees with the CPU: teacher forcing, greedy generation, UnitMem (fp32 and bf16), the attack; on CUDA the
+cached attack is bit-identical to the uncached one, VAR decodes f_hat like the ids, bf16 decodes keep the demo
+decisions, and the FLOP counts of the CUDA kernels equal the meta counts.
 
 Skipped on machines without CUDA (this project's CPU CI); `python -m pytest -m gpu` on a GPU machine runs them.
 The CPU results are the reference (they are the ones checked against the official code's golden tensors).
@@ -86,3 +88,52 @@ def test_extraction_on_cuda_counts_like_the_cpu(tmp_path):
     cg = extraction.run_extraction(gpu, sel, cfg, store=ResultStore(tmp_path / "g")).count()
     assert abs(cc["extracted"] - cg["extracted"]) <= 1
     assert cg["heldout_false_rate"] == cc["heldout_false_rate"]
+
+
+def test_cached_attack_on_cuda_is_bit_identical_to_the_uncached_one(tmp_path):
+    gpu = load_adapter("demo-rar", device="cuda")
+    sel = data.select_demo(n=60, seed=0)
+    cfg = extraction.ExtractionConfig(candidates_per_class=1, heldout_n=10, batch_size=4, prefix_tokens=(8, 2))
+    plain = extraction.run_extraction(gpu, sel, cfg, store=ResultStore(tmp_path / "p"), cache=False)
+    cached = extraction.run_extraction(gpu, sel, cfg, store=ResultStore(tmp_path / "c"))
+    for k, v in plain.arrays.items():
+        np.testing.assert_array_equal(cached.arrays[k], v, err_msg=k)
+
+
+@pytest.mark.parametrize("name", ["test-var", "demo-var"])
+def test_var_f_hat_decode_on_cuda_equals_decode_of_the_ids(name):
+    m = load_adapter(name, device="cuda")
+    y = torch.tensor([0, 3, 5, 9], device="cuda")
+    ids, f_hat = m.generate_latent(y, cfg=2.0, top_k=0, seed=1)
+    for precision in ("fp32", "bf16"):
+        assert torch.equal(m.decode_latent(f_hat, precision), m.decode(ids, precision=precision))
+
+
+@pytest.mark.parametrize("name", ["demo-var", "demo-rar"])
+def test_bf16_decodes_on_cuda_keep_every_decision_of_the_demo_attack(name, tmp_path):
+    from dataclasses import replace
+
+    gpu = load_adapter(name, device="cuda")
+    sel = data.select_demo(n=500, seed=0)
+    st = ResultStore(tmp_path)
+    cfg = extraction.ExtractionConfig(seed=0)
+    fp = extraction.run_extraction(gpu, sel, cfg, store=st)
+    bf = extraction.run_extraction(gpu, sel, replace(cfg, decode_dtype="bf16"), store=st)
+    np.testing.assert_array_equal(bf.arrays["gen_tokens_RN"], fp.arrays["gen_tokens_RN"])
+    for measure in fp.meta["measures"]:
+        np.testing.assert_array_equal(bf.decision(similarity=measure), fp.decision(similarity=measure), measure)
+    assert bf.meta["bf16_recheck"]["max_abs_diff_bf16_fp32"] < bf.meta["bf16_recheck"]["margin"] / 2
+
+
+def test_flop_counts_of_cuda_kernels_equal_the_meta_counts_and_the_peak_is_measured():
+    from iarmem_core import flops
+
+    for name in ("test-var", "test-rar", "test-llamagen"):
+        m = load_adapter(name, device="cuda")
+        y = torch.tensor([1, 4], device="cuda")
+        toks = m.tokenize(torch.rand(2, 3, m.image_size, m.image_size, device="cuda"))
+        p = m.prefix_choices[2]
+        assert flops.count(m.decode, toks) == flops.decode_flops(name, 2)
+        assert flops.count(m.generate, y, prefix=toks, n_prefix=p, top_k=1) == flops.generate_flops(name, 2, p)
+    peak = flops.measure_peak("cuda", torch.bfloat16)
+    assert peak["flops_per_s"] > 1e12 and "gpu" in peak

@@ -150,3 +150,84 @@ def test_edit_spec_roundtrip_and_validation():
         hooks.UnitEdit(units={0: [1]}, op="bogus")
     with pytest.raises(ValueError):
         hooks.UnitEdit(units={0: [1]}, factor=1.5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# batched edits: one edit per batch row
+def _one_edit_path(m, x, edits_per_row, cfg_doubled=False):
+    """The one-edit path at the same batch composition: the whole batch under each row's UnitEdit, keeping
+    that row (a linear layer's rows are not bit-stable across batch sizes, so the batch is kept)."""
+    out = torch.empty_like(x)
+    B = len(edits_per_row)
+    for b, e in enumerate(edits_per_row):
+        with hooks.edit(m, e):
+            h = _fwd(m, x, cfg_doubled)
+        out[b] = h[b]
+        if cfg_doubled:
+            out[B + b] = h[B + b]
+    return out
+
+
+def _fwd(m, x, cfg_doubled=False):
+    with hook_points.call_scope(torch.arange(x.shape[1]), cfg_doubled=cfg_doubled):
+        h = x
+        for blk in m.blocks:
+            h = h + blk["mlp"](h)
+    return h
+
+
+def test_batched_edit_equals_each_row_under_its_own_edit_bit_for_bit():
+    m = Toy()
+    edits = [
+        hooks.UnitEdit(units={1: [0, 2]}, op="fc1_scale", factor=0.5),
+        hooks.UnitEdit(units={0: [1, 3, 5], 1: [4]}, op="fc1_scale", factor=0.3),
+        hooks.UnitEdit(units={0: [2]}, op="zero"),
+        hooks.UnitEdit(units={1: [1, 5]}, op="out_scale", factor=0.25),
+    ]
+    row_edit = (0, 1, -1, 2, 3, 1, 0)  # 7 rows, one unedited, edits repeated
+    x = torch.randn(len(row_edit), 3, 4)
+    want = _one_edit_path(m, x, [edits[r] if r >= 0 else None for r in row_edit])
+    with hooks.edit(m, hooks.BatchedEdit(tuple(edits), row_edit)):
+        got = _fwd(m, x)
+    assert torch.equal(got, want)
+    # and the fc1 edit equals editing the weights
+    ref = Toy()
+    with torch.no_grad():
+        ref.blocks[1]["mlp"].fc1.weight[[0, 2]] *= 0.5
+    torch.testing.assert_close(got[0], _fwd(ref, x)[0])
+    # outside the block nothing is edited
+    assert torch.equal(_fwd(m, x), _fwd(Toy(), x))
+
+
+def test_batched_edit_on_cfg_doubled_batches_follows_each_edits_half():
+    m = Toy()
+    edits = (
+        hooks.UnitEdit(units={0: [0, 1, 2, 3]}, op="zero", cfg_half="uncond"),
+        hooks.UnitEdit(units={1: [1, 2]}, op="fc1_scale", factor=0.5, cfg_half="cond"),
+        hooks.UnitEdit(units={0: [5]}, op="out_scale", factor=0.5),
+    )
+    row_edit = (2, 0, 1, -1)
+    x = torch.randn(2 * len(row_edit), 3, 4)  # [cond (4 rows); uncond (4 rows)]
+    want = _one_edit_path(m, x, [edits[r] if r >= 0 else None for r in row_edit], cfg_doubled=True)
+    with hooks.edit(m, hooks.BatchedEdit(edits, row_edit)):
+        got = _fwd(m, x, cfg_doubled=True)
+        with pytest.raises(ValueError, match="BatchedEdit of 4 rows met a batch of 3 rows"):
+            _fwd(m, x[:3])
+    assert torch.equal(got, want)
+    # row 1's edit is uncond-only: its conditional row is untouched, its unconditional row is edited
+    plain = _fwd(Toy(), x, cfg_doubled=True)
+    assert torch.equal(got[1], plain[1]) and not torch.equal(got[5], plain[5])
+
+
+def test_batched_edit_values_and_slices():
+    e = hooks.UnitEdit(units={0: [1]}, op="zero")
+    be = hooks.BatchedEdit.tiled([e, None, hooks.UnitEdit()], rows_per_edit=3)
+    assert be.row_edit == (0, 0, 0, 1, 1, 1, 2, 2, 2) and be.edits == (e, None, None)
+    assert be.n_rows == 9 and be.n_units == 1
+    assert be.rows(3, 9).n_units == 0 and be.rows(2, 4).row_edit == (0, 1)
+    with pytest.raises(IndexError, match="names edit 3"):
+        hooks.BatchedEdit((e,), (0, 3))
+    m = Toy()
+    with pytest.raises(IndexError, match="block 7"):
+        with hooks.edit(m, hooks.BatchedEdit((hooks.UnitEdit(units={7: [0]}),), (0,))):
+            pass

@@ -159,3 +159,32 @@ def test_cli_heldout_shares_and_digest(tmp_path):
     assert again["arrays_sha256"] == out["arrays_sha256"] and again["store_key"] == out["store_key"]
     with pytest.raises(SystemExit):
         cli_main(["unitmem", "--model", "test-var", "--rest", "nope"])
+
+
+def test_a_block_that_fails_loses_nothing(var, monkeypatch):
+    """Out of memory inside a block: the images fed stay held back, and feeding them again gives the clean result."""
+    ds = data.select_demo(n=30, seed=5)
+    cfg = unitmem.UnitMemConfig(n_augs=1, augmentation="none", block_images=8)
+    x, y, ids = ds.images(None, size=var.image_size), ds.labels_tensor(), list(ds.ids)
+    ref = unitmem.UnitMemPass(var, len(ds), cfg)
+    ref.step(x, y, ids)
+    want = ref.finish()
+    p = unitmem.UnitMemPass(var, len(ds), cfg)
+    p.step(x[:5], y[:5], ids[:5])
+    real = p.block_stats
+    calls = {"n": 0}
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("CUDA out of memory (test)")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(p, "block_stats", flaky)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        p.step(x[5:12], y[5:12], ids[5:12])
+    assert p.state.n_seen == 0 and p.n_fed == 5  # the failed batch is not half-taken
+    p.step(x[5:], y[5:], ids[5:])
+    got = p.finish()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)

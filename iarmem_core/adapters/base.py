@@ -12,9 +12,10 @@ abstract methods; everything else (loading, groups, prefix choices, devices) liv
 
 from __future__ import annotations
 
+import contextlib
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,6 +27,30 @@ from iarmem_core import checkpoints
 from iarmem_core.registry import ASSETS, ModelSpec
 
 Tokens = Any  # VAR: list[LongTensor [B, pn*pn]] per scale; next-token: LongTensor [B, N]
+DECODE_PRECISIONS = ("fp32", "bf16")  # of the tokenizer's decoder when it only feeds similarity images
+
+
+def check_precision(precision: str) -> str:
+    """`precision` if it is one of DECODE_PRECISIONS, else a ValueError naming the choices."""
+    if precision not in DECODE_PRECISIONS:
+        raise ValueError(f"decode precision must be one of {', '.join(DECODE_PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+@contextlib.contextmanager
+def decode_precision(device: torch.device, precision: str = "fp32") -> Iterator[None]:
+    """Run a decoder in `precision`: fp32 as is; bf16 under autocast on `device` (convolutions and matmuls in
+    bf16 on CPUs with AVX512-BF16 / AMX and on GPUs; GroupNorm and the other autocast fp32 ops stay fp32).
+
+    Nothing of the model is modified (autocast casts per call), so a shared model stays fp32 for every
+    other caller; token ids and teacher-forced logits never pass through here.
+    """
+    check_precision(precision)
+    if precision == "fp32":
+        yield
+        return
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        yield
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -180,8 +205,9 @@ class IARAdapter(ABC):
         """Images in [0, 1] (any device) -> tokens."""
 
     @abstractmethod
-    def decode(self, tokens: Tokens) -> torch.Tensor:
-        """Tokens -> images [B, 3, H, W] in [0, 1]."""
+    def decode(self, tokens: Tokens, precision: str = "fp32") -> torch.Tensor:
+        """Tokens -> images [B, 3, H, W] in [0, 1] (float32); `precision` "bf16" runs the decoder under bf16
+        autocast (`decode_precision`), for images that only feed a similarity."""
 
     def flatten(self, tokens: Tokens) -> torch.Tensor:
         """Tokens -> LongTensor [B, N] (VAR: scales concatenated)."""
@@ -195,9 +221,33 @@ class IARAdapter(ABC):
             return [flat_BN[:, s] for s in self.scale_slices]
         return flat_BN
 
-    def reconstruct(self, images_B3HW: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, images_B3HW: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
         """The tokenizer's reconstruction decode(tokenize(x)), the reference an extraction is compared with."""
-        return self.decode(self.tokenize(images_B3HW))
+        toks = self.tokenize(images_B3HW)
+        return self.decode(toks) if precision == "fp32" else self.decode(toks, precision=precision)
+
+    def decode_latent(self, latent: Any, precision: str = "fp32") -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] from the `latent` of `generate_latent` (here: the tokens themselves)."""
+        return self.decode(latent) if precision == "fp32" else self.decode(latent, precision=precision)
+
+    def tokenizer_identity(self) -> dict:
+        """What determines tokens and reconstructions, for result-store keys of cached tokens: the family, the
+        tokenizer's weights (file fingerprint or random seed) and config, the image size and dtype, and any
+        identity field beyond name/tokenizer/transformer (a subclass that changes `tokenize` marks itself
+        there). The transformer is not part of it: models that share a tokenizer share its cache."""
+        extra = {k: v for k, v in self.identity.items() if k not in ("name", "tokenizer", "transformer")}
+        out = {
+            "family": self.family,
+            "tokenizer": self.identity.get("tokenizer"),
+            "config": self.spec.tokenizer,
+            "image_size": self.image_size,
+            "dtype": str(self.dtype),
+        }
+        if extra:
+            out["extra"] = extra
+        if self.identity.get("tokenizer") is None:
+            out["name"] = self.spec.name  # no weights identity: only the same model shares
+        return out
 
     # ---- transformer ---------------------------------------------------------------------------
     @abstractmethod
@@ -228,6 +278,15 @@ class IARAdapter(ABC):
         CFG (no batch doubling). ``seed`` makes sampling reproducible. ``kv_cache=False`` recomputes the
         whole prefix at every step (same tokens, slower; for benchmarks and checks).
         """
+
+    def generate_latent(self, labels: torch.Tensor, **kw: Any) -> tuple[Tokens, Any]:
+        """`generate(labels, **kw)` plus what `decode_latent` turns into the images: (tokens, latent).
+
+        Next-token families: the latent is the tokens. VAR: its final f_hat (the generation builds it anyway;
+        decoding it skips rebuilding it from the ids and gives the same image, see `VARAdapter`).
+        """
+        toks = self.generate(labels, **kw)
+        return toks, toks
 
     def check_prefix(self, n_prefix: int) -> None:
         if n_prefix not in self.prefix_choices and n_prefix != 0:

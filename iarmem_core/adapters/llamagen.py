@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from iarmem_core.adapters.base import IARAdapter, Tokens, UnitSite
+from iarmem_core.adapters.base import IARAdapter, Tokens, UnitSite, decode_precision
 from iarmem_core.models import llamagen as gpt_lib
 from iarmem_core.models.llamagen import Transformer
 from iarmem_core.models.vq import VQModel
@@ -70,11 +70,12 @@ class LlamaGenAdapter(IARAdapter):
         return self.tokenizer.encode(self._images(images_B3HW) * 2 - 1)
 
     @torch.no_grad()
-    def decode(self, tokens: Tokens) -> torch.Tensor:
-        """Token ids [B, N] -> images [B, 3, H, W] in [0, 1] (float32)."""
+    def decode(self, tokens: Tokens, precision: str = "fp32") -> torch.Tensor:
+        """Token ids [B, N] -> images [B, 3, H, W] in [0, 1] (float32; `precision` bf16: decoder under autocast)."""
         idx_BN = self._tokens(tokens)
         g = self.transformer.grid
-        img = self.tokenizer.decode_code(idx_BN, (idx_BN.shape[0], self.tokenizer.codebook_embed_dim, g, g))
+        with decode_precision(self.device, precision):
+            img = self.tokenizer.decode_code(idx_BN, (idx_BN.shape[0], self.tokenizer.codebook_embed_dim, g, g))
         return ((img.float() + 1) / 2).clamp(0, 1)
 
     # ---- transformer ---------------------------------------------------------------------------

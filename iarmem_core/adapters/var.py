@@ -8,6 +8,8 @@ Example:
     >>> m = load_adapter("test-var")
     >>> toks = m.generate(torch.tensor([3, 7]), cfg=1.5, top_k=1)   # greedy, official CFG ramp
     >>> imgs = m.decode_progressive(toks)                            # one image per scale
+    >>> toks, f_hat = m.generate_latent(torch.tensor([3, 7]))      # ... and the final f_hat
+    >>> imgs = m.decode_latent(f_hat)                                # == m.decode(toks), bit for bit
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from iarmem_core.adapters.base import IARAdapter, Tokens, UnitSite
+from iarmem_core.adapters.base import IARAdapter, Tokens, UnitSite, decode_precision
 from iarmem_core.models.var import VAR
 from iarmem_core.models.vqvae_ms import VQVAE
 from iarmem_core.registry import ModelSpec
@@ -101,12 +103,26 @@ class VARAdapter(IARAdapter):
         return self.tokenizer.img_to_idxBl(self._images(images_B3HW) * 2 - 1)
 
     @torch.no_grad()
-    def decode(self, tokens: Tokens) -> torch.Tensor:
-        """All scales' ids -> images [B, 3, H, W] in [0, 1]."""
+    def decode(self, tokens: Tokens, precision: str = "fp32") -> torch.Tensor:
+        """All scales' ids -> images [B, 3, H, W] in [0, 1] (f_hat rebuilt from the ids, then the decoder)."""
         toks = self._token_list(tokens)
         if len(toks) != len(self.patch_nums):
             raise ValueError(f"decode needs all {len(self.patch_nums)} scales, got {len(toks)}")
-        return self._to01(self.tokenizer.idxBl_to_img(toks, same_shape=True, last_one=True))
+        quant = self.tokenizer.quantize
+        return self.decode_latent(quant.embed_to_fhat(quant.idxBl_to_h(toks), last_one=True), precision)
+
+    @torch.no_grad()
+    def decode_latent(self, latent: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+        """The final f_hat [B, Cvae, h, w] (from `generate_latent`) -> images [B, 3, H, W] in [0, 1].
+
+        `generate` accumulates f_hat exactly as `embed_to_fhat` rebuilds it from the ids (zeros, then
+        + Phi(up(h_si)) scale by scale, in the same dtype), so decode_latent(f_hat) == decode(ids) bit for bit.
+        """
+        if latent.ndim != 4 or latent.shape[1] != self.tokenizer.Cvae:
+            raise ValueError(f"expected f_hat [B, {self.tokenizer.Cvae}, h, w], got {list(latent.shape)}")
+        with decode_precision(self.device, precision):
+            img = self.tokenizer.fhat_to_img(latent.to(self.device))
+        return self._to01(img if precision == "fp32" else img.float())  # bf16: rescale in fp32
 
     @torch.no_grad()
     def decode_progressive(self, tokens: Tokens) -> list[torch.Tensor]:
@@ -147,6 +163,25 @@ class VARAdapter(IARAdapter):
         CFG follows VAR's linear ramp t = cfg * si / (S-1); ``top_k=1`` is greedy. Sampling uses a
         torch.Generator seeded with `seed` on the model's device, as the official `g_seed`.
         """
+        return self.generate_latent(
+            labels, prefix, n_prefix, cfg, top_k, top_p, temperature, seed, kv_cache, **family_kw
+        )[0]
+
+    @torch.no_grad()
+    def generate_latent(
+        self,
+        labels: torch.Tensor | Sequence[int],
+        prefix: Tokens | None = None,
+        n_prefix: int = 0,
+        cfg: float = 0.0,
+        top_k: int = 1,
+        top_p: float = 0.0,
+        temperature: float = 1.0,
+        seed: int = 0,
+        kv_cache: bool = True,
+        **family_kw: Any,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """`generate` plus its final f_hat [B, Cvae, h, w]: (per-scale ids, f_hat) for `decode_latent`."""
         if family_kw:
             raise TypeError(f"VAR generate got unknown options {sorted(family_kw)}")
         self.check_prefix(n_prefix)
@@ -162,7 +197,7 @@ class VARAdapter(IARAdapter):
         rng = torch.Generator(device=self.device)
         rng.manual_seed(int(seed))
         self.transformer.eval()
-        toks, _ = self.transformer.generate(
+        return self.transformer.generate(
             self.tokenizer,
             lab,
             cfg=cfg,
@@ -173,7 +208,6 @@ class VARAdapter(IARAdapter):
             prefix_idx_Bl=prefix_list,
             kv_cache=kv_cache,
         )
-        return toks
 
     # ---- units -----------------------------------------------------------------------------------
     def unit_sites(self) -> list[UnitSite]:

@@ -1,6 +1,7 @@
 """iarmem's command line (`iarmem <cmd>` or `python -m iarmem_core <cmd>`): the app's functions, defaults, store.
 
-One module per command (`unitmem`, `extract`, `intervene` + `sample`, `models` + `identify`, `train-demo`);
+One module per command (`unitmem`, `extract`, `intervene` + `sample`, `models` + `identify`, `train-demo`,
+`run-job`: the driver of a job on a Ray cluster);
 the options shared by several live in `common`, and `commands` turns a configuration back into the command
 line that reproduces it (the app prints those). Nothing in the library imports this package.
 With --json each command prints exactly one JSON object on stdout; progress goes to stderr.
@@ -25,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "sample": ("iarmem_core.cli.intervene", "add_sample_arguments", "run_sample", "SAMPLE_HELP"),
     "localize": ("iarmem_core.cli.localize", "add_arguments", "run", "HELP"),
     "train-demo": ("iarmem_core.cli.train_demo", "add_arguments", "run", "HELP"),
+    "run-job": ("iarmem_core.cli.run_job", "add_arguments", "run", "HELP"),
 }
 
 

@@ -123,6 +123,38 @@ def intervene_command(
     return _join("intervene", parts + ["--json"])
 
 
+def curve_command(model: ModelArgs, data: DataArgs, unitmem_cfg, cfg=None) -> str:
+    """`intervene --curve` (the dose-response curves, iarmem_core.dose) for a CurveConfig (None: the defaults);
+    its seed is the one of `model` (--seed)."""
+    from iarmem_core import dose
+    from iarmem_core import intervention as iv
+    from iarmem_core.cli.unitmem import unitmem_flags
+
+    d, cfg = dose.CurveConfig(), cfg or dose.CurveConfig()
+    parts = model.flags() + data.flags() + ["--curve"]
+    if cfg.percents != d.percents:
+        parts += ["--curve-percents", ",".join(f"{k:g}" for k in cfg.percents)]
+    if cfg.op != d.op:
+        parts += ["--curve-op", cfg.op]
+    if cfg.factor != d.factor:
+        parts += ["--curve-factor", f"{cfg.factor:g}"]
+    if cfg.random_draws != d.random_draws:
+        parts += ["--random-draws", str(cfg.random_draws)]
+    if cfg.ranking != iv.DEFAULT_RANKING:
+        parts += ["--ranking", cfg.ranking]
+    if str(cfg.combine) != iv.DEFAULT_COMBINE:
+        parts += ["--combine", str(cfg.combine)]
+    lc, ld = cfg.localize, dose.CurveConfig().localize
+    if lc.prefix_tokens is not None:
+        parts += ["--prefix", str(lc.prefix_tokens)]
+    if lc.similarity != ld.similarity:
+        parts += ["--similarity", lc.similarity]
+    if lc.threshold is not None:
+        parts += ["--threshold", f"{lc.threshold:g}"]
+    parts += unitmem_flags(unitmem_cfg, model.name, prefix="unitmem-")
+    return _join("intervene", parts + ["--json"])
+
+
 def sample_command(
     model: ModelArgs,
     data: DataArgs,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -100,6 +102,117 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="recompute even if the result is stored")
 
 
+def add_backend_args(p: argparse.ArgumentParser) -> None:
+    """Where the heavy blocks run: --backend local (this process, the default) or ray (a Ray cluster)."""
+    p.add_argument(
+        "--backend",
+        default="local",
+        choices=("local", "ray"),
+        help="local: this process (default); ray: the blocks run on the actors of a Ray cluster "
+        "(pip install -r requirements-ray.txt)",
+    )
+    p.add_argument(
+        "--ray-address",
+        help="with --backend ray (default $RAY_ADDRESS): http://HEAD:8265 submits the job through the Ray Jobs API "
+        "and follows it (the store must be on a filesystem the cluster shares); HEAD:6379 or auto: this process "
+        "is the driver on a node of the cluster; neither: a private local Ray instance on 127.0.0.1",
+    )
+    p.add_argument("--ray-workers", type=int, help="Ray actors (default: one per GPU, or per CPU without GPUs)")
+    p.add_argument(
+        "--ray-gpus-per-worker", type=float, help="GPUs per actor (default 1; 0.5 packs two small models per GPU)"
+    )
+
+
+def get_backend(args: argparse.Namespace):
+    """The backend of --backend (None: local, the job runs in this process)."""
+    if getattr(args, "backend", "local") != "ray":
+        return None
+    from iarmem_core.backends import get_backend as _get
+
+    return _get(
+        "ray",
+        address=getattr(args, "ray_address", None),
+        workers=getattr(args, "ray_workers", None),
+        gpus_per_worker=getattr(args, "ray_gpus_per_worker", None),
+    )
+
+
+def jobs_api_address(args: argparse.Namespace) -> str | None:
+    """The Jobs API address when this command is to be submitted to a cluster (--backend ray and an http://
+    --ray-address or $RAY_ADDRESS), else None."""
+    if getattr(args, "backend", "local") != "ray":
+        return None
+    from iarmem_core.backends.ray_jobs import is_jobs_address
+
+    addr = getattr(args, "ray_address", None) or os.environ.get("RAY_ADDRESS")
+    return addr if is_jobs_address(addr) else None
+
+
+BACKEND_DESTS = ("backend", "ray_address", "ray_workers", "ray_gpus_per_worker")
+
+
+def argv_of(args: argparse.Namespace, drop: tuple[str, ...] = ()) -> list[str]:
+    """The command line of the parsed `args` (options that differ from their defaults), without `drop`."""
+    from iarmem_core.cli import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub = subs.choices[args.command]
+    out: list[str] = [args.command]
+    positional: list[str] = []
+    for act in sub._actions:
+        if act.dest in drop or act.dest == "help" or isinstance(act, argparse._HelpAction):
+            continue
+        v = getattr(args, act.dest, act.default)
+        if not act.option_strings:
+            positional += [str(x) for x in v] if isinstance(v, list) else [str(v)]
+            continue
+        if v == act.default or v is None:
+            continue
+        flag = next((o for o in act.option_strings if o.startswith("--")), act.option_strings[0])
+        if isinstance(act, argparse._StoreTrueAction):
+            out.append(flag)
+        elif isinstance(act, argparse._StoreFalseAction):
+            out.append(flag)
+        elif isinstance(act, argparse._AppendAction):
+            for x in v:
+                out += [flag, str(x)]
+        else:
+            out += [flag, str(v)]
+    return out + positional
+
+
+def submit_to_cluster(args: argparse.Namespace, address: str) -> int:
+    """Submit this command to the Ray cluster at the Jobs API `address`, follow its progress on stderr and print
+    the command's output (its --json object) when it ends. Ctrl-C stops the cluster job (resumable later)."""
+    from iarmem_core.backends import ray_jobs
+
+    store_root = os.environ.get("IARMEM_CLUSTER_STORE") or str(get_store(args).root.resolve())
+    argv = argv_of(args, drop=BACKEND_DESTS + ("store",)) + ["--store", store_root]
+    backend = {
+        "workers": getattr(args, "ray_workers", None),
+        "gpus_per_worker": getattr(args, "ray_gpus_per_worker", None),
+    }
+    sid = ray_jobs.submit(address, argv, backend=backend)
+    print(f"submitted Ray job {sid} to {address} (store {store_root})", file=sys.stderr)
+    show = progress_printer(args.command)
+
+    def on_status(d: dict) -> None:
+        if "progress" in d:
+            show(float(d["progress"]), str(d.get("message") or ""))
+
+    state, text = ray_jobs.follow(address, sid, on_status)
+    out = ray_jobs.last_json(text)
+    if out is not None:
+        print(json.dumps(out))
+    elif not getattr(args, "json", False):
+        print(text[-4000:])
+    if state != "SUCCEEDED":
+        print(f"error: Ray job {sid} ended {state}; its logs: ray job logs {sid} --address {address}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def load_model(args: argparse.Namespace):
     from iarmem_core.adapters import load_adapter, resolve_device
 
@@ -167,10 +280,19 @@ def end_progress_line() -> None:
         _LINE_OPEN[0] = False
 
 
+STATUS_LINES_ENV = "IARMEM_STATUS_LINES"  # set by `run-job`: progress also as structured lines on stderr
+
+
 def progress_printer(label: str) -> Callable[[float, str], None]:
-    state = {"last": -1}
+    state = {"last": -1, "t": 0.0}
+    lines = bool(os.environ.get(STATUS_LINES_ENV))
 
     def show(frac: float, msg: str) -> None:
+        if lines and (time.monotonic() - state["t"] >= 1.0 or frac >= 1.0):
+            state["t"] = time.monotonic()
+            from iarmem_core.backends.ray_jobs import status_line
+
+            print(status_line(label=label, progress=round(float(frac), 4), message=msg), file=sys.stderr, flush=True)
         pct = int(100 * frac)
         if pct != state["last"]:
             state["last"] = pct

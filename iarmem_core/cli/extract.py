@@ -49,6 +49,13 @@ def add_attack_options(p: argparse.ArgumentParser) -> None:
         default=d.gallery_size,
         help="stored images are at most this many px",
     )
+    p.add_argument(
+        "--decode-dtype",
+        default=d.decode_dtype,
+        choices=("fp32", "bf16"),
+        help="precision of the tokenizer's decoder for the compared images (bf16: faster; rows near a threshold "
+        "are rescored in fp32, so decisions stay those of fp32)",
+    )
 
 
 def config_from_args(args: argparse.Namespace):
@@ -70,6 +77,7 @@ def config_from_args(args: argparse.Namespace):
         seed=args.seed,
         heldout_n=args.heldout_n,
         gallery_size=args.gallery_size,
+        decode_dtype=args.decode_dtype,
     )
 
 
@@ -90,6 +98,7 @@ def attack_flags(cfg) -> list[str]:
         ("batch_size", "--batch-size"),
         ("heldout_n", "--heldout-n"),
         ("gallery_size", "--gallery-size"),
+        ("decode_dtype", "--decode-dtype"),
     ]
     for field, flag in simple:
         v = getattr(cfg, field)
@@ -112,6 +121,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_model_args(p)
     common.add_data_args(p)
     common.add_output_args(p)
+    common.add_backend_args(p)
     add_attack_options(p)
     p.add_argument("--heldout-data", help="folder data: an ImageFolder of held-out images (e.g. ImageNet val)")
     p.add_argument(
@@ -127,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
     """Prints the counts (one JSON object with --json)."""
     from iarmem_core import data, extraction
 
+    address = common.jobs_api_address(args)
+    if address is not None:  # the whole job runs on the cluster; this process follows it
+        return common.submit_to_cluster(args, address)
     model = common.load_model(args)
     image_set = common.load_data(args, model.image_size)
     st = common.get_store(args)
@@ -165,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         sscd_path=args.sscd,
         on_progress=common.progress_printer("extract"),
         force=args.force,
+        backend=common.get_backend(args),
     )
     common.emit(res.summary(), args.json)
     return 0

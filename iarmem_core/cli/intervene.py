@@ -54,7 +54,7 @@ def combine_arg(text: str):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from iarmem_core import hooks
+    from iarmem_core import dose, hooks
     from iarmem_core import intervention as iv
 
     common.add_model_args(p)
@@ -66,11 +66,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep", action="store_true", help="the trade-off table over --top-percents")
     p.add_argument("--top-percents", default=",".join(f"{k:g}" for k in iv.DEFAULT_TOP_PERCENTS))
     p.add_argument(
+        "--curve",
+        action="store_true",
+        help="dose-response: copies still extracted vs units edited for UnitMem-ranked, random (5-95%% band), "
+        "the union of per-image minimal sets and a greedy cover (iarmem_core.dose)",
+    )
+    p.add_argument(
+        "--curve-percents",
+        default=",".join(f"{k:g}" for k in dose.DEFAULT_PERCENTS),
+        help="--curve: %% of all units on the UnitMem / random curves",
+    )
+    p.add_argument(
+        "--curve-op",
+        default="zero",
+        choices=hooks.EDIT_OPS,
+        help="--curve: how every curve's units are edited (default: zeroed, as the minimal sets are found)",
+    )
+    p.add_argument("--curve-factor", type=common.number(), default=0.0, help="--curve: factor of a scaling op")
+    p.add_argument(
         "--random-draws",
         type=common.positive_int,
-        help="random-unit draws of the control (extraction after each, "
-        "quality for the first; p_value compares the ranked edit with "
-        "them); default 10 on demo and test models, 1 on released ones",
+        help="random-unit draws of the control (extraction after each, all in one batched attack; "
+        "quality for the first; p_value and rank compare the ranked edit with "
+        "them); default 20 on demo and test models, 1 on released ones",
     )
     p.add_argument(
         "--n-samples", type=common.positive_int, default=iv.DEFAULT_N_SAMPLES, help="samples for FD and class accuracy"
@@ -87,6 +105,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def top_percents(args: argparse.Namespace) -> tuple[float, ...]:
     return parse_percents(args.top_percents)
+
+
+def curve_config(args: argparse.Namespace):
+    """The dose.CurveConfig these options describe (the localization uses the attack's prefix and threshold)."""
+    from iarmem_core import dose, localize
+
+    lcfg = localize.LocalizeConfig(
+        op=args.curve_op,
+        factor=args.curve_factor,
+        prefix_tokens=common.parse_ints(args.prefix, "--prefix")[0] if args.prefix else None,
+        similarity=args.similarity,
+        threshold=args.threshold,
+        seed=args.seed,
+    )
+    return dose.CurveConfig(
+        percents=parse_percents(args.curve_percents),
+        random_draws=dose.CurveConfig().random_draws if args.random_draws is None else args.random_draws,
+        ranking=args.ranking,
+        combine=combine_arg(args.combine),
+        localize=lcfg,
+    )
 
 
 def edit_kwargs(args: argparse.Namespace, image_size: int) -> dict:
@@ -113,8 +152,8 @@ def edit_kwargs(args: argparse.Namespace, image_size: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    """One JSON object (or --sweep: the table as {"rows": [...]})."""
-    from iarmem_core import intervention, unitmem
+    """One JSON object (--sweep: the table as {"rows": [...]}; --curve: the dose-response curves)."""
+    from iarmem_core import dose, intervention, unitmem
 
     model = common.load_model(args)
     ucfg = unitmem_config(args, model.spec.name, prefix="unitmem-")
@@ -124,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
         common.check_units(units, model)
     if args.sweep:
         top_percents(args)  # a bad list fails before any work
+    if args.curve:
+        curve_config(args)  # a bad list fails before any work
     image_set = common.load_data(args, model.image_size)
     st = common.get_store(args)
     um = unitmem.run_unitmem(
@@ -135,6 +176,12 @@ def run(args: argparse.Namespace) -> int:
     )
     kw = edit_kwargs(args, model.image_size)
     kw["store"] = st
+    if args.curve:
+        res = dose.run_dose_response(
+            model, image_set, um, curve_config(args), store=st, on_progress=common.progress_printer("curve")
+        )
+        common.emit(res, args.json)
+        return 0
     if args.sweep:
         df = intervention.run_sweep(
             model,

@@ -120,6 +120,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_model_args(p)
     common.add_data_args(p, null=True)
     common.add_output_args(p)
+    common.add_backend_args(p)
     add_unitmem_options(p)
     p.add_argument(
         "--batch-size", type=common.positive_int, default=16, help="images per batch (never changes a result)"
@@ -130,6 +131,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from iarmem_core import unitmem
 
+    address = common.jobs_api_address(args)
+    if address is not None:  # the whole job runs on the cluster; this process follows it
+        return common.submit_to_cluster(args, address)
     model = common.load_model(args)
     cfg = config_from_args(args, model.spec.name)
     common.check_detail_scales(cfg.detail_scales, model)
@@ -141,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         store=common.get_store(args),
         force=args.force,
         on_progress=common.progress_printer("unitmem"),
+        backend=common.get_backend(args),
     )
     out = unitmem.summarize(res, top=args.top, kinds=("scale", "row") if "row" in cfg.group_kinds else ("scale",))
     out["skipped_files"] = image_set.report.get("skipped", {}) if image_set.report else {}

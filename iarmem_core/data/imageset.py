@@ -41,6 +41,10 @@ class _FolderBackend:
         self.num_workers = num_workers
         self._pool: ThreadPoolExecutor | None = None
 
+    def __getstate__(self) -> dict:
+        """Pickles without its decode threads (a worker of the ray backend starts its own)."""
+        return {**vars(self), "_pool": None}
+
     def _one(self, i: int, size: int) -> torch.Tensor:
         path = self.root / self.rel_paths[i]
         try:

@@ -9,7 +9,13 @@
    label; the rest is decoded greedily (default), class-conditional, without CFG, with the KV cache, in
    batches of candidates. An optional `hooks.UnitEdit` is applied to the generation only (the candidates
    stay those of the unedited model, so "before" and "after" attack the same images).
-4. The generated tokens are decoded and compared with the tokenizer's reconstruction of the candidate.
+4. The generated tokens are decoded and compared with the tokenizer's reconstruction of the candidate. The
+   candidates' tokens, reconstructions and the reconstructions' features are computed once and kept in the
+   store (`cache`: kinds ``tokens`` and ``reference``), shared by scoring and by every run over the same
+   candidates (before/after an edit, random draws, sweep points, prefixes); the result is bit-identical to
+   computing them in each batch (`run_extraction(..., cache=False)`). VAR decodes its generation's final
+   f_hat. ``ExtractionConfig(decode_dtype="bf16")`` decodes the compared images in bf16 (token ids and
+   teacher forcing stay fp32) and rescores rows near a threshold from fp32 decodes, so decisions stay fp32's.
 5. Every available similarity is kept per row; one of them (with its threshold) makes the decision:
 
    - ``sscd``: cosine of SSCD ``sscd_disc_mixup`` embeddings from the user's TorchScript file, threshold
@@ -39,8 +45,8 @@ The decision is never baked into the stored result: the table keeps the scores, 
 `ExtractionResult.count(threshold, similarity)` recounts instantly (the app's threshold slider).
 
 Modules: `config` (ExtractionConfig, prefixes), `scores` (step 1-2), `attack` (steps 3-4 and the job),
-`measures` (step 5: which similarities, their scores), `thresholds` (per model and prefix), `result`
-(ExtractionResult, recounts), `calibration` (thresholds on held-out images).
+`cache` (stored tokens and references), `measures` (step 5: which similarities, their scores), `thresholds`
+(per model and prefix), `result` (ExtractionResult, recounts), `calibration` (thresholds on held-out images).
 
 Example:
     >>> from iarmem_core import data, extraction

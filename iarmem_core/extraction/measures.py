@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -50,11 +50,23 @@ def compute_similarities(
     true_BN: torch.Tensor,
     prefix: int,
     sscd_path=None,
+    *,
+    recon_features: Mapping[str, torch.Tensor] | None = None,
+    spaces: Mapping[str, metrics.FeatureSpace] | None = None,
 ) -> dict[str, np.ndarray]:
-    """{measure: [B] float32} for generated vs reconstructed images (tokens for token_match)."""
+    """{measure: [B] float32} for generated vs reconstructed images (tokens for token_match).
+
+    `recon_features` {measure: [B, D]}: the reconstruction's features for measures that embed images,
+    computed before (`metrics.score_features`, e.g. stored with the reconstruction); `spaces` the resolved
+    feature spaces (default: resolved here).
+    """
     out = {}
     for m in measures:
-        space = metrics.resolve_space("sscd", sscd_path) if m == "sscd" else demo_space()
+        space = None
+        if metrics.embeds(m):
+            space = (spaces or {}).get(m)
+            if space is None:
+                space = metrics.resolve_space("sscd", sscd_path) if m == "sscd" else demo_space()
         s = metrics.score(
             m,
             images_a=gen_B3HW,
@@ -63,6 +75,7 @@ def compute_similarities(
             tokens_b=true_BN.cpu(),
             token_start=prefix,
             space=space,
+            features_b=(recon_features or {}).get(m),
         )
         out[m] = s.float().numpy().astype(np.float32)
     return out

@@ -15,10 +15,17 @@ from iarmem_core.extraction.thresholds import resolve_similarity, resolve_thresh
 # ---------------------------------------------------------------------------------------------------
 # 4. Results
 def is_extracted(scores, threshold) -> np.ndarray:
-    """The one decision rule of the attack, used by every count and label: similarity strictly above the
-    threshold, compared in float32 (the precision the scores are stored in), so a score equal to the threshold
-    is never extracted wherever it is shown. `threshold` is a number or an array broadcast against `scores`."""
-    return np.asarray(scores, dtype=np.float32) > np.asarray(threshold, dtype=np.float32)
+    """The one extraction decision, used by every count and every label: similarity strictly above the threshold.
+
+    Both sides are compared in float32, the precision the scores are stored in: the threshold is rounded to
+    float32 first. A score that equals the threshold as typed (token match moves in steps of 1/N, so 0.91 is
+    a score) is therefore *not* extracted, wherever it is compared; comparing the float32 score with a float64
+    threshold instead would call float32(0.91) = 0.91000000238 "above 0.91". `threshold` is a number or an
+    array broadcastable to `scores` (per-row thresholds).
+    """
+    s = np.asarray(scores, dtype=np.float32)
+    t = np.asarray(threshold, dtype=np.float64).astype(np.float32)
+    return np.asarray(s > t)
 
 
 @dataclass

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from iarmem_core import data, jobs
+from iarmem_core import backends, data, jobs
 from iarmem_core import store as store_mod
 from iarmem_core.adapters.base import IARAdapter
+from iarmem_core.extraction import cache
 from iarmem_core.extraction.config import SCORE_KIND, TAIL_TOKENS, VERSION
 
 
@@ -56,6 +57,56 @@ def find_unitmem(store: store_mod.ResultStore, adapter: IARAdapter, image_set: d
     return None
 
 
+# Every teacher-forced forward call of the scoring job is one aligned block of SCORE_BLOCK images (the last one
+# shorter), on every backend and for every batch size: a transformer's forward is not batch-size invariant, so
+# fixed blocks make the per-image rows bit-identical between a local run and one split over workers. (32: the
+# batch of the earlier code, so its results stay valid; changing it changes results: bump VERSION.)
+SCORE_BLOCK = 32
+
+
+class ScoreBlocks:
+    """The work unit of the scoring job for `backends.map_blocks`: accuracies [B, G] of images [start, stop).
+
+    Pickles as the model's load arguments and identity, the image set and the images' token ids (the shared
+    `tokens` cache of the attack, so every backend scores the same tokens); a worker loads the model once."""
+
+    def __init__(self, adapter: IARAdapter, image_set: data.ImageSet, tokens_NT: np.ndarray):
+        load_args = getattr(adapter, "load_args", None)
+        self.load_args = None if load_args is None else dict(load_args)
+        self.identity = adapter.identity
+        self.image_set = image_set
+        self.tokens_NT = tokens_NT
+        self._adapter = adapter
+
+    def __getstate__(self) -> dict:
+        if self.load_args is None:
+            raise ValueError(
+                "this model was not loaded with iarmem_core.adapters.load_adapter, so a worker cannot load it "
+                "again: load it with load_adapter (or use the local backend)"
+            )
+        d = {k: v for k, v in vars(self).items() if k != "_adapter"}
+        d["tokens_NT"] = np.ascontiguousarray(self.tokens_NT)  # a memory map pickles as its values
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d, _adapter=None)
+
+    def setup(self) -> IARAdapter:
+        if self._adapter is not None:
+            return self._adapter
+        from iarmem_core.adapters import reload_adapter
+
+        return reload_adapter(self.load_args, backends.worker_device(), self.identity)
+
+    @torch.inference_mode()
+    def run(self, adapter: IARAdapter, start: int, stop: int) -> np.ndarray:
+        idx = np.arange(start, stop)
+        flat_BN = torch.from_numpy(np.asarray(self.tokens_NT[start:stop], np.int64)).to(adapter.device)
+        logits_BNV = adapter.teacher_forced_logits(adapter.unflatten(flat_BN), self.image_set.labels_tensor(idx))
+        correct_BN = (logits_BNV.argmax(-1) == flat_BN).cpu().numpy()
+        return accuracies_from_correct(correct_BN, adapter)
+
+
 def _score_job(adapter: IARAdapter, image_set: data.ImageSet, batch_size: int):
     def fn(ctx) -> tuple[dict, dict]:
         n, G = len(image_set), len(score_groups(adapter))
@@ -66,23 +117,29 @@ def _score_job(adapter: IARAdapter, image_set: data.ImageSet, batch_size: int):
             acc_NG[:] = arrays["acc_NG"]
             start = int(meta["n_done"])
 
-        @torch.no_grad()
-        def work(i: int, j: int) -> None:
-            idx = np.arange(i, j)
-            tokens = adapter.tokenize(image_set.images(idx, size=adapter.image_size))
-            logits_BNV = adapter.teacher_forced_logits(tokens, image_set.labels_tensor(idx))
-            correct_BN = (logits_BNV.argmax(-1) == adapter.flatten(tokens)).cpu().numpy()
-            acc_NG[i:j] = accuracies_from_correct(correct_BN, adapter)
+        # the token ids come from the shared cache (a `tokens` job of its own, stored for the attack)
+        tokens_NT = cache.image_tokens(
+            adapter,
+            image_set,
+            store=ctx.store,
+            batch_size=batch_size,
+            on_progress=lambda f, msg: ctx.progress(0.3 * f, msg),
+        )
 
-        jobs.run_batches(
+        def merge(i: int, j: int, acc_BG: np.ndarray) -> None:
+            acc_NG[i:j] = acc_BG
+
+        report = backends.map_blocks(
             ctx,
+            ScoreBlocks(adapter, image_set, tokens_NT),
             n,
-            batch_size,
-            work,
+            SCORE_BLOCK,
             start=start,
+            merge=merge,
+            batch_size=batch_size,
             events=events,
-            what="teacher-forced batch",
-            progress=lambda j: (j / n, f"scoring {j}/{n} images (teacher-forced)"),
+            what="teacher-forced block",
+            progress=lambda j: (0.3 + 0.7 * j / n, f"scoring {j}/{n} images (teacher-forced)"),
             save=lambda j: ({"acc_NG": acc_NG}, {"n_done": j}),
         )
         gi = [g for g, _ in score_groups(adapter)].index(score_definition(adapter))
@@ -92,6 +149,8 @@ def _score_job(adapter: IARAdapter, image_set: data.ImageSet, batch_size: int):
             "oom_events": events,
             "source": "teacher-forced pass (memscore job)",
             "image_ids": list(image_set.ids),
+            "reduction": {"block_images": SCORE_BLOCK, "order": "one forward call per aligned block of images"},
+            "execution": report,
         }
         return {"acc_NG": acc_NG, "score_N": acc_NG[:, gi].copy()}, meta
 
@@ -106,11 +165,12 @@ def memorization_scores(
     batch_size: int = 32,
     on_progress=None,
     force: bool = False,
+    backend=None,
 ) -> tuple[np.ndarray, dict]:
     """(acc_NG [N, G] per score group, meta with `groups`, `score_group` and `source`).
 
     Reuses the correct_NT of a stored UnitMem pass of the same model and data when there is one; otherwise
-    runs (or loads) the ``memscore`` job.
+    runs (or loads) the ``memscore`` job, whose blocks run on `backend` (iarmem_core.backends; None: here).
     """
     st = store if store is not None else store_mod.get_store()
     names = [g for g, _ in score_groups(adapter)]
@@ -132,6 +192,7 @@ def memorization_scores(
         version=VERSION,
         force=force,
         on_progress=on_progress,
+        backend=backend,
     )
     meta = dict(meta)
     meta["store_key"] = st.key(SCORE_KIND, spec, VERSION)
@@ -147,13 +208,14 @@ def per_image_scores(
     on_progress=None,
     force: bool = False,
     group: str | None = None,
+    backend=None,
 ) -> np.ndarray:
     """[N] per-image memorization score (VAR: last scale's accuracy; next-token: last 99 tokens).
 
     `group` picks another stored accuracy instead (a scale "4x4", a row "8x8/row3", or "last99").
     """
     acc, meta = memorization_scores(
-        adapter, image_set, store=store, batch_size=batch_size, on_progress=on_progress, force=force
+        adapter, image_set, store=store, batch_size=batch_size, on_progress=on_progress, force=force, backend=backend
     )
     g = group or meta["score_group"]
     if g not in meta["groups"]:

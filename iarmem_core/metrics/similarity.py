@@ -44,11 +44,20 @@ def ssim(a_B3HW: torch.Tensor, b_B3HW: torch.Tensor) -> torch.Tensor:
     return structural_similarity_index_measure(a, b, data_range=1.0, reduction="none").reshape(-1)
 
 
-def feature_cosine(space: FeatureSpace, a_B3HW: torch.Tensor, b_B3HW: torch.Tensor) -> torch.Tensor:
-    """Cosine [B] between the features of paired images a[i], b[i] in `space`."""
-    if a_B3HW.shape[0] != b_B3HW.shape[0]:
-        raise ValueError(f"feature_cosine: {a_B3HW.shape[0]} vs {b_B3HW.shape[0]} images; pairs are needed")
-    fa, fb = space.features(a_B3HW), space.features(b_B3HW)
+def feature_cosine(
+    space: FeatureSpace,
+    a_B3HW: torch.Tensor,
+    b_B3HW: torch.Tensor | None,
+    features_b_BD: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cosine [B] between the features of paired images a[i], b[i] in `space`.
+
+    `features_b_BD` are b's features when already computed (`space.features(b)`, e.g. a stored
+    reconstruction's); then b is not embedded again and may be None."""
+    fb = space.features(b_B3HW) if features_b_BD is None else features_b_BD.float().cpu()
+    if a_B3HW.shape[0] != fb.shape[0]:
+        raise ValueError(f"feature_cosine: {a_B3HW.shape[0]} vs {fb.shape[0]} images; pairs are needed")
+    fa = space.features(a_B3HW)
     return F.cosine_similarity(fa, fb, dim=1, eps=1e-12)
 
 
@@ -70,9 +79,14 @@ def token_match_rate(tokens_a_BN: Tokens, tokens_b_BN: Tokens, start: int = 0) -
     return (a[:, start:] == b[:, start:]).float().mean(dim=1)
 
 
-def sscd_cosine(space: SSCDFeatureSpace, a_B3HW: torch.Tensor, b_B3HW: torch.Tensor) -> torch.Tensor:
+def sscd_cosine(
+    space: SSCDFeatureSpace,
+    a_B3HW: torch.Tensor,
+    b_B3HW: torch.Tensor | None,
+    features_b_BD: torch.Tensor | None = None,
+) -> torch.Tensor:
     """SSCD similarity [B]: cosine of L2-normalised sscd_disc_mixup embeddings (copy when > 0.75)."""
-    return feature_cosine(space, a_B3HW, b_B3HW)
+    return feature_cosine(space, a_B3HW, b_B3HW, features_b_BD)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -152,6 +166,24 @@ def canonical_measure(name: str, allow_auto: bool = True) -> str:
     )
 
 
+def _score_images(x: torch.Tensor) -> torch.Tensor:
+    return x.float().cpu().clamp(0, 1)  # what every image measure sees
+
+
+def embeds(name: str) -> bool:
+    """True for the measures that compare images through a feature space (feature_cosine, sscd)."""
+    return SIMILARITY_MEASURES[canonical_measure(name, allow_auto=False)].needs is not None
+
+
+@torch.no_grad()
+def score_features(name: str, images: torch.Tensor, space: FeatureSpace) -> torch.Tensor:
+    """The features [B, D] that `score(name, ...)` computes for `images` (images_b): computed once, they can
+    be passed back as `features_b` (same numbers, bit for bit, for the same batch of images)."""
+    if not embeds(name):
+        raise ValueError(f"measure {name} does not embed images in a feature space")
+    return space.features(_score_images(images))
+
+
 @torch.no_grad()
 def score(
     name: str,
@@ -162,20 +194,24 @@ def score(
     tokens_b: Tokens | None = None,
     token_start: int = 0,
     space: FeatureSpace | None = None,
+    features_b: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scores [B] of measure `name` for pairs (a[i], b[i]): images in [0, 1] or tokens, as the measure needs.
 
-    `space` is the feature space of feature_cosine and sscd (`iarmem_core.metrics.resolve_space`).
+    `space` is the feature space of feature_cosine and sscd (`iarmem_core.metrics.resolve_space`);
+    `features_b` replaces embedding images_b there (`score_features`: b's features computed before).
     """
     m = SIMILARITY_MEASURES[canonical_measure(name, allow_auto=False)]
     if m.inputs == "tokens":
         return m.fn(tokens_a, tokens_b, start=token_start)
-    a, b = images_a.float().cpu().clamp(0, 1), images_b.float().cpu().clamp(0, 1)
+    a = _score_images(images_a)
     if m.needs is None:
-        return m.fn(a, b)
+        return m.fn(a, _score_images(images_b))
     if space is None:
         raise ValueError(f"measure {m.name} needs a feature space (resolve_space)")
-    return m.fn(space, a, b)
+    if features_b is not None:
+        return m.fn(space, a, None, features_b)
+    return m.fn(space, a, _score_images(images_b))
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,10 @@ def _user_store(tmp_path_factory):
 
 
 @pytest.fixture
-def app():
-    """A fresh AppTest of app.py (not yet run)."""
+def app(monkeypatch):
+    """A fresh AppTest of app.py (not yet run); edits are not measured automatically (no background jobs
+    outlive a test; the browser test measures one end to end)."""
     from streamlit.testing.v1 import AppTest
 
+    monkeypatch.setenv("IARMEM_LIVE", "0")
     return AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -44,39 +46,75 @@ def test_colormap_ends_and_difference_maps():
     assert img.shape == (2, 4, 4, 3) and img[1, 0, 0, 0] == 128
 
 
-def test_tradeoff_curve_has_both_selections():
+def test_tradeoff_curve_has_k_on_the_x_axis_of_two_panels():
     df = pd.DataFrame(
         {
-            "top_percent": [0, 10, 0, 10],
-            "fd": [1.0, 1.5, 1.0, 1.2],
-            "extracted": [13, 2, 13, 11],
+            "top_percent": [10, 0, 10, 0],  # out of order: joined in k order anyway
+            "fd": [1.5, 1.0, 1.2, 1.0],
+            "extracted": [2, 13, 11, 13],
             "selection": ["top units", "top units", "random units", "random units"],
         }
     )
-    fig = figures.tradeoff_curve(df, "t")
-    assert [t.name for t in fig.data] == ["top units", "random units"]
-    assert list(fig.data[0].y) == [13, 2] and list(fig.data[0].text) == ["0%", "10%"]
+    fig = figures.tradeoff_curve(df, "t", current_k=10)
+    ext = [t for t in fig.data if t.xaxis == "x"]
+    qual = [t for t in fig.data if t.xaxis == "x2"]
+    assert [t.name for t in ext] == ["top units", "random units"] and len(qual) == 2
+    assert list(ext[0].x) == [0, 10] and list(ext[0].y) == [13, 2]  # k order
+    assert list(qual[0].y) == [1.0, 1.5] and list(fig.layout.xaxis.tickvals) == [0, 10]
+    assert all(t.text is None for t in fig.data)  # no labels on the points that could collide
+    # the current k is marked in both panels
+    assert sum(1 for s in fig.layout.shapes if s.x0 == 10 and s.x1 == 10) == 2
 
 
-def test_tradeoff_curve_shows_the_range_of_the_random_draws():
+def test_tradeoff_curve_shows_the_band_of_the_random_draws():
     df = pd.DataFrame(
         {
             "top_percent": [0, 10, 0, 10],
             "fd": [1.0, 1.5, 1.0, 1.2],
             "extracted": [13, 9, 13, 12],
+            "extracted_lo": [10, 6, 10, 9],
+            "extracted_hi": [16, 12, 16, 15],
             "selection": ["top units", "top units", "random units", "random units"],
-            "random_draws": [0, 5, 0, 5],
-            "random_extracted_min": [13, 11, 13, 11],
-            "random_extracted_max": [13, 13, 13, 13],
+            "random_draws": [0, 20, 0, 20],
+            "random_extracted_mean": [13, 12.5, 13, 12.5],
+            "random_extracted_q05": [13, 11, 13, 11],
+            "random_extracted_q95": [13, 14, 13, 14],
         }
     )
     fig = figures.tradeoff_curve(df, "t")
-    top, rnd = fig.data
-    assert fig.layout.yaxis.range[0] == 0 and fig.layout.yaxis.range[1] > 13  # room above the highest point
-    assert top.error_y.array is None  # the ranked edit is one selection
-    assert list(rnd.error_y.array) == [0, 1] and list(rnd.error_y.arrayminus) == [0, 1]  # 12 in [11, 13]
-    one = df.assign(random_draws=[0, 1, 0, 1])
-    assert figures.tradeoff_curve(one, "t").data[1].error_y.array is None  # a single draw has no range
+    band = fig.data[0]
+    assert band.fill == "toself" and "20 draws" in band.name
+    assert list(band.x) == [0, 10, 10, 0] and list(band.y) == [13, 14, 11, 13]  # q95 out, q05 back
+    top = [t for t in fig.data if t.name == "top units"][0]
+    assert list(top.error_y.array) == [3, 3] and list(top.error_y.arrayminus) == [3, 3]
+    rnd = [t for t in fig.data if t.name.startswith("random units (mean")][0]
+    assert list(rnd.y) == [13, 12.5]
+    assert fig.layout.yaxis.range[0] == 0 and fig.layout.yaxis.range[1] > 16  # room above the interval
+
+
+def test_margin_chart_marks_the_threshold_and_planted_images():
+    df = pd.DataFrame(
+        {
+            "image_id": ["a", "b", "c"],
+            "planted": [1, 0, -1],
+            "count": [64, -1, -1],
+            "margin_before": [0.3, 0.0, -0.2],
+            "margin_after": [0.1, -0.1, -0.3],
+            "margin_random_median": [0.25, 0.0, -0.2],
+            "margin_random_q05": [0.2, -0.05, -0.25],
+            "margin_random_q95": [0.3, 0.02, -0.1],
+        }
+    )
+    fig = figures.margin_chart(df, "m", "token_match")
+    names = [t.name for t in fig.data]
+    assert names == ["random draws: median, 5-95%", "before the edit", "after the edit (top units)"]
+    assert list(fig.data[2].y) == [0.1, -0.1, -0.3] and list(fig.data[2].marker.symbol) == [
+        "diamond",
+        "circle",
+        "circle",
+    ]
+    assert "planted 64x" in fig.data[1].text[0]
+    assert fig.layout.shapes[0].y0 == 0  # the threshold line
 
 
 def test_png_export_of_both_chart_kinds():
@@ -89,6 +127,10 @@ def test_png_export_of_both_chart_kinds():
             pytest.skip(figures.png_renderer_missing(c))
         png = figures.to_png(c)
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        if not isinstance(c, go.Figure):  # the box plot: a slide's width, not vega-lite's ~250 px default
+            from PIL import Image
+
+            assert Image.open(io.BytesIO(png)).size[0] >= 2 * figures.PNG_WIDTH
 
 
 def test_png_button_says_what_is_missing_without_a_browser(monkeypatch):

@@ -161,6 +161,16 @@ def test_intervention_edit_changes_the_samples(app):
     at.toggle(key="w_iv_edit_on").set_value(True).run()
     at.slider(key="w_iv_factor").set_value(1.0).run()
     assert change() == 0.0  # factor 1 is the identity edit
+    # class ids that cannot be used are reported, not dropped silently
+    at.text_input(key="w_iv_labels").input("0, 99, x, 3").run()
+    warn = " ".join(w.value for w in at.warning)
+    assert "99 is outside 0..9" in warn and "'x' is not a class id" in warn
+    assert len(at.get("image")) == 3 * 2  # classes 0 and 3, in the rows without, with and the difference
+    # no unit picked: a message, and never a broken command line
+    at.radio(key="w_iv_mode").set_value("picked units").run()
+    no_errors(at)
+    assert "No unit is edited" in " ".join(i.value for i in at.info)
+    assert not any("--units  --" in c.value or c.value.rstrip().endswith("--units") for c in at.code)
 
 
 def test_paths_outside_allowed_roots_are_refused_with_a_message(app, tmp_path, monkeypatch):
@@ -252,7 +262,8 @@ def test_extraction_counts_follow_the_threshold(app, shipped):
     m = res.similarity
     want = res.count(similarity=m)
     assert shown()["Extracted"] == f"{want['extracted']} of {want['candidates']}"
-    assert float(at.session_state["ex_threshold"]) == pytest.approx(want["threshold"], abs=1e-3)
+    assert float(at.session_state["ex_threshold"]) == -1.0  # the calibrated threshold, exactly
+    assert at.slider(key="w_ex_threshold").value == pytest.approx(round(want["threshold"], 3))
     vals = res.table[m].to_numpy()
     for thr in (float(np.quantile(vals, 0.3)), float(np.quantile(vals, 0.8))):
         thr = round(thr / 0.005) * 0.005
@@ -262,3 +273,65 @@ def test_extraction_counts_follow_the_threshold(app, shipped):
         if c.get("heldout_n"):
             assert shown()["Held-out 'extracted'"] == f"{c['heldout_extracted']} of {c['heldout_n']}"
         assert at.query_params["ex_threshold"] == str(thr)
+
+
+def test_counts_and_labels_agree_at_a_tied_threshold_and_thresholds_follow_the_model(app, shipped):
+    """At a threshold equal to some scores (token match moves in steps of 1/N) the count and the gallery's
+    labels agree (one float32 comparison); a threshold set on one model never carries over to another."""
+    from iarmem_core import extraction
+
+    name, *_ = shipped
+    adapter = load_adapter(name, device="cpu")
+    sel = data.select_demo(n=config.N_IMAGES, seed=0)
+    st_ = ResultStore(config.SHIPPED_STORE, read_only=True)
+    res = extraction.load_extraction(
+        st_, extraction.extraction_key(adapter, sel, extraction.ExtractionConfig(), store=st_)
+    )
+    m = res.similarity
+    tr = res.table[res.table.split == "train"]
+    v = tr[m].to_numpy()
+    # a threshold on the slider's 0.005 grid that equals some scores, where comparing the float32 scores with
+    # a float64 threshold would count more (demo-var at 0.91: 11 vs 13), with at most 16 extracted (one gallery)
+    grid = [round(float(t), 3) for t in np.arange(0.5, 1.0, 0.005)]
+    tie = next(
+        t
+        for t in grid
+        if (v.astype(np.float64) > t).sum() != extraction.is_extracted(v, t).sum()
+        and extraction.is_extracted(v, t).sum() <= 16
+    )
+    at = app.run()
+    at.switch_page("app_pages/extraction.py").run()
+    at.slider(key="w_ex_threshold").set_value(tie).run()
+    no_errors(at)
+    c = res.count(threshold=tie, similarity=m)
+    assert int((v == np.float32(tie)).sum()) > 0  # a tie
+    want = int(extraction.is_extracted(v, tie).sum())
+    assert c["extracted"] == want
+    assert {x.label: x.value for x in at.metric}["Extracted"] == f"{want} of {c['candidates']}"
+    # the gallery (view: extracted) shows exactly the extracted candidates, each labelled extracted
+    captions = [x.caption for im in at.get("image") for x in im.proto.imgs]
+    labelled = [t for t in captions if t.endswith(", extracted")]
+    assert len(labelled) == min(want, 16) and not any(t.endswith("not extracted") for t in captions)
+    assert "your threshold" in " ".join(x.value for x in at.caption)
+    # another model: its own calibrated threshold, not this one
+    other = [x for x in config.quick_models() if x != name][0]
+    at.selectbox(key="w_model").set_value(other).run()
+    no_errors(at)
+    assert float(at.session_state["ex_threshold"]) == -1.0
+    assert "(calibrated;" in " ".join(x.value for x in at.caption)
+    # and back: the threshold set there earlier in this session
+    at.selectbox(key="w_model").set_value(name).run()
+    assert float(at.session_state["ex_threshold"]) == pytest.approx(tie)
+
+
+def test_a_new_seed_asks_before_the_shipped_results_go(app):
+    at = app.run()
+    at.number_input(key="w_seed").set_value(3).run()
+    no_errors(at)
+    assert at.session_state["seed"] == 0  # nothing changed yet
+    assert "results for seed 0 (shipped with iarmem) do not apply" in " ".join(w.value for w in at.warning)
+    at.button(key="seed_keep").click().run()
+    assert at.session_state["seed"] == 0 and not at.warning
+    at.number_input(key="w_seed").set_value(3).run()
+    at.button(key="seed_use").click().run()
+    assert at.session_state["seed"] == 3 and at.query_params["seed"] == "3"

@@ -67,3 +67,38 @@ def test_reading_the_shipped_store_writes_nothing(tmp_path):
     for e in json.loads((ro / "index.json").read_text())["entries"]:
         assert st_.exists(e["key"]) and st_.load(e["key"])[1]
     assert [r["key"] for r in st_.list()] and sorted(str(p) for p in ro.rglob("*")) == before
+
+
+@pytest.mark.parametrize("name", config.quick_models())
+def test_shipped_intervention_keys_match_the_current_code(name):
+    """The Intervention page opens with numbers: the unedited quality samples, the default edit's measurement
+    and the sweep are shipped under the keys the current code computes."""
+    from iarmem_core import intervention
+
+    adapter = load_adapter(name, device="cpu")
+    sel = data.select_demo(n=config.N_IMAGES, seed=0)
+    st_ = ResultStore(config.SHIPPED_STORE, read_only=True)
+    um_key = unitmem.result_key(adapter, sel, unitmem.default_config(name, seed=0), st_)
+    res0 = unitmem.UnitMemResult({}, {"store_key": um_key})
+    qspec = intervention.quality_spec(
+        adapter,
+        None,
+        n_samples=intervention.DEFAULT_N_SAMPLES,
+        feature_space=None,
+        reference_set=None,
+        seed=0,
+        sampling=None,
+    )
+    qkey = st_.key(intervention.QUALITY_KIND, qspec, intervention.QUALITY_VERSION)
+    assert st_.exists(qkey), f"{name}: no shipped unedited quality under {qkey}. {STALE}"
+    q = intervention.SampleFeatures.from_arrays(st_.load(qkey)[0])
+    assert q.n == intervention.DEFAULT_N_SAMPLES
+    edit = dict(top_percent=10.0, units=None, factor=0.5, op="fc1_scale", ranking="global", seed=0)
+    mkey = intervention.measurement_key(adapter, res0, sel, st_, **edit)
+    assert st_.exists(mkey), f"{name}: no shipped measurement of the default edit under {mkey}. {STALE}"
+    r, es = intervention.load_measurement(*st_.load(mkey))
+    assert r.stage == "full" and r.random_control.draws == intervention.DEFAULT_RANDOM_DRAWS
+    assert es is not None and es.n_edits == 1 + intervention.DEFAULT_RANDOM_DRAWS
+    assert r.extracted_after == int(es.counts()[0]) and r.extracted_before == int(es.extracted_before().sum())
+    skey = intervention.sweep_key(adapter, res0, sel, st_, **{**intervention.sweep_defaults(), "seed": 0})
+    assert st_.exists(skey), f"{name}: no shipped sweep under {skey}. {STALE}"

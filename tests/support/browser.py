@@ -110,12 +110,33 @@ def chromium(width: int = 1500, height: int = 1800):
         shutil.rmtree(profile, ignore_errors=True)
 
 
+_STATE_JS = """() => {
+  const app = document.querySelector('[data-testid="stApp"]');
+  if (!app) return ["", "", 0];
+  return [app.getAttribute('data-test-script-state') || '', app.getAttribute('data-test-connection-state') || '',
+          document.querySelectorAll('[data-stale="true"]').length];
+}"""
+
+
+def script_state(page) -> tuple[str, str, int]:
+    """(script state, connection state, stale elements) as the page itself shows them.
+
+    Streamlit's app root carries ``data-test-script-state`` ("initial" before the first run, "running",
+    "notRunning", "rerunRequested", ...) and ``data-test-connection-state``; elements of the previous run
+    that a running script has not redrawn yet carry ``data-stale="true"``. These are set from the server's
+    messages whatever the toolbar shows (the status widget is hidden in some toolbar modes)."""
+    state, conn, stale = page.evaluate(_STATE_JS)
+    return str(state), str(conn), int(stale)
+
+
 def running(page) -> bool:
-    return page.locator("[data-testid='stStatusWidget']").count() > 0
+    state, _, stale = script_state(page)
+    return state != "notRunning" or stale > 0
 
 
 def settle(page, timeout_s: float = 90.0, quiet_s: float = 0.3) -> None:
-    """Wait until no script run is in progress (the 'running' indicator stays away for `quiet_s`)."""
+    """Wait until the script has finished a run and stays idle for `quiet_s`: the page says "notRunning" and
+    no element is stale (a first load counts as running until its first run finished)."""
     end = time.monotonic() + timeout_s
     quiet_since = None
     while time.monotonic() < end:
@@ -126,7 +147,7 @@ def settle(page, timeout_s: float = 90.0, quiet_s: float = 0.3) -> None:
         elif time.monotonic() - quiet_since >= quiet_s:
             return
         time.sleep(0.02)
-    raise TimeoutError(f"the app was still running after {timeout_s:.0f} s")
+    raise TimeoutError(f"the app was still running after {timeout_s:.0f} s (last state {script_state(page)})")
 
 
 def exception_text(page) -> str | None:
