@@ -46,8 +46,9 @@ page = st.navigation(PAGES)
 
 def _label(name: str) -> str:
     return {
-        "demo-var": "demo-var (next-scale, VAR)",
-        "demo-rar": "demo-rar (next-token, RAR)",
+        "demo-var-ctl": "demo-var-ctl (positive control, VAR)",
+        "demo-var": "demo-var (natural, VAR)",
+        "demo-rar": "demo-rar (natural, RAR)",
         "test-var": "test-var (tiny VAR, random weights)",
         "test-rar": "test-rar (tiny RAR, random weights)",
         "other": "another registry model ...",

@@ -31,10 +31,10 @@ $\mu_{\max}$ is the largest $\mu_u(x)$ over the images, $\mu_{\text{rest}}$ the 
 UnitMem is near **1** when a unit fires for one image and hardly for the rest (it memorizes that image),
 near **0** when it responds to many images alike.
 
-**How to read it:** each heatmap cell summarizes the units of one block at one scale (bright = memorizing).
-Click a cell to list its units; pick a unit to see the training image it fires for most. In VAR, memorization
-sits in early blocks at coarse scales and moves deeper as scales get finer; in RAR it sits in middle and late
-blocks.
+**How to read it:** each heatmap cell summarizes the units of one block at one scale (bright = high UnitMem).
+Click a cell to list its units; pick a unit to see the training image it fires for most. The paper reports that
+in VAR high UnitMem sits in early blocks at coarse scales and moves deeper as scales get finer, and in RAR in
+middle and late blocks; whether that pattern is memorization is what the controls below test.
 
 **Note for teaching VAR:** the 1x1 scale's row sees only the class label (attention is block-causal across
 scales), so units at that scale measure class selectivity, not memorization of one image: every image of a
@@ -51,6 +51,25 @@ garment) scores as high as one that memorized a training image. Two controls tel
 Which units *carry* a given image is a causal question: the Extraction page's "Which units carry this image?"
 removes them and checks.
 """)
+
+with st.expander("The five-minute talk: the demo world in four steps", expanded=False, icon=":material/slideshow:"):
+    st.markdown(
+        """
+1. **Positive control** ([demo-var-ctl](/memorization?model=demo-var-ctl)): memorization put into 96 known units.
+   Click the hottest cell and its top unit: the image it fires for is one of the injected canaries. Switch the
+   view to the *null control*: never-trained images do not light the same units.
+2. **The edit** ([halve the top 2% of demo-var-ctl](/intervention?model=demo-var-ctl&iv_top=2&iv_factor=0.5)):
+   the samples at the same seed barely change, the canaries stop being extracted, the random-units band does not
+   move; the dose-response curve below makes the point.
+3. **Natural memorization** ([demo-var](/memorization?model=demo-var&mem_view=null)): the heatmap looks as hot,
+   but the null control shows much of the pattern for never-trained images too: there UnitMem finds atypical
+   images. On the [Extraction page](/extraction?model=demo-var) pick an extracted copy and ask *Which units
+   carry this image?*: a few percent of units, specific to that image (random sets of that size do not remove
+   it), different for every image.
+4. **The attack** ([Extraction](/extraction?model=demo-var)): the gallery of generations beside the training
+   images; drag the threshold and the count and the labels change together.
+"""
+    )
 
 
 def _on_cell() -> None:

@@ -12,7 +12,26 @@ from iarmem_core.registry import list_models
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_STORE = REPO / "assets" / "store"  # precomputed results, read-only (scripts/precompute_demo_results.py)
 N_IMAGES = 500  # the data selection D' of the app and the CLI default (--n 500)
-DEMO_MODELS = ("demo-var", "demo-rar")
+DEMO_MODELS = ("demo-var-ctl", "demo-var", "demo-rar")  # the talk opens on the positive control (UX.md 1)
+# what each model of the demo world is, shown at the top of every page (the card holds the details)
+WORLD_ROLES = {
+    "demo-var-ctl": (
+        "positive control",
+        "demo-var with 20 block canaries trained into 96 designated units only: memorization localized by "
+        "construction (assets/demo-var-ctl/card.json lists the units). What a working pipeline must find.",
+    ),
+    "demo-var": (
+        "natural memorization (VAR)",
+        "Fashion-MNIST with natural, mislabeled and out-of-distribution items planted at 8x and 32x and a "
+        "never-trained twin of each: nobody chose where the copies live. The null control and the per-image "
+        "localization tell memorization from atypicality.",
+    ),
+    "demo-rar": (
+        "natural memorization (RAR)",
+        "the same world as demo-var, generated token by token: natural, mislabeled and out-of-distribution items "
+        "at 8x and 32x, never-trained twins; nobody chose where the copies live.",
+    ),
+}
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_MEMORY_ENV = "IARMEM_APP_MODEL_MEMORY_GB"
 

@@ -228,13 +228,22 @@ def get_model() -> tuple[IARAdapter, ModelChoice]:
     if needs_confirmation(choice):
         raise NeedsConfirmation(load_cost(choice), choice)
     try:
-        return _load_model(choice), choice
+        adapter = _load_model(choice)
     except UserInputError:
         raise
     except (CheckpointError, FileNotFoundError, KeyError, ValueError, RuntimeError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         log.warning("model load failed: %s", msg)
         raise UserInputError(f"Could not load {choice.name}: {msg}") from None
+    world_banner(choice.name)
+    return adapter, choice
+
+
+def world_banner(name: str) -> None:
+    """Which model of the demo world this page shows (every page, under its title)."""
+    role = config.WORLD_ROLES.get(name)
+    if role is not None:
+        st.caption(f"**Demo world: {name}, {role[0]}.** {role[1]}")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 HELP = "re-create the demo world (data bundle, demo-var, demo-rar, demo-var-ctl, cards) on CPU"
 PARTS = ("data", "var", "rar", "ctl", "calibrate", "measure")
+EXTRA_PARTS = ("features",)  # not part of the default run: the FeatureNet is reused
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,8 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--only",
         action="append",
-        choices=PARTS,
-        help="run only this part (repeatable); default: all, in the order " + ", ".join(PARTS),
+        choices=PARTS + EXTRA_PARTS,
+        help="run only this part (repeatable); default: all, in the order " + ", ".join(PARTS) + " (features: "
+        "retrain the FeatureNet of the quality metrics, only when asked)",
     )
     p.add_argument("--out", default=str(ASSETS), help="assets folder to write (default: the repository's assets/)")
     p.add_argument("--work", default="runs/world", help="working folder (per-epoch weights, stores, logs)")
@@ -74,6 +76,12 @@ def run(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     report: dict = {"seed": args.seed, "parts": {}}
     with Clock() as total:
+        if "features" in parts:
+            from iarmem_core.demo.train import FeatureNetTrainConfig, train_features
+
+            with Clock() as c:
+                fcard = train_features(out, FeatureNetTrainConfig(), args.seed)
+            report["parts"]["features"] = {"timing": c.to_dict(), "heldout_accuracy": fcard["heldout_accuracy"]}
         if "data" in parts:
             with Clock() as c:
                 split = build_demo_bundle(out / "demo_data", seed=args.seed)

@@ -253,9 +253,18 @@ def criterion_a(ad, sel, store, ext_res, um_res, groups, seed, log) -> dict:
     }
 
 
-def measure_model(name: str, out_dir: Path, store: ResultStore, seed: int = 0, log: Log = _stderr_log) -> dict:
-    """Measure the shipped model `name` and write card["measurements"]; returns them."""
-    ad = load_adapter(name, device="cpu")
+def measure_model(
+    name: str,
+    out_dir: Path,
+    store: ResultStore,
+    seed: int = 0,
+    log: Log = _stderr_log,
+    write: bool = True,
+    adapter=None,
+) -> dict:
+    """Measure the shipped model `name` (or `adapter`) and, with `write`, store them as card["measurements"];
+    returns them."""
+    ad = adapter if adapter is not None else load_adapter(name, device="cpu")
     sel = data.select_demo(500, seed)
     timings = {}
     with Clock() as c:
@@ -295,6 +304,8 @@ def measure_model(name: str, out_dir: Path, store: ResultStore, seed: int = 0, l
         "class_acc": q["class_acc"],
         "fd": q["fd"],
     }
+    if not write:
+        return m
     path = Path(out_dir) / name / "card.json"
     card = json.loads(path.read_text())
     card["measurements"] = m
