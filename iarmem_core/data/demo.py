@@ -177,9 +177,9 @@ def select_demo(
     For the training split with `include_planted` (the default D'): every item of known kind (the planted items,
     their never-trained twins, the control canaries and their twins; 160) and a class-stratified, seeded sample
     of the unique training images for the rest, so both "does the top unit fire for a planted image" and its
-    null ("... for a never-trained twin") can be asked; with n below the 160, n items taken in turn from every
-    kind, role and dose. Otherwise a class-stratified sample of `split`. n=None takes the whole split (and the
-    items). The result keeps the bundle's order."""
+    null ("... for a never-trained twin") can be asked; with n below the 160, the 20 natural planted items (8x
+    and 32x, one per class each) and unique images for the rest. Otherwise a class-stratified sample of
+    `split`. n=None takes the whole split (and the items). The result keeps the bundle's order."""
     items_in = include_planted and split == "train"
     base = load_demo("all" if items_in else split, bundle_dir)
     if items_in:
@@ -189,19 +189,22 @@ def select_demo(
     if n is None or n >= len(base):
         return base.subset(np.arange(len(base)), name=f"demo/{split}" + ("+items" if items_in else ""))
     if len(forced) > n:
-        # fewer images than items (a quick look, tests): n items, taken in turn from every (kind, role, dose)
-        # group in the bundle's order, so each group is represented; no unique image
+        # fewer images than items (a quick look, tests): the natural planted items (both doses, one per class
+        # each) and unique images for the rest; below 20, natural items taken in turn from each dose
         m = base.meta
-        key = [f"{m['kind'][i]}|{m['role'][i]}|{m['dose'][i]}" for i in forced]
-        names = sorted(set(key))
-        rank = np.zeros(len(forced), np.int64)
-        seen: dict[str, int] = {}
-        for j, k in enumerate(key):
-            rank[j] = seen.get(k, 0)
-            seen[k] = rank[j] + 1
-        order = np.lexsort((np.array([names.index(k) for k in key]), rank))
-        idx = np.sort(forced[order[:n]]).astype(np.int64)
-        return base.subset(idx, name=f"demo/{split}[n={n},items only]")
+        forced = np.flatnonzero((m["role"] == "planted") & (m["kind"] == "natural"))
+        if len(forced) > n:
+            dose = m["dose"][forced]
+            within = np.array([np.sum(dose[:j] == dose[j]) for j in range(len(forced))])  # rank in its dose
+            forced = np.sort(forced[np.lexsort((dose, within))[:n]])
+        items_only = np.flatnonzero(m["role"] != "unique")
+        pool = np.setdiff1d(np.arange(len(base)), items_only)
+        rng = np.random.default_rng(seed)
+        by_class = [pool[base.labels[pool] == c] for c in range(len(base.classes))]
+        quotas = class_quotas([len(c) for c in by_class], None, n - len(forced), None, rng)
+        picked = [rng.permutation(c)[:q] for c, q in zip(by_class, quotas)]
+        idx = np.sort(np.concatenate([forced, *picked]).astype(np.int64))
+        return base.subset(idx, name=f"demo/{split}[n={n},seed={seed},natural items]")
     rng = np.random.default_rng(seed)
     pool = np.setdiff1d(np.arange(len(base)), forced)
     by_class = [pool[base.labels[pool] == c] for c in range(len(base.classes))]

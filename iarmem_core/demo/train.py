@@ -36,7 +36,6 @@ Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
-@dataclass(frozen=True)
 class FeatureNetTrainConfig:
     epochs: int = 2
     batch_size: int = 128
