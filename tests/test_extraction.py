@@ -306,16 +306,22 @@ def test_calibration_sets_the_threshold_from_held_out_false_positives(world, tmp
 
 
 @pytest.mark.parametrize("name", ["demo-var", "demo-rar"])
-def test_builtin_demo_calibration_is_for_the_shipped_weights_and_meets_the_demo_targets(name, tmp_path):
-    """The issue's targets on the shipped demo models, with the defaults a user gets (the CLI's run):
-    recall >= 0.8 on the 64x planted images, precision >= 0.9, held-out false rate <= 0.02."""
+def test_the_cards_calibration_is_for_the_shipped_weights_and_meets_the_demo_targets(name):
+    """The world's targets on the shipped demo models, with the defaults a user gets (the app's and the CLI's
+    attack, as shipped in assets/store): recall >= 0.9 on the 32x items, precision >= 0.9 on the planted items,
+    held-out false rate <= 0.02, at the threshold of the model card."""
+    from iarmem_app import config
+
     m = load_adapter(name)
-    cal = extraction.DEMO_CALIBRATION[name]
-    assert cal["weights"] == m.identity["transformer"], "re-run `extract --calibrate` after train-demo"
-    res = extraction.run_extraction(m, data.select_demo(n=500, seed=0), store=ResultStore(tmp_path))
+    cal = extraction.card_calibration(name, m.identity)
+    assert cal is not None, "the card has no calibration for these weights: run `train-demo --only calibrate`"
+    st = ResultStore(config.SHIPPED_STORE, read_only=True)
+    key = extraction.extraction_key(m, data.select_demo(n=500, seed=0), extraction.ExtractionConfig(seed=0), store=st)
+    assert st.exists(key), "assets/store is stale: run scripts/precompute_demo_results.py"
+    res = extraction.load_extraction(st, key)
     c = res.count()
-    assert res.summary()["threshold_source"].startswith(f"built-in calibration of {name}")
-    assert c["recall_planted_by_count"]["64"] >= 0.8, c
+    assert res.summary()["threshold_source"].startswith("calibration in the model card"), res.summary()
+    assert c["recall_planted_by_count"]["32"] >= 0.9, c
     assert c["precision_planted"] >= 0.9, c
     assert c["heldout_n"] == 200 and c["heldout_false_rate"] <= 0.02, c
 

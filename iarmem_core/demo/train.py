@@ -143,17 +143,21 @@ def _transformer_loss(
     scale_slices: Sequence[slice],
     label_dropout: float,
     gen: torch.Generator,
+    from_token: int = 0,
 ) -> torch.Tensor:
-    """Teacher-forced cross entropy over all tokens, with label dropout to the null class."""
+    """Teacher-forced cross entropy over the tokens from `from_token` on (0: all), with label dropout to the null
+    class."""
     if family == "var":
         with torch.no_grad():
             x_BLCv = tok.quantize.idxBl_to_var_input([flat_BN[:, s] for s in scale_slices])
         drop = torch.rand(labels_B.shape, generator=gen) < label_dropout
         labels_B = torch.where(drop, model.num_classes, labels_B)
         logits_BLV = model(labels_B, x_BLCv)  # (VAR's own label dropout is off: cond_drop_rate set to 0 below)
+        logits_BLV, flat_BN = logits_BLV[:, from_token:], flat_BN[:, from_token:]
         return F.cross_entropy(logits_BLV.reshape(-1, logits_BLV.shape[-1]), flat_BN.reshape(-1))
     labels_B = torch.where(torch.rand(labels_B.shape, generator=gen) < label_dropout, -1, labels_B)
     logits_BNV, targets_BN = model(flat_BN, labels_B)
+    logits_BNV, targets_BN = logits_BNV[:, from_token:], targets_BN[:, from_token:]
     return F.cross_entropy(logits_BNV.reshape(-1, logits_BNV.shape[-1]), targets_BN.reshape(-1))
 
 
