@@ -99,3 +99,20 @@ def test_world_models_have_the_same_unit_count_and_more_depth(name):
     units = s.depth * (s.transformer.get("intermediate_size") or int(s.width * s.transformer["mlp_ratio"]))
     assert s.depth == 8 and units == 3072
     assert ("control" in s.trained_splits) == (name == "demo-var-ctl")
+
+
+def test_criterion_b_pattern_known_answers():
+    from iarmem_core.demo.measure import pattern
+
+    diag = np.eye(4)  # scale g carried by block g: coarse early, fine deep
+    p = pattern(diag, ["1x1", "2x2", "3x3", "4x4"], "var")
+    assert p["paper_pattern"] and p["spearman_scale_vs_centroid"] == 1.0
+    assert p["centroid_by_group"] == {"1x1": 0.0, "2x2": 1.0, "3x3": 2.0, "4x4": 3.0}
+    anti = pattern(diag[::-1], ["1x1", "2x2", "3x3", "4x4"], "var")
+    assert not anti["paper_pattern"] and anti["spearman_scale_vs_centroid"] == -1.0
+    late = np.zeros((8, 3))
+    late[6:] = 1.0
+    late[0, 0] = -5.0  # negative differences carry no mass
+    assert pattern(late, ["row0", "row1", "row2"], "rar")["centroid_overall"] == 6.5
+    assert pattern(late, ["row0", "row1", "row2"], "rar")["paper_pattern"]
+    assert not pattern(late[::-1], ["row0", "row1", "row2"], "rar")["paper_pattern"]

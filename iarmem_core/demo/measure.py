@@ -196,6 +196,55 @@ def attribution_part(ad, sel, groups, prefix) -> dict:
     }
 
 
+def pattern(values_LG, groups: list[str], family: str) -> dict:
+    """Criterion (b) on one planted-minus-twin map [L, G]: where its positive part sits.
+
+    Per group (column) the block centroid of the positive part, sum_l l * P[l, g] / sum_l P[l, g] (blocks
+    counted from 0; None without mass), and the overall centroid. The paper's pattern: VAR, coarse scales in
+    early blocks and finer scales deeper (the Spearman correlation of the centroids with the scale order is
+    positive); next-token models, the later blocks (the overall centroid above the middle block)."""
+    d = np.clip(np.asarray(values_LG, np.float64), 0, None)
+    L = d.shape[0]
+    li = np.arange(L, dtype=np.float64)
+    mass = d.sum(0)
+    cent = [float((li * d[:, g]).sum() / mass[g]) if mass[g] > 0 else None for g in range(d.shape[1])]
+    overall = float((li[:, None] * d).sum() / d.sum()) if d.sum() > 0 else None
+    out = {
+        "centroid_by_group": {g: (None if c is None else round(c, 3)) for g, c in zip(groups, cent)},
+        "centroid_overall": None if overall is None else round(overall, 3),
+        "middle_block": (L - 1) / 2,
+    }
+    if family == "var":
+        pts = [(gi, c) for gi, c in enumerate(cent) if c is not None]
+        if len(pts) >= 3:
+            a = np.argsort(np.argsort([p[0] for p in pts])).astype(np.float64)
+            b = np.argsort(np.argsort([p[1] for p in pts])).astype(np.float64)
+            rho = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
+        else:
+            rho = None
+        out["spearman_scale_vs_centroid"] = None if rho is None else round(rho, 3)
+        out["paper_pattern"] = bool(rho is not None and rho > 0)
+        out["definition"] = "VAR: coarse scales early, finer scales deeper = a positive Spearman correlation"
+    else:
+        out["paper_pattern"] = bool(overall is not None and overall > (L - 1) / 2)
+        out["definition"] = "next-token: the later blocks = the overall centroid above the middle block"
+    return out
+
+
+def add_patterns(m: dict, family: str) -> dict:
+    """Criterion (b) for the UnitMem map and for each kind's attribution map of measurements `m` (in place)."""
+    um = m["unitmem"]["planted_minus_twin_map"]
+    m["unitmem"]["pattern"] = pattern(um["values_LG"], um["groups"], family)
+    att = m["attribution"]
+    for v in att["by_kind"].values():
+        v["pattern"] = pattern(v["values_LG"], att["groups"], family)
+    m.setdefault("summary", {})["criterion_b"] = {
+        "unitmem": m["unitmem"]["pattern"]["paper_pattern"],
+        **{f"attribution {k}": v["pattern"]["paper_pattern"] for k, v in att["by_kind"].items()},
+    }
+    return m
+
+
 def criterion_a(ad, sel, store, ext_res, um_res, groups, seed, log) -> dict:
     edits, labels = [], []
     for k in TOP_PERCENTS:
@@ -304,6 +353,7 @@ def measure_model(
         "class_acc": q["class_acc"],
         "fd": q["fd"],
     }
+    add_patterns(m, ad.spec.family)
     if not write:
         return m
     path = Path(out_dir) / name / "card.json"
