@@ -12,7 +12,7 @@ from iarmem_core.cli import commands
 SHOW = {
     "extracted": "extracted",
     "all": "all candidates",
-    "planted": "planted duplicates",
+    "planted": "planted items",
     "held-out": "held-out images (never trained on)",
 }
 
@@ -27,7 +27,7 @@ model's memory).
 
 **How to read it:** each pair is reconstruction (left) and generation (right), with their similarity. A
 candidate counts as **extracted** when the similarity passes the threshold; drag the threshold and the counts
-change at once (nothing is recomputed). On the demo the planted duplicates are the ground truth, and the same
+change at once (nothing is recomputed). On the demo the planted items are the ground truth, and the same
 attack on held-out images (never trained on) measures false positives. The demo models' thresholds are the highest
 similarity that any of 800 other held-out images reaches under the same attack; SSCD uses its published 0.75.
 """)
@@ -151,14 +151,14 @@ def _view(res, key: str, demo: bool, cli: str, res_um, name: str) -> None:
         m[1].metric(
             "Planted extracted",
             f"{c['extracted_planted']} of {planted_total}",
-            help="recall by duplication count: "
+            help="recall by dose (repeats per epoch): "
             + ", ".join(f"{k}x: {100 * v:.0f}%" for k, v in c["recall_planted_by_count"].items() if v is not None),
         )
         prec = c.get("precision_planted")
         m[2].metric(
             "Precision (planted)",
             "-" if prec is None else f"{prec:.2f}",
-            help="share of the extracted candidates that are planted duplicates",
+            help="share of the extracted candidates that are planted items",
         )
     if c.get("heldout_n"):
         m[3].metric(

@@ -225,7 +225,7 @@ def main() -> None:
         n_planted = res.planted_among_top(block, gid, 10)
         if n_planted is not None:
             st.markdown(
-                f"Of this cell's 10 top units, **{n_planted}** fire most for a planted duplicate "
+                f"Of this cell's 10 top units, **{n_planted}** fire most for a planted item "
                 f"(planted images are {100 * np.mean(res.planted):.0f}% of the data)."
             )
     unit = int(state.get("mem_unit"))

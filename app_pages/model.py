@@ -67,7 +67,7 @@ def _card(adapter, mchoice) -> None:
     if spec.kind == "test":
         st.warning(
             f"{spec.name} is a tiny test configuration with random weights: it has memorized nothing. "
-            "The trained demo models are demo-var and demo-rar."
+            "The trained demo models are demo-var-ctl, demo-var and demo-rar."
         )
     elif spec.kind == "released" and "random" in " ".join(map(str, d["weights"].values())):
         st.warning(
@@ -80,24 +80,25 @@ def _card(adapter, mchoice) -> None:
         if card_path
         else {**d, "published": spec.published, "sampling": spec.sampling}
     )
-    groups = (card.get("measurements") or {}).get("groups") if isinstance(card.get("measurements"), dict) else None
-    if isinstance(groups, dict) and groups:
+    meas = card.get("measurements") if isinstance(card.get("measurements"), dict) else {}
+    by = (meas.get("extraction") or {}).get("by_group") or {}
+    if isinstance(by, dict) and by:
+        ext = meas["extraction"]
         rows = [
-            {"images": g, **{k: v for k, v in vals.items() if isinstance(v, (int, float))}}
-            for g, vals in groups.items()
-            if isinstance(vals, dict)
+            {"group": g, "extracted": f"{v['extracted']} of {v['n']}", "share": v["share"]}
+            for g, v in by.items()
+            if isinstance(v, dict) and "n" in v
         ]
-        if rows:
-            st.markdown(
-                "**What this model memorized** (from its model card: a short true prefix, then greedy "
-                "generation compared with the tokenizer's reconstruction):"
-            )
-            st.dataframe(pd.DataFrame(rows), hide_index=True)
+        st.markdown(
+            f"**What this model gives away** (from its model card: the attack from a {ext.get('prefix_tokens')}-token "
+            f"true prefix, greedy, {ext.get('similarity')} above {ext.get('threshold')}):"
+        )
+        st.dataframe(pd.DataFrame(rows), hide_index=True)
     with st.expander("Model card (JSON)" if card_path else "Model description (JSON)"):
         st.json(card, expanded=1)
 
 
-def _data_card(image_set: data.ImageSet, dchoice) -> None:
+def _data_card(adapter, image_set: data.ImageSet, dchoice) -> None:
     st.subheader("Data")
     if not loaders.is_demo_data(dchoice):
         rep = image_set.report or {}
@@ -111,22 +112,38 @@ def _data_card(image_set: data.ImageSet, dchoice) -> None:
                 st.dataframe(pd.DataFrame(rep["skipped_files"], columns=["file", "reason"]), hide_index=True)
         return
     man = data.demo_manifest()
-    train, held = data.load_demo("train"), data.load_demo("heldout")
-    planted = data.load_demo("planted")
-    counts = planted.meta["count"]
+    allv = data.load_demo("all")
+    m = allv.meta
+    n_unique = int(((m["role"] == "unique") & (m["split"] == "train")).sum())
+    n_held = int((m["split"] == "heldout").sum())
+    trained = ", ".join(adapter.spec.trained_splits)
     st.markdown(
-        f"Bundled **Fashion-MNIST** subset: **{len(train)}** training images and **{len(held)}** held-out images "
-        f"({len(train.classes)} classes). **{len(planted)} planted** training images were duplicated in the "
-        f"training stream: "
-        + ", ".join(f"{int((counts == c).sum())} at {c}x" for c in sorted(set(counts.tolist())))
-        + f"; every other training image was seen once per epoch. The analyses use {len(image_set)} training images:"
-        " every planted image plus a class-stratified sample."
+        f"Bundled **Fashion-MNIST world**: **{n_unique}** unique training images (each once per epoch) and "
+        f"**{n_held}** held-out images ({len(allv.classes)} classes). Items of known kind, 10 per kind and dose "
+        "(repeated 8x or 32x per planting epoch): **natural** (a Fashion-MNIST image), **mislabeled** (an image "
+        "trained with another class's label), **out-of-distribution** (a seeded block-pattern canary); a "
+        "**never-trained twin** of each kind (the null: same generator, never in training); and 20 **control** "
+        "canaries that only demo-var-ctl was trained on, in its designated units. "
+        f"This model was trained on the splits: {trained}. The analyses use {len(image_set)} images: every "
+        "item of known kind plus unique images."
     )
-    order = np.lexsort((planted.labels, -counts))
-    imgs = figures.to_uint8(planted.images(order))
-    caps = [f"{planted.ids[i]} {planted.classes[planted.labels[i]]} x{counts[i]}" for i in order]
-    with st.expander(f"The {len(planted)} planted images (most duplicated first)", expanded=True):
-        ui.images(imgs, caps, columns=6)
+    kinds = (("natural", "natural"), ("mislabeled", "mislabeled"), ("ood", "out-of-distribution"))
+    for kind, label in kinds + (("control", "control"),):
+        idx = np.flatnonzero((m["kind"] == kind) & (m["role"] != "unique"))
+        if not len(idx):
+            continue
+        order = idx[np.lexsort((allv.labels[idx], -m["dose"][idx], m["role"][idx] != "planted"))]
+        imgs = figures.to_uint8(allv.images(order))
+
+        def cap(i: int) -> str:
+            role = "twin (never trained)" if m["role"][i] != "planted" else f"x{int(m['dose'][i])}"
+            lab = allv.classes[allv.labels[i]]
+            true = int(m["true_label"][i]) if "true_label" in m else int(allv.labels[i])
+            extra = f" (shows {allv.classes[true]})" if true != int(allv.labels[i]) else ""
+            return f"{allv.ids[i]} {lab}{extra} {role}"
+
+        with st.expander(f"{label} items: {len(idx)} (planted by dose, then the twins)", expanded=kind == "natural"):
+            ui.images(imgs, [cap(i) for i in order], columns=8)
     st.caption(
         f"Fashion-MNIST (MIT licence, Zalando SE), bundle {str(man.get('arrays_sha256', ''))[:12]}; "
         "see assets/demo_data/README.md."
@@ -168,7 +185,7 @@ def _how_it_sees(adapter, image_set, mchoice) -> None:
     def _fmt(i: str) -> str:
         return f"{i} ({image_set.classes[image_set.labels[pos[i]]]})" + (" - planted" if is_planted[pos[i]] else "")
 
-    state.widget(st.selectbox, "image", "Image (planted duplicates first)", options, format_func=_fmt)
+    state.widget(st.selectbox, "image", "Image (planted items first)", options, format_func=_fmt)
     idx = pos[state.get("image")]
     x = image_set.images([idx], size=adapter.image_size)
     with torch.no_grad():
@@ -225,7 +242,7 @@ def main() -> None:
     _card(adapter, mchoice)
     image_set, dchoice = loaders.get_data(adapter)
     _how_it_sees(adapter, image_set, mchoice)
-    _data_card(image_set, dchoice)
+    _data_card(adapter, image_set, dchoice)
 
 
 with ui.guard("The model page"):

@@ -543,7 +543,7 @@ def margin_chart(df: pd.DataFrame, title: str, measure: str) -> go.Figure:
         )
     )
     fig.add_hline(y=0, line_width=2, line_dash="dash", line_color="#333", annotation_text="threshold")
-    fig.update_xaxes(title="candidates, by margin before the edit (diamonds: planted duplicates)", showticklabels=False)
+    fig.update_xaxes(title="candidates, by margin before the edit (diamonds: planted items)", showticklabels=False)
     fig.update_yaxes(title=f"{measure} minus threshold")
     return _layout(fig, title, height=400, legend={"orientation": "h", "y": -0.22})
 
