@@ -335,3 +335,25 @@ def test_a_new_seed_asks_before_the_shipped_results_go(app):
     at.number_input(key="w_seed").set_value(3).run()
     at.button(key="seed_use").click().run()
     assert at.session_state["seed"] == 3 and at.query_params["seed"] == "3"
+
+
+def test_the_printed_command_reproduces_the_shown_result(app, shipped):
+    """The CLI command the Memorization page prints for its heatmap computes the very result the page shows."""
+    import shlex
+
+    from iarmem_core.cli import build_parser
+    from iarmem_core.cli.unitmem import config_from_args
+
+    name, key, arrays, meta = shipped
+    at = app.run()
+    no_errors(at)
+    cmds = [c.value for c in at.code if " unitmem " in c.value]
+    assert cmds, [c.value for c in at.code]
+    argv = shlex.split(cmds[0])
+    assert argv[:4] == ["python", "-m", "iarmem_core", "unitmem"]
+    args = build_parser().parse_args(argv[3:])
+    adapter = load_adapter(args.model, device="cpu")
+    sel = data.select_demo(n=args.n, seed=args.seed)
+    spec = unitmem.job_spec(adapter, sel, config_from_args(args, args.model))
+    assert ResultStore(config.SHIPPED_STORE, read_only=True).key(unitmem.KIND, spec) == key
+    assert key in " ".join(c.value for c in at.caption)  # and that is the key the page says it shows
