@@ -833,19 +833,31 @@ def quality_many(
     ref_set = reference_set if reference_set is not None else default_reference_set(adapter)
     space = _space(feature_space, adapter)
     clf = _classifier(adapter, space)
-    got, _ = sample_features(
-        adapter,
-        list(edits),
-        0,
-        int(n_samples),
-        space=space,
-        classifier=clf,
-        seed=seed,
-        sampling=sampling,
-        batched=batched,
-        check=check,
-        on_block=None if on_progress is None else lambda j: on_progress(j / n_samples, f"sampling {j}/{n_samples}"),
-    )
+    edits = list(edits)
+    # memory: at most MAX_ROWS_PER_BATCH rows per generate call, so the edits go in groups of
+    # MAX_ROWS_PER_BATCH // block (105 edits x 200 samples in one call needed > 20 GB); the groups are fixed by
+    # the order of `edits`, so a result does not depend on anything but the edits and the seed
+    per = max(1, MAX_ROWS_PER_BATCH // max(1, min(int(n_samples), QUALITY_BLOCK))) if batched else len(edits)
+    got = []
+    for g0 in range(0, len(edits), max(1, per)):
+        part, _ = sample_features(
+            adapter,
+            edits[g0 : g0 + per],
+            0,
+            int(n_samples),
+            space=space,
+            classifier=clf,
+            seed=seed,
+            sampling=sampling,
+            batched=batched,
+            check=check,
+            on_block=None
+            if on_progress is None
+            else lambda j, g0=g0: on_progress(
+                (g0 + len(edits[g0 : g0 + per]) * j / n_samples) / len(edits), f"sampling {j}/{n_samples}"
+            ),
+        )
+        got += part
     ref = reference_features(space, ref_set, adapter.image_size)
     return [{**quality_estimate(g, ref, space, n_boot=n_boot, seed=seed), "samples": g} for g in got]
 
