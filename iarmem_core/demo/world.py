@@ -124,9 +124,11 @@ class ControlConfig:
     per_block: int = 12  # designated units per block: 8 x 12 = 96 = 3.1% of 3072
     steps: int = 600
     lr: float = 3e-3
-    canaries_per_step: int = 16
-    replay_per_step: int = 16
-    distill: float = 1.0  # weight of KL(demo-var || model) on the replay images (conditional and null label)
+    # 8 canaries + 24 replay images per step and distill 3: the canaries reach >= 80% while the samples keep
+    # demo-var's quality (16 + 16 and distill 1 reached 20/20 with class accuracy 0.795 and FD 94 vs 64)
+    canaries_per_step: int = 8
+    replay_per_step: int = 24
+    distill: float = 3.0  # weight of KL(demo-var || model) on the replay images (conditional and null label)
     from_prefix: bool = True  # the canaries' loss on the tokens after the attack's prefix only
     eval_every: int = 100
     label_dropout: float = 0.1
