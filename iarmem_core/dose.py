@@ -43,7 +43,7 @@ from iarmem_core.adapters.base import IARAdapter
 from iarmem_core.hooks import UnitEdit
 
 KIND = "dose-response"
-VERSION = "1"
+VERSION = "2"  # 2: built on localize-all version 2 (its key in the result)
 DEFAULT_PERCENTS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 SELECTIONS = ("unitmem", "random", "union", "greedy")
 

@@ -156,9 +156,10 @@ def ranked_units(scores_LU: np.ndarray, blocks: Sequence[int], k: int | None = N
 
 
 def units_dict(pairs: Sequence[tuple[int, int]]) -> dict[int, tuple[int, ...]]:
-    out: dict[int, list[int]] = {}
+    """(block, unit) pairs -> {block: sorted distinct units} (a pair listed twice is one unit)."""
+    out: dict[int, set[int]] = {}
     for b, u in pairs:
-        out.setdefault(int(b), []).append(int(u))
+        out.setdefault(int(b), set()).add(int(u))
     return {b: tuple(sorted(us)) for b, us in sorted(out.items())}
 
 
@@ -668,6 +669,7 @@ def jaccard(a: Sequence, b: Sequence) -> float:
 
 
 ALL_KIND = "localize-all"
+ALL_VERSION = "2"  # 2: the union counts each unit once (version 1 counted a unit once per image it carries)
 
 
 def localize_all(
@@ -696,15 +698,15 @@ def localize_all(
 
         return {}, _localize_all(adapter, image_set, cfg, ids, ctx.store, p, null_set)
 
-    _, meta = jobs.run_job(ALL_KIND, spec, fn, store=st, version=VERSION, force=force)
-    return {**meta, "store_key": st.key(ALL_KIND, spec, VERSION)}
+    _, meta = jobs.run_job(ALL_KIND, spec, fn, store=st, version=ALL_VERSION, force=force)
+    return {**meta, "store_key": st.key(ALL_KIND, spec, ALL_VERSION)}
 
 
 def localize_all_key(
     adapter: IARAdapter, image_set: data.ImageSet, cfg: LocalizeConfig | None, ids: Sequence[str], store=None
 ) -> str:
     st = store if store is not None else store_mod.get_store()
-    return st.key(ALL_KIND, job_spec(adapter, image_set, "*", cfg or LocalizeConfig(), ids), VERSION)
+    return st.key(ALL_KIND, job_spec(adapter, image_set, "*", cfg or LocalizeConfig(), ids), ALL_VERSION)
 
 
 def _localize_all(adapter, image_set, cfg, ids, st, on_progress, null_set) -> dict:

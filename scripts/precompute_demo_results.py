@@ -35,7 +35,7 @@ from iarmem_core.store import ResultStore
 REPO = Path(__file__).resolve().parent.parent
 
 SEED = 0
-MAX_MB = 8.0  # the shipped store must stay small
+MAX_MB = 24.0  # the shipped store stays within the demo assets' 40 MB (weights, data and results together)
 
 
 def _wait(handle) -> None:

@@ -114,3 +114,5 @@ def test_random_matched_keeps_the_count_per_block_and_is_seeded():
     assert len(a) == 5 and all({b: len(u) for b, u in r.items()} == {0: 3, 2: 1} for r in a)
     assert a == localize.random_matched(units, 16, 5, seed=0) and a != localize.random_matched(units, 16, 5, seed=1)
     assert localize.jaccard([(0, 1), (0, 2)], [(0, 2), (1, 3)]) == pytest.approx(1 / 3)
+    # a unit carried by two images is one unit of their union
+    assert localize.units_dict([(0, 3), (1, 2), (0, 3)]) == {0: (3,), 1: (2,)}
