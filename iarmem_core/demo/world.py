@@ -142,6 +142,37 @@ class WorldPlan:
     rule: ChoiceRule = field(default_factory=ChoiceRule)
 
 
+# The pilot of LOCALIZATION.md 3 (run before the world was built: continued training of the v1 demo models with
+# the v2 items, evaluated by the library after every epoch); its numbers and the decision go into every card.
+PILOT = {
+    "what": "continued training of the v1 demo-var / demo-rar with N, M, O items at 8x and 32x (lr 5e-4, batch 48, "
+    "fresh optimizer), evaluated after every epoch with the library's attack, UnitMem and minimal sets; and a "
+    "positive control (96 designated units, 300-600 steps)",
+    "replay_1_3": "epoch 3: 8x at 30% for every kind on both models, 32x at 100%, twins / held-out / unique 0%; but "
+    "class accuracy of samples 0.93 -> 0.55 (demo-var), 0.89 -> 0.55 (demo-rar)",
+    "replay_2_3": "demo-var epoch 4: 8x at 60/50/80% (N/M/O), 32x 100%, class accuracy 0.83; demo-rar epoch 5: "
+    "8x 50/40/60%, class accuracy 0.79 (just short of 0.8: RAR needs more replay)",
+    "minimal_sets_thin_median_units": {
+        "demo-var": {"N": 7.5, "M": 14, "O": 7.5},
+        "demo-rar": {"N": 16, "M": 27, "O": 1},
+    },
+    "minimal_sets_32x": "median 57-160 units; random matched sets flip 0-3 of 200 draws per group",
+    "unitmem_rule": "the rule as written (keep a kind with >= 3x more top-10% argmax units than its twins) keeps M "
+    "(4.5-8x) and drops N and O (0.4-1.6x); but on demo-var M is at 5.3x before any M item was trained (64 vs 12 "
+    "units) and does not grow with training: atypicality, not memorization; even the positive control's canaries "
+    "get 99 top-10% argmax units against 100 for their never-trained twins",
+    "positive_control": "96 units, 16 canaries + 16 replay per step: 20/20 canaries extractable after 300 steps, "
+    "UnitMem ranks the designated units at median percentile 1.55, criterion (a) holds (p = 0.048), but class "
+    "accuracy falls to 0.62 (canary blobs leak into samples)",
+    "timing": "8 blocks x 96 from scratch: ~80 s (VAR) / ~43 s (RAR) per epoch of the v2 stream on 1 loaded thread",
+    "decision": "keep all three kinds (N, M, O): the UnitMem half of the rule measures atypicality here (M's "
+    "signal predates training), so dropping kinds by it would hide the finding the world must show; replay 2/3 "
+    "(VAR) and 3/4 (RAR); planting in rounds until the choice rule holds; the positive control learns its "
+    "canaries from the attack's prefix on, with distillation, so that its samples keep demo-var's quality; MLP "
+    "ratio 8 not tried (every kind has small per-image sets at ratio 4)",
+}
+
+
 def default_plans() -> dict[str, WorldPlan]:
     """The plans behind the shipped world (replay shares from the pilot: RAR needs more replay to keep quality)."""
     return {
@@ -508,6 +539,7 @@ def build_model(
             "points": plant_stats["points"],
         },
         "checkpoint_choice": {"rule": asdict(plan.rule), "checks": checks, "chosen_epoch": chosen, "why": why},
+        "pilot": PILOT,
     }
     (model_dir / "card.json").write_text(json.dumps(_json_safe(card), indent=1) + "\n")
     return card
@@ -677,6 +709,7 @@ def build_control(
             "transformer": {"path": "demo-var-ctl/transformer.safetensors", "bytes": size, "dtype": "fp16"},
         },
         "designated_units": {str(b): list(u) for b, u in units.items()},
+        "pilot": PILOT,
         "n_designated": n_des,
         "designated_share": round(n_des / (len(blocks) * base.n_units), 4),
         "training": {
