@@ -56,8 +56,9 @@ with st.expander("The five-minute talk: the demo world in four steps", expanded=
     st.markdown(
         """
 1. **Positive control** ([demo-var-ctl](/memorization?model=demo-var-ctl)): memorization put into 96 known units.
-   Click the hottest cell and its top unit: the image it fires for is one of the injected canaries. Switch the
-   view to the *null control*: never-trained images do not light the same units.
+   Click the hottest cell and its top unit: it fires for a block-pattern canary, but often for a never-trained
+   twin (`Ct/..`) rather than a trained one (`C/..`): UnitMem's argmax says "atypical", even here. Switch the
+   view to the *null control* to see how much of the heatmap never-trained images light up as well.
 2. **The edit** ([zero the top 1% of demo-var-ctl](/intervention?model=demo-var-ctl&iv_top=1&iv_op=zero&iv_factor=0)):
    the samples at the same seed barely change, the canaries stop being extracted (measured: 19 of 19 gone),
    the 20 random draws of as many units leave 16-19; the dose-response curve below makes the point.
