@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from iarmem_app import config, results, state, ui
+from iarmem_app import config, loaders, results, state, talk, ui
 
 st.set_page_config(
     page_title="iarmem: memorization in image autoregressive models",
@@ -108,6 +108,8 @@ with st.sidebar:
         format_func=_label,
         label_visibility="collapsed",
     )
+    loaders.world_banner(state.get("model"))
+    talk.sidebar()
     if state.get("model") == "other":
         state.widget(
             st.selectbox,

@@ -60,7 +60,10 @@ def _gallery(res, rows: np.ndarray, measure: str, thr: float, res_um=None, colum
         col = cols[k % columns]
         pair = np.concatenate([res.recon_images[int(i)], res.generated_images[int(i)]], axis=1)
         planted = bool(table["planted"].fillna(False).iloc[int(i)])
-        tag = f" planted {int(r['count'])}x" if planted else (" held-out" if r["split"] == "heldout" else "")
+        dose = int(r["count"])
+        tag = " held-out" if r["split"] == "heldout" else ""
+        if planted:
+            tag = f" planted {dose}x" if dose else " planted"
         verdict = "extracted" if extraction.is_extracted(r[measure], thr) else "not extracted"
         col.image(
             pair,

@@ -136,7 +136,12 @@ def _data_card(adapter, image_set: data.ImageSet, dchoice) -> None:
         imgs = figures.to_uint8(allv.images(order))
 
         def cap(i: int) -> str:
-            role = "twin (never trained)" if m["role"][i] != "planted" else f"x{int(m['dose'][i])}"
+            if m["role"][i] != "planted":
+                role = "twin (never trained)"
+            elif m["kind"][i] == "control":
+                role = "control canary"  # trained only into demo-var-ctl's designated units
+            else:
+                role = f"x{int(m['dose'][i])}"
             lab = allv.classes[allv.labels[i]]
             true = int(m["true_label"][i]) if "true_label" in m else int(allv.labels[i])
             extra = f" (shows {allv.classes[true]})" if true != int(allv.labels[i]) else ""

@@ -235,12 +235,11 @@ def get_model() -> tuple[IARAdapter, ModelChoice]:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         log.warning("model load failed: %s", msg)
         raise UserInputError(f"Could not load {choice.name}: {msg}") from None
-    world_banner(choice.name)
     return adapter, choice
 
 
 def world_banner(name: str) -> None:
-    """Which model of the demo world this page shows (every page, under its title)."""
+    """Which model of the demo world every page shows (in the sidebar, under the model choice)."""
     role = config.WORLD_ROLES.get(name)
     if role is not None:
         st.caption(f"**Demo world: {name}, {role[0]}.** {role[1]}")

@@ -503,7 +503,10 @@ def margin_chart(df: pd.DataFrame, title: str, measure: str) -> go.Figure:
     """
     x = np.arange(len(df))
     planted = df["planted"].to_numpy() == 1 if "planted" in df else np.zeros(len(df), bool)
-    label = [f"{i}" + (f" (planted {int(c)}x)" if p else "") for i, p, c in zip(df["image_id"], planted, df["count"])]
+    label = [
+        f"{i}" + ((f" (planted {int(c)}x)" if int(c) else " (planted)") if p else "")
+        for i, p, c in zip(df["image_id"], planted, df["count"])
+    ]
     fig = go.Figure()
     if "margin_random_q05" in df:
         fig.add_trace(

@@ -83,7 +83,7 @@ def test_cached_attack_is_bit_identical_and_a_second_attack_reuses_the_reference
 
     # a second attack over the same candidates (an edit, as before/after/random draws): nothing is tokenized or
     # decoded for the references, and the result is the uncached one again
-    edit = hooks.UnitEdit({0: tuple(range(0, 512, 3))}, factor=0.0, op="zero")
+    edit = hooks.UnitEdit({0: tuple(range(0, m.n_units, 3))}, factor=0.0, op="zero")
     plain_edit = extraction.run_extraction(m, sel, cfg, store=ResultStore(tmp_path / "plain"), edit=edit, cache=False)
 
     calls.update(tokenize=0, decode=0)

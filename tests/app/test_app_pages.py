@@ -141,8 +141,11 @@ def test_model_page_card_and_token_maps(app, shipped):
         assert sum(c.startswith("up to ") for c in caps) == len(grids)
     else:
         assert any(c.startswith(f"token grid {grids[0][0]}x{grids[0][1]}") for c in caps)
-    # the 30 planted images of the demo, each with its duplication count
-    assert sum(bool(re.search(r" x(4|16|64)$", c)) for c in caps) == 30
+    # the world's items: 60 planted (natural, mislabeled, out-of-distribution at 8x and 32x) with their dose,
+    # 60 never-trained twins, and the 20 control canaries (planted only in demo-var-ctl) with their 20 twins
+    assert sum(bool(re.search(r" x(8|32)$", c)) for c in caps) == 60
+    assert sum(shown(c).endswith(" twin (never trained)") for c in caps) == 60 + 20
+    assert sum(shown(c).endswith(" control canary") for c in caps) == 20
 
 
 def test_intervention_edit_changes_the_samples(app):
@@ -309,7 +312,7 @@ def test_counts_and_labels_agree_at_a_tied_threshold_and_thresholds_follow_the_m
     assert c["extracted"] == want
     assert {x.label: x.value for x in at.metric}["Extracted"] == f"{want} of {c['candidates']}"
     # the gallery (view: extracted) shows exactly the extracted candidates, each labelled extracted
-    captions = [x.caption for im in at.get("image") for x in im.proto.imgs]
+    captions = [shown(x.caption) for im in at.get("image") for x in im.proto.imgs]
     labelled = [t for t in captions if t.endswith(", extracted")]
     assert len(labelled) == min(want, 16) and not any(t.endswith("not extracted") for t in captions)
     assert "your threshold" in " ".join(x.value for x in at.caption)
