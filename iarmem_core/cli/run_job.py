@@ -87,14 +87,18 @@ def run(args: argparse.Namespace) -> int:
     say(state="running", progress=0.0, message="driver started", store=str(store.root), pid=os.getpid())
     from iarmem_core.jobs import Cancelled
 
+    cancelled = {"state": "cancelled", "message": "stopped; the checkpoint is kept, submit it again to resume"}
     try:
         rc = main(argv)
     except (KeyboardInterrupt, Cancelled):
-        say(state="cancelled", message="stopped; the checkpoint is kept, submit it again to resume")
+        say(**cancelled)
         return 130
     except BaseException as e:
         say(state="failed", error=f"{type(e).__name__}: {e}")
         raise
+    if rc == 130:  # the command reports a stop or a cancel itself and exits 130 (iarmem_core.cli.main)
+        say(**cancelled)
+        return 130
     if rc == 0 and key and not store.exists(key):
         msg = (
             f"the job ran but left no result under {key}: the cluster computed another store key, so its iarmem "
