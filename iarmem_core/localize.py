@@ -191,9 +191,10 @@ class Judge:
             self.recon = ad.decode(self.tokens)
         self.gen_kw = {"cfg": 0.0, "top_k": 1, "top_p": 0.0, "temperature": 1.0}
 
-    def scores(self, edit: UnitEdit | None, rows: Sequence[int] | None = None) -> np.ndarray:
+    def _scores_of(self, idx, edit) -> np.ndarray:
+        """float64 [len(idx)]: images `idx` generated from their prefix under `edit` (a UnitEdit, a BatchedEdit of
+        the same rows, or None) and scored against their tokens / reconstructions with the decision measure."""
         ad = self.adapter
-        idx = list(range(len(self.labels_B))) if rows is None else list(rows)
         tok = [t[idx] for t in self.tokens] if isinstance(self.tokens, list) else self.tokens[idx]
         with torch.no_grad(), hooks.edit(ad.transformer, edit):
             gen = ad.generate(
@@ -215,6 +216,10 @@ class Judge:
         )
         return sims[self.measure].astype(np.float64)
 
+    def scores(self, edit: UnitEdit | None, rows: Sequence[int] | None = None) -> np.ndarray:
+        idx = list(range(len(self.labels_B))) if rows is None else list(rows)
+        return self._scores_of(idx, edit)
+
     def extracted(self, edit: UnitEdit | None, rows: Sequence[int] | None = None) -> np.ndarray:
         return extraction.is_extracted(self.scores(edit, rows), self.threshold)
 
@@ -222,33 +227,13 @@ class Judge:
         """float64 [E, B]: `scores` of every image under each of `edits`, E edits in batched generate calls (a
         `hooks.BatchedEdit` gives each (edit, image) row its own edit). Equal to E `scores` calls where the batch
         shapes give the same transformer rows (greedy decoding: a rare argmax flip otherwise)."""
-        ad, B, E = self.adapter, len(self.labels_B), len(edits)
+        B, E = len(self.labels_B), len(edits)
         batched = hooks.BatchedEdit.tiled(list(edits), B)
         out = np.zeros(E * B, np.float64)
         step = max(B, (max(1, int(rows_per_batch)) // B) * B)  # whole edits per batch
         for r0 in range(0, E * B, step):
             r1 = min(E * B, r0 + step)
-            i_R = np.arange(r0, r1) % B
-            tok = [t[i_R] for t in self.tokens] if isinstance(self.tokens, list) else self.tokens[i_R]
-            with torch.no_grad(), hooks.edit(ad.transformer, batched.rows(r0, r1)):
-                gen = ad.generate(
-                    self.labels_B[i_R].to(ad.device),
-                    prefix=tok,
-                    n_prefix=self.prefix,
-                    seed=self.seed + self.prefix,
-                    **self.gen_kw,
-                )
-            gen_BN = ad.flatten(gen)
-            if self.measure == "token_match":
-                s = metrics.score(
-                    "token_match", tokens_a=gen_BN.cpu(), tokens_b=self.true_BN[i_R].cpu(), token_start=self.prefix
-                )
-                out[r0:r1] = s.double().numpy()
-            else:
-                sims = extraction.compute_similarities(
-                    [self.measure], ad.decode(gen), self.recon[i_R], gen_BN, self.true_BN[i_R], self.prefix
-                )
-                out[r0:r1] = sims[self.measure].astype(np.float64)
+            out[r0:r1] = self._scores_of(np.arange(r0, r1) % B, batched.rows(r0, r1))
             if on_batch is not None:
                 on_batch(r1 / (E * B))
         return out.reshape(E, B)
