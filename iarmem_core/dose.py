@@ -87,9 +87,6 @@ class CurveConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def localize_config(self) -> localize.LocalizeConfig:
-        return self.localize
-
 
 def _edit(units: Mapping[int, Sequence[int]], cfg: CurveConfig) -> UnitEdit | None:
     units = {int(b): tuple(int(u) for u in us) for b, us in units.items() if len(us)}
@@ -165,7 +162,7 @@ def _curve(adapter, image_set, unitmem_result, cfg: CurveConfig, ids: list[str],
         out.update(extracted_before=0, curves={s: [] for s in SELECTIONS}, note="no image is extracted: no curve")
         return out
     pos = {k: i for i, k in enumerate(image_set.ids)}
-    lcfg = cfg.localize_config()
+    lcfg = cfg.localize
     judge = localize.make_judge(adapter, image_set, [pos[k] for k in ids], lcfg, store)
     out.update(similarity=judge.measure, threshold=judge.threshold, prefix_tokens=judge.prefix)
 
@@ -300,20 +297,11 @@ def summary(res: Mapping) -> dict:
     return out
 
 
-def run_dose_response(
-    adapter: IARAdapter,
-    image_set: data.ImageSet,
-    unitmem_result,
-    cfg: CurveConfig | None = None,
-    *,
-    store=None,
-    on_progress=None,
-    force: bool = False,
-) -> dict:
-    """Run (or load from the store) the dose-response curves; see the module docstring for what they hold."""
+def _job(adapter, image_set, unitmem_result, cfg: CurveConfig | None, store, on_progress=None):
+    """(config, store, spec, job function) of the curves: what run, start and key share."""
     cfg = cfg or CurveConfig()
     st = store if store is not None else store_mod.get_store()
-    ids = localize.extracted_ids(adapter, image_set, cfg.localize_config(), st)
+    ids = localize.extracted_ids(adapter, image_set, cfg.localize, st)
     spec = job_spec(adapter, image_set, unitmem_result, cfg, ids)
 
     def fn(ctx):
@@ -325,6 +313,21 @@ def run_dose_response(
 
         return {}, _curve(adapter, image_set, unitmem_result, cfg, ids, ctx.store, progress)
 
+    return cfg, st, spec, fn
+
+
+def run_dose_response(
+    adapter: IARAdapter,
+    image_set: data.ImageSet,
+    unitmem_result,
+    cfg: CurveConfig | None = None,
+    *,
+    store=None,
+    on_progress=None,
+    force: bool = False,
+) -> dict:
+    """Run (or load from the store) the dose-response curves; see the module docstring for what they hold."""
+    _, st, spec, fn = _job(adapter, image_set, unitmem_result, cfg, store, on_progress)
     _, meta = jobs.run_job(KIND, spec, fn, store=st, version=VERSION, force=force)
     return {**meta, "store_key": st.key(KIND, spec, VERSION)}
 
@@ -333,18 +336,7 @@ def start_dose_response(
     adapter: IARAdapter, image_set: data.ImageSet, unitmem_result, cfg: CurveConfig | None = None, *, store=None
 ) -> jobs.JobHandle:
     """The same as a background job (the app)."""
-    cfg = cfg or CurveConfig()
-    st = store if store is not None else store_mod.get_store()
-    ids = localize.extracted_ids(adapter, image_set, cfg.localize_config(), st)
-    spec = job_spec(adapter, image_set, unitmem_result, cfg, ids)
-
-    def fn(ctx):
-        def progress(f: float, msg: str) -> None:
-            ctx.check()
-            ctx.progress(f, msg)
-
-        return {}, _curve(adapter, image_set, unitmem_result, cfg, ids, ctx.store, progress)
-
+    _, st, spec, fn = _job(adapter, image_set, unitmem_result, cfg, store)
     return jobs.start_job(KIND, spec, fn, store=st, version=VERSION)
 
 
@@ -352,7 +344,5 @@ def dose_response_key(
     adapter: IARAdapter, image_set: data.ImageSet, unitmem_result, cfg: CurveConfig | None = None, store=None
 ) -> str:
     """The store key `run_dose_response` would use (needs the unedited extraction in the store)."""
-    cfg = cfg or CurveConfig()
-    st = store if store is not None else store_mod.get_store()
-    ids = localize.extracted_ids(adapter, image_set, cfg.localize_config(), st)
-    return st.key(KIND, job_spec(adapter, image_set, unitmem_result, cfg, ids), VERSION)
+    _, st, spec, _ = _job(adapter, image_set, unitmem_result, cfg, store)
+    return st.key(KIND, spec, VERSION)
