@@ -447,13 +447,13 @@ def _dose(adapter, image_set, res, cfg, mchoice, dchoice) -> None:
     ids = extraction.load_extraction(results.locate(ekey), ekey).extracted_ids()
     dcfg = dose.CurveConfig(ranking=state.get("iv_ranking"), localize=localize.LocalizeConfig(seed=int(mchoice.seed)))
     store = results.user_store()
-    key = store.key(dose.KIND, dose.job_spec(adapter, image_set, res, dcfg, ids), dose.VERSION)
+    key = dose.dose_response_key(adapter, image_set, res, dcfg, store, ids=ids)
     got = results.load(key)
     cli = commands.curve_command(mchoice.args(), dchoice.args(), cfg, dcfg)
     results.job_panel(
         key,
         "dose-response",
-        lambda: dose.start_dose_response(adapter, image_set, res, dcfg, store=store),
+        lambda: dose.start_dose_response(adapter, image_set, res, dcfg, store=store, ids=ids),
         "Run the dose-response (job)",
         done=got is not None,
         widget_key="dose",

@@ -297,11 +297,13 @@ def summary(res: Mapping) -> dict:
     return out
 
 
-def _job(adapter, image_set, unitmem_result, cfg: CurveConfig | None, store, on_progress=None):
-    """(config, store, spec, job function) of the curves: what run, start and key share."""
+def _job(adapter, image_set, unitmem_result, cfg: CurveConfig | None, store, on_progress=None, ids=None):
+    """(config, store, spec, job function) of the curves: what run, start and key share. `ids`: the extracted
+    images when the caller has them (default: from the unedited attack, run or loaded)."""
     cfg = cfg or CurveConfig()
     st = store if store is not None else store_mod.get_store()
-    ids = localize.extracted_ids(adapter, image_set, cfg.localize, st)
+    if ids is None:
+        ids = localize.extracted_ids(adapter, image_set, cfg.localize, st)
     spec = job_spec(adapter, image_set, unitmem_result, cfg, ids)
 
     def fn(ctx):
@@ -333,16 +335,28 @@ def run_dose_response(
 
 
 def start_dose_response(
-    adapter: IARAdapter, image_set: data.ImageSet, unitmem_result, cfg: CurveConfig | None = None, *, store=None
+    adapter: IARAdapter,
+    image_set: data.ImageSet,
+    unitmem_result,
+    cfg: CurveConfig | None = None,
+    *,
+    store=None,
+    ids=None,
 ) -> jobs.JobHandle:
-    """The same as a background job (the app)."""
-    _, st, spec, fn = _job(adapter, image_set, unitmem_result, cfg, store)
+    """The same as a background job (the app); `ids` as in `dose_response_key`."""
+    _, st, spec, fn = _job(adapter, image_set, unitmem_result, cfg, store, ids=ids)
     return jobs.start_job(KIND, spec, fn, store=st, version=VERSION)
 
 
 def dose_response_key(
-    adapter: IARAdapter, image_set: data.ImageSet, unitmem_result, cfg: CurveConfig | None = None, store=None
+    adapter: IARAdapter,
+    image_set: data.ImageSet,
+    unitmem_result,
+    cfg: CurveConfig | None = None,
+    store=None,
+    ids=None,
 ) -> str:
-    """The store key `run_dose_response` would use (needs the unedited extraction in the store)."""
-    _, st, spec, _ = _job(adapter, image_set, unitmem_result, cfg, store)
+    """The store key `run_dose_response` would use. `ids`: the ids the unedited attack extracts when the caller has
+    them (the app, from a stored result); otherwise that attack is loaded from the store (or run)."""
+    _, st, spec, _ = _job(adapter, image_set, unitmem_result, cfg, store, ids=ids)
     return st.key(KIND, spec, VERSION)
