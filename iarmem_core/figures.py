@@ -474,7 +474,7 @@ def dose_curve(df: pd.DataFrame, title: str, n_units_total: int) -> go.Figure:
             line_dash="dot",
             line_color="#333",
             annotation_text=f"unedited: {float(n0.iloc[0]):g} copies",
-            annotation_position="bottom left",
+            annotation_position="top right",
             annotation_font_size=FONT_SIZE - 3,
         )
     ymax = float(df["extracted"].max()) if len(df) else 1.0
