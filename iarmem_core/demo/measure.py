@@ -38,14 +38,8 @@ TOP_PERCENTS = (0.5, 1.0, 2.0, 3.0, 5.0)
 N_DRAWS = 20
 
 
-def _groups(image_set: data.ImageSet, trained_splits) -> dict[str, str]:
-    out = {}
-    for i, k in enumerate(image_set.ids):
-        g = group_of(image_set.meta, i)
-        if image_set.meta["kind"][i] == "control":
-            g = "control canary" if image_set.meta["role"][i] == "planted" else "twin control"
-        out[k] = g
-    return out
+def _groups(image_set: data.ImageSet) -> dict[str, str]:
+    return {k: group_of(image_set.meta, i) for i, k in enumerate(image_set.ids)}
 
 
 def extraction_part(ad, sel, store, seed) -> tuple[dict, extraction.ExtractionResult, dict]:
@@ -56,7 +50,7 @@ def extraction_part(ad, sel, store, seed) -> tuple[dict, extraction.ExtractionRe
     ev, _ = extraction.demo_heldout_sets(200, seed)
     cfg = extraction.ExtractionConfig(candidate_ids=ids, seed=seed)
     res = extraction.run_extraction(ad, sel, cfg, heldout_set=ev, store=store)
-    groups = _groups(sel, spec.trained_splits)
+    groups = _groups(sel)
     groups.update({k: "heldout" for k in ev.ids})
     t = res.table
     p0 = res.meta["prefix_tokens"][0]

@@ -345,6 +345,8 @@ class EvalSets:
 
 def group_of(meta: dict, i: int) -> str:
     role, kind = str(meta["role"][i]), str(meta["kind"][i])
+    if kind == "control":  # the positive control's canaries have no dose in the stream
+        return "control canary" if role == "planted" else "twin control"
     if role == "planted":
         return f"planted {kind} {int(meta['dose'][i])}x"
     if role == "twin":
@@ -629,14 +631,7 @@ def build_control(
             heldout_set=data.concat([sets.null, ctl_twins]),
             store=store,
         )
-        meta = {}
-        for s in (cand, sets.null, ctl_twins):
-            for i, k in enumerate(s.ids):
-                meta[k] = (
-                    group_of(s.meta, i)
-                    if s.meta["kind"][i] != "control"
-                    else ("control canary" if s.meta["role"][i] == "planted" else "twin control")
-                )
+        meta = {k: group_of(s.meta, i) for s in (cand, sets.null, ctl_twins) for i, k in enumerate(s.ids)}
         by = extraction_by_group(res, meta)
         q = intervention.quality(ad, None, n_samples=200, seed=seed, store=store, reference_set=sets.reference)
         model.train()
