@@ -5,8 +5,11 @@ Sections (--sections, comma separated; all by default), each a key of the printe
 - ``target``: the end-to-end attack on --target-model (var-d16, seeded random weights) with --target-candidates
   candidates in batches of --target-batch, in ONE process, the variants run interleaved (paired, same load):
   ``uncached`` (the pipeline before the cache: every batch tokenizes its candidates and decodes their
-  reconstruction, fp32 decodes), ``cached_fp32`` (references from the store; bit-identical to uncached) and
-  ``cached_bf16`` (references from the store, bf16 decodes with the fp32 recheck near the thresholds).
+  reconstruction, fp32 decodes, the transformer on PyTorch's own fp32 GEMM, MKL), ``cached_fp32`` (references
+  from the store, MKL; bit-identical to uncached), ``cached_fp32_onednn`` (the same on oneDNN's fp32 GEMM,
+  `iarmem_core.models.linear`: fp32 noise apart, the same tokens) and ``cached_bf16`` (references from the
+  store, oneDNN, bf16 decodes with the fp32 recheck near the thresholds: what the attack runs by default with
+  ``decode_dtype="bf16"``).
   Each is `extraction.run_extraction` (force=True, no held-out images) on the first candidates of the demo
   selection resized to the model's size; the scores (a teacher-forced pass) and the references are computed
   once before the timed runs, as every run after the first finds them stored (their cold cost is reported:
@@ -116,6 +119,7 @@ def target(args, peaks) -> dict:
     from iarmem_core import data, extraction, flops
     from iarmem_core.adapters import load_adapter
     from iarmem_core.extraction import cache
+    from iarmem_core.models import linear
     from iarmem_core.store import ResultStore
 
     m = load_adapter(args.target_model, device=args.device)
@@ -137,10 +141,11 @@ def target(args, peaks) -> dict:
         t = time.perf_counter()
         extraction.memorization_scores(m, sel, store=st, batch_size=max(args.target_batch, 32))
         out["scoring_cold_s"] = round(time.perf_counter() - t, 2)
-        variants = {
-            "uncached": (cfg, False),
-            "cached_fp32": (cfg, True),
-            "cached_bf16": (replace(cfg, decode_dtype="bf16"), True),
+        variants = {  # (config, cache, fp32 CPU GEMM of the transformer: iarmem_core.models.linear)
+            "uncached": (cfg, False, "mkl"),
+            "cached_fp32": (cfg, True, "mkl"),
+            "cached_fp32_onednn": (cfg, True, "onednn"),
+            "cached_bf16": (replace(cfg, decode_dtype="bf16"), True, "onednn"),
         }
         measures, _ = extraction.available_measures(m, cfg, None)
         out["references_cold_s"] = {}
@@ -154,10 +159,10 @@ def target(args, peaks) -> dict:
         results = {}
         meters = {}
         for _ in range(args.reps):  # interleaved: each repetition runs every variant once
-            for name, (c, use_cache) in variants.items():
+            for name, (c, use_cache, gemm) in variants.items():
                 _sync(m.device)
                 t = time.perf_counter()
-                with flops.Meter(m) as meter:
+                with linear.cpu_gemm(gemm), flops.Meter(m) as meter:
                     results[name] = extraction.run_extraction(m, sel, c, store=st, cache=use_cache, force=True)
                 _sync(m.device)
                 times[name].append(time.perf_counter() - t)
@@ -175,6 +180,7 @@ def target(args, peaks) -> dict:
                 "phases": res.meta["timings"]["phases"],
                 "shares": res.meta["timings"]["shares"],
                 "flops": _flops(meters[name], sec, peaks, "bf16" if "bf16" in name else "fp32"),
+                "cpu_gemm": variants[name][2] if m.device.type == "cpu" else None,
             }
             if name != "uncached":
                 same = {k: bool(np.array_equal(v, _decisions(base)[k])) for k, v in _decisions(res).items()}
@@ -187,16 +193,18 @@ def target(args, peaks) -> dict:
                     np.array_equal(res.arrays["gen_tokens_RN"], base.arrays["gen_tokens_RN"])
                     and np.array_equal(res.arrays["true_tokens_RN"], base.arrays["true_tokens_RN"])
                 )
-                if name == "cached_fp32":
+                if name.startswith("cached_fp32"):  # mkl: the same kernels as uncached; onednn: fp32 noise apart
                     rec["bit_identical"] = all(np.array_equal(base.arrays[k], res.arrays[k]) for k in base.arrays)
                 else:
                     rec["bf16_recheck"] = res.meta["bf16_recheck"]
             out[name] = rec
         out["speedup_vs_uncached"] = round(out["uncached"]["seconds"] / out["cached_bf16"]["seconds"], 3)
         out["speedup_cached_fp32_vs_uncached"] = round(out["uncached"]["seconds"] / out["cached_fp32"]["seconds"], 3)
-        out["same_decisions"] = all(out["cached_bf16"]["same_decisions"].values()) and all(
-            out["cached_fp32"]["same_decisions"].values()
+        out["speedup_cached_fp32_onednn_vs_uncached"] = round(
+            out["uncached"]["seconds"] / out["cached_fp32_onednn"]["seconds"], 3
         )
+        out["same_decisions"] = all(all(out[k]["same_decisions"].values()) for k in variants if k != "uncached")
+        out["tokens_equal"] = all(out[k]["tokens_equal"] for k in variants if k != "uncached")
         if n < args.target_full:
             k = args.target_full / n
             out["extrapolated"] = {

@@ -56,6 +56,9 @@ def test_counts_agree_with_the_textbook_formula(name, tol):
 def test_peak_and_fraction():
     peak = flops.measure_peak("cpu", n=256, seconds=0.05)
     assert peak["flops_per_s"] > 1e8 and "256x256 float32" in peak["how"]
+    if "by_gemm" in peak:  # both CPU fp32 GEMMs timed (iarmem_core.models.linear); the peak is the faster one
+        assert set(peak["by_gemm"]) == {"mkl (torch.mm)", "onednn"}
+        assert abs(max(peak["by_gemm"].values()) - peak["flops_per_s"] / 1e9) <= 0.05
     f = flops.fraction(2e9, 2.0, peak)
     assert f["achieved_flops_per_s"] == 1e9 and f["fraction_of_peak"] == round(1e9 / peak["flops_per_s"], 4)
 

@@ -37,6 +37,14 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+def decode_memory_format(precision: str) -> torch.memory_format:
+    """The layout a decoder's input gets at `precision`: channels-last for bf16 (oneDNN's and cuDNN's bf16
+    convolutions are faster in it: the VAR-d16 decode 3.5 -> 2.6 s for 4 images on 2 CPU threads; the result
+    moves within bf16 noise, which the attack's fp32 recheck covers), the plain layout for fp32 (unchanged)."""
+    check_precision(precision)
+    return torch.channels_last if precision == "bf16" else torch.contiguous_format
+
+
 @contextlib.contextmanager
 def decode_precision(device: torch.device, precision: str = "fp32") -> Iterator[None]:
     """Run a decoder in `precision`: fp32 as is; bf16 under autocast on `device` (convolutions and matmuls in

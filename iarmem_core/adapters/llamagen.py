@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from iarmem_core.adapters.base import IARAdapter, Tokens, UnitSite, decode_precision
+from iarmem_core.adapters.base import IARAdapter, Tokens, UnitSite, decode_memory_format, decode_precision
 from iarmem_core.models import llamagen as gpt_lib
 from iarmem_core.models.llamagen import Transformer
 from iarmem_core.models.vq import VQModel
@@ -75,7 +75,8 @@ class LlamaGenAdapter(IARAdapter):
         idx_BN = self._tokens(tokens)
         g = self.transformer.grid
         with decode_precision(self.device, precision):
-            img = self.tokenizer.decode_code(idx_BN, (idx_BN.shape[0], self.tokenizer.codebook_embed_dim, g, g))
+            shape = (idx_BN.shape[0], self.tokenizer.codebook_embed_dim, g, g)
+            img = self.tokenizer.decode_code(idx_BN, shape, decode_memory_format(precision))
         return ((img.float() + 1) / 2).clamp(0, 1)
 
     # ---- transformer ---------------------------------------------------------------------------

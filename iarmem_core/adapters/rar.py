@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from iarmem_core.adapters.base import IARAdapter, UnitSite, decode_precision
+from iarmem_core.adapters.base import IARAdapter, UnitSite, decode_memory_format, decode_precision
 from iarmem_core.models.maskgit_vqgan import MaskGITVQGAN
 from iarmem_core.models.rar import RAR
 from iarmem_core.registry import ModelSpec
@@ -95,7 +95,7 @@ class RARAdapter(IARAdapter):
         """Token ids [B, N] -> images [B, 3, H, W] in [0, 1] (`precision` bf16: the decoder under autocast)."""
         toks = self._tokens(tokens)
         with decode_precision(self.device, precision):
-            return self.tokenizer.decode(toks).float()
+            return self.tokenizer.decode(toks, decode_memory_format(precision)).float()
 
     def _tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         t = self.flatten(tokens).to(self.device, torch.long)

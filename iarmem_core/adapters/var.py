@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from iarmem_core.adapters.base import IARAdapter, Tokens, UnitSite, decode_precision
+from iarmem_core.adapters.base import IARAdapter, Tokens, UnitSite, decode_memory_format, decode_precision
 from iarmem_core.models.var import VAR
 from iarmem_core.models.vqvae_ms import VQVAE
 from iarmem_core.registry import ModelSpec
@@ -120,8 +120,9 @@ class VARAdapter(IARAdapter):
         """
         if latent.ndim != 4 or latent.shape[1] != self.tokenizer.Cvae:
             raise ValueError(f"expected f_hat [B, {self.tokenizer.Cvae}, h, w], got {list(latent.shape)}")
+        latent = latent.to(self.device).contiguous(memory_format=decode_memory_format(precision))
         with decode_precision(self.device, precision):
-            img = self.tokenizer.fhat_to_img(latent.to(self.device))
+            img = self.tokenizer.fhat_to_img(latent)
         return self._to01(img if precision == "fp32" else img.float())  # bf16: rescale in fp32
 
     @torch.no_grad()

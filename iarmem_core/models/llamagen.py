@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from iarmem_core.models import hook_points
+from iarmem_core.models.linear import Linear
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -155,8 +156,8 @@ class Attention(nn.Module):
             raise ValueError(f"dim {dim} must divide by n_head {n_head}, and n_head by n_kv_head {n_kv_head}")
         self.dim, self.n_head, self.n_kv_head = dim, n_head, n_kv_head
         self.head_dim = dim // n_head
-        self.wqkv = nn.Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim, bias=False)
-        self.wo = nn.Linear(dim, dim, bias=False)
+        self.wqkv = Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim, bias=False)
+        self.wo = Linear(dim, dim, bias=False)
         self.attn_dropout_p = attn_dropout_p
         self.resid_dropout = nn.Dropout(resid_dropout_p)
 
@@ -207,9 +208,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden: int, ffn_dropout_p: float):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w1 = Linear(dim, hidden, bias=False)
+        self.w3 = Linear(dim, hidden, bias=False)
+        self.w2 = Linear(hidden, dim, bias=False)
         self.ffn_dropout = nn.Dropout(ffn_dropout_p)
         self.hook_pre = hook_points.HookPoint()  # [B, T, hidden] gate before SiLU (w1 has no bias)
         self.hook_post = hook_points.HookPoint()  # [B, T, hidden] the units
@@ -327,7 +328,7 @@ class Transformer(nn.Module):
         )
         # 3. head
         self.norm = RMSNorm(dim, norm_eps)
-        self.output = nn.Linear(dim, vocab_size, bias=False)
+        self.output = Linear(dim, vocab_size, bias=False)
         # 4. RoPE table: a plain attribute, so it stays out of the state dict (as in the official model)
         self.freqs_cis = precompute_freqs_cis_2d(grid, self.head_dim, rope_base, cls_token_num)
         self.initialize_weights()

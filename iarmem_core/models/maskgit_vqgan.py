@@ -292,9 +292,10 @@ class MaskGITVQGAN(nn.Module):
         return self.quantize(self.encoder(images_B3HW))[1]
 
     @torch.no_grad()
-    def decode(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, h*w] or [B, h, w] -> images [B, 3, H, W] clamped to [0, 1]."""
-        return self.decoder(self.quantize.lookup(idx)).clamp(0.0, 1.0)
+    def decode(self, idx: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+        """Token ids [B, h*w] or [B, h, w] -> images [B, 3, H, W] clamped to [0, 1] (`memory_format`: the
+        decoder input's layout, e.g. channels-last for bf16)."""
+        return self.decoder(self.quantize.lookup(idx).contiguous(memory_format=memory_format)).clamp(0.0, 1.0)
 
     def forward(self, images_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Training pass: (reconstruction [B, 3, H, W], unclamped; VQ loss, a scalar).

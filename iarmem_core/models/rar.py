@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from iarmem_core.models import hook_points
+from iarmem_core.models.linear import Linear
 
 
 def build_causal_mask(size: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -118,11 +119,11 @@ class Attention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"hidden_size {dim} is not divisible by num_attention_heads {num_heads}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.qkv = Linear(dim, 3 * dim, bias=True)
         self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(
@@ -145,12 +146,12 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.hook_pre = hook_points.HookPoint()  # [B, T, hidden] fc1 output (pre-activation)
         self.act = nn.GELU()
         self.hook_post = hook_points.HookPoint()  # [B, T, hidden] units = fc2 input
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim)
         self.drop2 = nn.Dropout(drop)
         self.hook_pre.set_bias_source(self.fc1)
 
@@ -168,7 +169,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, attn_drop=attn_drop, proj_drop=drop)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, mlp_hidden, drop=drop)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 6 * dim))
 
     def forward(
         self,
@@ -192,7 +193,7 @@ class FinalLayer(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim))
 
     def forward(self, x_BTC: torch.Tensor, c_BTC: torch.Tensor) -> torch.Tensor:
         scale, shift = self.adaLN_modulation(c_BTC).chunk(2, dim=-1)
@@ -256,7 +257,7 @@ class RAR(nn.Module):
 
         # 4. head
         self.adaln_before_head = FinalLayer(C)
-        self.lm_head = nn.Linear(C, codebook_size)
+        self.lm_head = Linear(C, codebook_size)
 
         # 5. non-persistent state (absent from the state dict; rebuilt by init_non_persistent)
         self.register_buffer("attn_mask", build_causal_mask(image_seq_len + self.PREFIX), persistent=False)

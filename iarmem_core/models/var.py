@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from iarmem_core.models import hook_points
+from iarmem_core.models.linear import Linear, linear
 
 __all__ = [
     "VAR",
@@ -61,11 +62,11 @@ class FFN(nn.Module):
 
     def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.hook_pre = hook_points.HookPoint()  # [B, T, U] pre-activation fc1(x)
         self.act = nn.GELU(approximate="tanh")
         self.hook_post = hook_points.HookPoint()  # [B, T, U] units GELU(fc1 x)
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc2 = Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
         self.hook_pre.set_bias_source(self.fc1)
 
@@ -94,11 +95,11 @@ class SelfAttention(nn.Module):
             self.max_scale_mul = math.log(100.0)
         else:
             self.scale = 0.25 / math.sqrt(self.head_dim)
-        self.mat_qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=False)
+        self.mat_qkv = Linear(embed_dim, 3 * embed_dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(embed_dim))
         self.v_bias = nn.Parameter(torch.zeros(embed_dim))
         self.register_buffer("zero_k_bias", torch.zeros(embed_dim))  # k has no bias; persistent in the official
-        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.proj = Linear(embed_dim, embed_dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
         self.attn_drop = attn_drop
 
@@ -108,7 +109,7 @@ class SelfAttention(nn.Module):
         """`cache` ([] or [k, v]) is extended in place with this call's keys and values (KV-cache steps)."""
         B, L, C = x_BLC.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = F.linear(x_BLC, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        qkv = linear(x_BLC, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, c]
         if self.attn_l2_norm:
             scale_mul_1H11 = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
@@ -126,7 +127,7 @@ class SelfAttention(nn.Module):
         return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, L, C)))
 
 
-class SharedAdaLin(nn.Linear):
+class SharedAdaLin(Linear):
     """The d36 variant: one Linear(D, 6C) shared by all blocks, output [B, 1, 6, C]."""
 
     def forward(self, cond_BD: torch.Tensor) -> torch.Tensor:
@@ -160,7 +161,7 @@ class AdaLNSelfAttn(nn.Module):
         if shared_aln:
             self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, embed_dim) / embed_dim**0.5)
         else:
-            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * embed_dim))
+            self.ada_lin = nn.Sequential(nn.SiLU(), Linear(cond_dim, 6 * embed_dim))
 
     def forward(
         self,
@@ -186,7 +187,7 @@ class AdaLNBeforeHead(nn.Module):
         super().__init__()
         self.C, self.D = C, D
         self.ln_wo_grad = nn.LayerNorm(C, eps=norm_eps, elementwise_affine=False)
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * C))
+        self.ada_lin = nn.Sequential(nn.SiLU(), Linear(D, 2 * C))
 
     def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
@@ -268,7 +269,7 @@ class VAR(nn.Module):
         self.num_stages_minus_1 = len(self.patch_nums) - 1
 
         # 1. input (word) embedding of the VQVAE features
-        self.word_embed = nn.Linear(Cvae, embed_dim)
+        self.word_embed = Linear(Cvae, embed_dim)
 
         # 2. class embedding (row num_classes is the null class) and start-token position
         init_std = math.sqrt(1 / embed_dim / 3)
@@ -312,7 +313,7 @@ class VAR(nn.Module):
 
         # 6. classifier head
         self.head_nm = AdaLNBeforeHead(self.C, self.D, norm_eps=norm_eps)
-        self.head = nn.Linear(self.C, self.V)
+        self.head = Linear(self.C, self.V)
 
         hook_points.bind_hook_points(self, _block_of)
 

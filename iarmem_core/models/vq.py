@@ -309,9 +309,15 @@ class VQModel(nn.Module):
         """Quantised latents -> images [B, 3, H, W], nominally in [-1, 1], not clamped."""
         return self.decoder(self.post_quant_conv(zq_BChw))
 
-    def decode_code(self, idx: torch.Tensor, shape: Sequence[int] | None = None) -> torch.Tensor:
-        """Indices [B, h*w] -> images [B, 3, H, W] (not clamped); `shape` = (B, C, h, w), default square."""
-        return self.decode(self.quantize.lookup(idx, shape))
+    def decode_code(
+        self,
+        idx: torch.Tensor,
+        shape: Sequence[int] | None = None,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> torch.Tensor:
+        """Indices [B, h*w] -> images [B, 3, H, W] (not clamped); `shape` = (B, C, h, w), default square;
+        `memory_format`: the decoder input's layout (e.g. channels-last for bf16)."""
+        return self.decode(self.quantize.lookup(idx, shape).contiguous(memory_format=memory_format))
 
     def forward(self, x_B3HW: torch.Tensor) -> torch.Tensor:
         """Reconstruction decode(quantize(encode(x))), [B, 3, H, W]."""
