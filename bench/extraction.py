@@ -29,7 +29,8 @@ Sections (--sections, comma separated; all by default), each a key of the printe
 Every timed workload carries ``flops``: model FLOPs (`iarmem_core.flops`, counted on the meta device: matmuls,
 convolutions, attention; the metered calls of the run), achieved FLOP/s, and the fraction of this machine's
 peak (``peak``: a large fp32 and bf16 matmul timed at the start and at the end of this run, the better of the
-two; the transformer counts against the fp32 peak, bf16 decodes against the bf16 one). ``host`` has the load
+two; on the CPU the fp32 peak is the faster of MKL's and oneDNN's GEMM, both in ``by_gemm``; the transformer
+counts against the fp32 peak, bf16 decodes against the bf16 one). ``host`` has the load
 average at the start and the end (the machine is shared with other work).
 
     python bench/extraction.py --threads 2                              # everything (CPU: about an hour)
