@@ -3,7 +3,8 @@
 For each model:
 - overhead_ratio: time of the UnitMem pass (hooks, |a|, group means, running max/argmax/sum/top-k) over
   the time of the same tokenize + teacher-forced forwards without any hook, on the same batches and
-  views (target <= 1.2);
+  views (`UnitMemPass.views_of`: for a finite augmentation family such as the demo models' flip, the exact
+  family, 2 views; --random-views: --augs seeded views) (target <= 1.2);
 - peak_mem_mb_small / peak_mem_mb_large: peak resident memory (CPU) or peak allocated (CUDA) of a full
   UnitMem pass over N and 10 N images, each in a fresh subprocess (target: within 10% of each other,
   since the state is O(units x groups));
@@ -58,7 +59,11 @@ def _config(detail: bool, augs: int, batch: int, dtype: str = "fp32"):
         batch_size=batch,
         top_images=5,
         dtype=dtype,
+        exact_views=not RANDOM_VIEWS[0],
     )
+
+
+RANDOM_VIEWS = [False]  # --random-views: --augs seeded random views even for a finite family (the CLI's flag)
 
 
 def _selection(n: int):
@@ -74,7 +79,7 @@ def _timing(name: str, n: int, augs: int, batch: int, device: str, reps: int, dt
 
     import torch
 
-    from iarmem_core import data, flops
+    from iarmem_core import flops
     from iarmem_core.adapters import load_adapter
     from iarmem_core.unitmem import UnitMemPass
 
@@ -85,10 +90,8 @@ def _timing(name: str, n: int, augs: int, batch: int, device: str, reps: int, dt
     batches = []
     for s in range(0, len(ds), batch):
         idx = list(range(s, min(len(ds), s + batch)))
-        x = ds.images(idx, size=m.image_size)
-        keys = [ds.ids[i] for i in idx]
-        views = data.augment_views(x, m.spec.train_augmentation, augs - 1, 0, keys) if augs > 1 else None
-        batches.append((x, ds.labels_tensor(idx), keys, views))
+        batches.append((ds.images(idx, size=m.image_size), ds.labels_tensor(idx), [ds.ids[i] for i in idx]))
+    probe = UnitMemPass(m, len(ds), cfg)  # the plain pass iterates exactly the views the UnitMem pass sees
 
     def sync():
         if m.device.type == "cuda":
@@ -102,14 +105,13 @@ def _timing(name: str, n: int, augs: int, batch: int, device: str, reps: int, dt
     @torch.no_grad()
     def plain():
         with autocast():
-            for x, y, _, views in batches:
-                for v in range(augs):
-                    view = x if v == 0 else views[:, v - 1]
+            for x, y, keys in batches:
+                for view in probe.views_of(x, keys):
                     m.teacher_forced_logits(m.tokenize(view), y.to(m.device))
 
     def with_unitmem():
         p = UnitMemPass(m, len(ds), cfg)
-        for x, y, keys, _ in batches:
+        for x, y, keys in batches:
             p.step(x, y, keys)
         return p
 
@@ -128,7 +130,8 @@ def _timing(name: str, n: int, augs: int, batch: int, device: str, reps: int, dt
         sync()
         t_um.append(time.perf_counter() - t)
     p_s, u_s = min(t_plain), min(t_um)
-    views = len(ds) * augs
+    per_image = probe.views["n"]
+    views = len(ds) * per_image
     work = flops.tokenize_flops(reg, views) + flops.teacher_forced_flops(reg, views)
     peak = flops.best_peak(peak0, flops.measure_peak(m.device, pdtype))  # before and after: the better
     return {
@@ -138,6 +141,8 @@ def _timing(name: str, n: int, augs: int, batch: int, device: str, reps: int, dt
         "images_per_s": round(len(ds) / u_s, 2),
         "n_images_timed": len(ds),
         "augs": augs,
+        "views_per_image": per_image,  # exact families (none, flip) have fewer members than --augs
+        "random_views": RANDOM_VIEWS[0],
         "batch": batch,
         "groups": len(UnitMemPass(m, 1, cfg).plan.groups),
         "blocks": m.n_blocks,
@@ -194,6 +199,12 @@ def main() -> None:
     ap.add_argument("--n-small", type=int, help="override the small data size (the large one is 10x)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="UnitMem precision (bf16: autocast)")
+    ap.add_argument(
+        "--random-views",
+        action="store_true",
+        help="seeded random views (--augs of them) instead of the exact family (flip: 2 views), as `unitmem "
+        "--random-views`; the per-image statistics are then shared by more forwards",
+    )
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     ap.add_argument("--_n", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -201,6 +212,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    RANDOM_VIEWS[0] = args.random_views
     if args._worker:
         kind, name = args._worker.split(":", 1)
         if kind == "time":
@@ -233,6 +245,7 @@ def main() -> None:
             str(args.threads),
             "--dtype",
             args.dtype,
+            *(["--random-views"] if args.random_views else []),
         ]
         rec = _sub(["--_worker", f"time:{name}", "--_n", str(n_small), *common])
         small = _sub(["--_worker", f"mem:{name}", "--_n", str(n_small), *common])

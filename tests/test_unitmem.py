@@ -262,3 +262,41 @@ def test_summary_reports_planted_share_and_block_means(tmp_path):
     assert s["planted_share_of_data"] == pytest.approx(20 / 40)
     tops = [u["unitmem"] for u in s["top_units"]]
     assert tops == sorted(tops, reverse=True) and tops[0] == pytest.approx(float(res.unitmem[:, :4].max()), abs=1e-4)
+
+
+def test_max_first_ties_equals_max_with_its_tie_count():
+    """The fast block reduction gives max(dim=1)'s values and first indices bit for bit, and the tie count, also
+    with many ties (values from a small set) and with a NaN (which takes max's own path)."""
+    from iarmem_core.unitmem import _max_first_ties
+
+    g = torch.Generator().manual_seed(0)
+    for x in (torch.rand(3, 16, 5, 7, generator=g), torch.randint(0, 3, (2, 16, 4, 9), generator=g).float()):
+        mx, arg = x.max(dim=1)
+        got = _max_first_ties(x)
+        assert torch.equal(got[0], mx) and torch.equal(got[1], arg)
+        assert torch.equal(got[2], (x == mx.unsqueeze(1)).sum(dim=1, dtype=torch.int32))
+        assert int(got[2].min()) >= 1
+    x = torch.rand(2, 5, 3, 4, generator=g)
+    x[1, 2, 0, 0] = float("nan")
+    mx, arg = x.max(dim=1)
+    got = _max_first_ties(x)
+    assert torch.equal(got[1], arg) and torch.equal(got[0].nan_to_num(-1), mx.nan_to_num(-1))
+
+
+@pytest.mark.parametrize("name", ["test-var", "test-rar"])
+def test_group_reducer_slices_equal_the_gather_bit_for_bit(name):
+    """The reducer adds aligned runs of groups as slices; the sums equal the gather / index_add path exactly,
+    for the full call and for a call that sees only some rows (a KV-cache step)."""
+    m = load_adapter(name, device="cpu")
+    plan = unitmem.plan_groups(m, unitmem.UnitMemConfig(group_kinds=("scale", "position")))
+    g = torch.Generator().manual_seed(0)
+    for ti in (torch.arange(m.n_tokens), torch.arange(m.n_tokens // 2, m.n_tokens)):
+        r = plan.reducer(ti, torch.device("cpu"), torch.float32)
+        assert r.single_runs is not None and len(r.single_runs) <= 16
+        acts = torch.rand(3, len(ti), 8, generator=g)
+        fast = torch.rand(3, len(plan.groups), 8, generator=g)
+        slow = fast.clone()
+        r.add_into(fast, acts)
+        r.single_runs = r.multi_runs = None  # the gather path
+        r.add_into(slow, acts)
+        assert torch.equal(fast, slow)
