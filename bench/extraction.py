@@ -23,6 +23,8 @@ Sections (--sections, comma separated; all by default), each a key of the printe
 - ``edit_measurement``: `intervention.run_intervention` on demo-var (top 5% units, x0.5) with --random-draws
   random draws (default 20): seconds, the share of time in generation / tokenizer / similarity / other
   (measured by timing the adapter's methods and the similarity code), and how many references were computed.
+- ``sweep``: a prefix sweep (8, 16, 24, 32 tokens) of the 50 demo candidates on demo-rar: one shared prefill
+  (`generate_prefixes`) against one generation per prefix, seconds and whether the tokens are equal.
 - ``throughput``: candidates per second of `attack_batch` (uncached, fp32) at --batches, KV cache on and off
   (skipped when predicted over --budget-s).
 
@@ -51,7 +53,7 @@ from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("target", "demo_attack", "edit_measurement", "throughput")
+SECTIONS = ("target", "demo_attack", "edit_measurement", "sweep", "throughput")
 
 
 def _sync(device) -> None:
@@ -322,6 +324,50 @@ def edit_measurement(args, peaks) -> dict:
         "quality samples'), similarity = the attack's similarity code; other = quality metrics (feature net, FD, "
         "classifier), store, jobs. The extraction before the edit is the shipped result (not recomputed).",
     }
+
+
+# ---------------------------------------------------------------------------------------------------
+def sweep(args, peaks) -> dict:
+    """A prefix sweep on the next-token demo model: one shared prefill vs one generation per prefix."""
+    import torch
+
+    from iarmem_core import data
+    from iarmem_core.adapters import load_adapter
+    from iarmem_core.adapters.base import IARAdapter
+
+    out = {}
+    for model in ("demo-rar",):
+        m = load_adapter(model, device=args.device)
+        sel = data.select_demo(n=50, seed=0)
+        x = sel.images(range(len(sel)), size=m.image_size)
+        labels = sel.labels_tensor(range(len(sel))).to(m.device)
+        prefixes = [p for p in (8, 16, 24, 32) if p in m.prefix_choices]
+        seeds = list(prefixes)
+        with torch.inference_mode():
+            toks = m.tokenize(x)
+            times = {"shared_prefill": [], "one_per_prefix": []}
+            res = {}
+            for _ in range(max(args.reps, 2)):
+                for name, fn in (("shared_prefill", m.generate_prefixes), ("one_per_prefix", None)):
+                    _sync(m.device)
+                    t = time.perf_counter()
+                    if fn is None:
+                        res[name] = IARAdapter.generate_prefixes(m, labels, toks, prefixes, seeds, top_k=1)
+                    else:
+                        res[name] = fn(labels, toks, prefixes, seeds, top_k=1)
+                    _sync(m.device)
+                    times[name].append(time.perf_counter() - t)
+        out[model] = {
+            "candidates": len(sel),
+            "prefixes": prefixes,
+            **{f"{k}_s": round(min(v), 3) for k, v in times.items()},
+            "speedup": round(min(times["one_per_prefix"]) / min(times["shared_prefill"]), 3),
+            "tokens_equal": all(
+                torch.equal(a[0], b[0]) for a, b in zip(res["shared_prefill"], res["one_per_prefix"], strict=True)
+            ),
+            "what": "greedy generation of the 50 demo candidates from each prefix; the fastest of the rounds",
+        }
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -121,6 +122,14 @@ def generate_flops(name: str, batch: int = 1, prefix: int = 0, cfg: float = 0.0,
     return batch * _generate_1(name, int(prefix), float(cfg), bool(kv_cache))
 
 
+def generate_prefixes_flops(
+    name: str, batch: int, prefixes: Sequence[int], cfg: float = 0.0, kv_cache: bool = True
+) -> int:
+    """`IARAdapter.generate_prefixes` of `batch` images: a generation from each prefix; the next-token
+    families compute the prefix rows once, in one prefill of the longest prefix."""
+    return batch * _generate_prefixes_1(name, tuple(int(p) for p in prefixes), float(cfg), bool(kv_cache))
+
+
 @functools.lru_cache(maxsize=64)
 def _tokenize_1(name: str) -> int:
     m = meta_adapter(name)
@@ -170,12 +179,40 @@ def _generate_1(name: str, prefix: int, cfg: float, kv_cache: bool) -> int:
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _generate_prefixes_1(name: str, prefixes: tuple[int, ...], cfg: float, kv_cache: bool) -> int:
+    m = meta_adapter(name)
+    nonzero = [p for p in prefixes if p]
+    if m.family == "var" or not kv_cache or len(nonzero) < 2:  # one generation per prefix
+        return sum(_generate_1(name, p, cfg, kv_cache) for p in prefixes)
+    _, flat = _tokens(m, 1)
+    labels = torch.zeros(1, dtype=torch.long, device=META)
+    from iarmem_core.models import llamagen as gpt_lib
+
+    def sweep():  # as RARAdapter / LlamaGenAdapter.generate_prefixes: one prefill, then each prefix from it
+        tr = m.transformer
+        if m.family == "rar":
+            shared = tr.prefill(labels, flat[:, : max(nonzero)], cfg)
+        else:
+            shared = gpt_lib.prefill(tr, labels, flat[:, : max(nonzero)], cfg)
+        for p in prefixes:
+            pre = flat[:, :p] if p else None
+            if m.family == "rar":
+                cache = shared.truncated(tr.PREFIX + p - 1) if p else None
+                tr.generate(labels, guidance_scale=cfg, top_k=1, prefix_BP=pre, cache=cache)
+            else:
+                cache = shared.truncated(tr.cls_token_num + p - 1) if p else None
+                gpt_lib.generate(tr, labels, prefix_BP=pre, cfg_scale=cfg, greedy=True, top_k=1, cache=cache)
+
+    return count(sweep)
+
+
 def attack_flops(name: str, n_candidates: int, prefixes: list[int], cached_references: bool) -> dict:
     """FLOPs of attacking `n_candidates` at each prefix: generation and the generated images' decodes, plus
     (unless the references are cached) tokenizing and decoding the candidates. Similarity measures (SSIM,
     the small feature nets) are not counted."""
     out = {
-        "generate": sum(generate_flops(name, n_candidates, p) for p in prefixes),
+        "generate": generate_prefixes_flops(name, n_candidates, prefixes),
         "decode_generated": len(prefixes) * decode_flops(name, n_candidates),
         "tokenize": 0 if cached_references else tokenize_flops(name, n_candidates),
         "decode_reference": 0 if cached_references else decode_flops(name, n_candidates),
@@ -208,6 +245,7 @@ _METERED = {  # adapter method -> part
     "teacher_forced_logits": "teacher_forced",
     "generate": "generate",
     "generate_latent": "generate",
+    "generate_prefixes": "generate",
 }
 
 
@@ -242,6 +280,12 @@ class Meter:
             return decode_flops(self.name, b)
         if meth == "teacher_forced_logits":
             return teacher_forced_flops(self.name, int(ad._labels(args[1]).numel()))
+        if meth == "generate_prefixes":
+            kw = {**dict(zip(("labels", "tokens", "prefixes", "seeds", "kv_cache"), args, strict=False)), **kwargs}
+            b = int(torch.as_tensor(kw["labels"]).numel())
+            return generate_prefixes_flops(
+                self.name, b, kw["prefixes"], float(kw.get("cfg", 0.0)), bool(kw.get("kv_cache", True))
+            )
         names = ("labels", "prefix", "n_prefix", "cfg", "top_k", "top_p", "temperature", "seed", "kv_cache")
         kw = {**dict(zip(names, args, strict=False)), **kwargs}
         b = int(torch.as_tensor(kw["labels"]).numel())

@@ -150,3 +150,42 @@ def test_edit_equals_the_weight_edit_is_undone_and_never_touches_the_weights(m):
 def test_prefix_needs_its_tokens(m):
     with pytest.raises(ValueError, match="prefix"):
         m.generate(_labels(m), n_prefix=_prefix_len(m))
+
+
+@pytest.mark.parametrize("cfg", [0.0, 3.0])
+def test_a_prefix_sweep_equals_one_generation_per_prefix(m, cfg):
+    """generate_prefixes (next-token families: one shared prefill of the longest prefix, truncated per prefix)
+    gives each prefix the tokens of its own generate call: greedy, with and without CFG, and sampling with the
+    prefix's seed; the KV-cache-off path and a single prefix take the plain route."""
+    x = _images(m)
+    toks, labels = m.tokenize(x), _labels(m)
+    prefixes = [0] + [p for p in m.prefix_choices if p > 0][:3]
+    seeds = [10 + p for p in prefixes]
+    for kw in ({"top_k": 1}, {"top_k": 5, "temperature": 1.0}):
+        got = m.generate_prefixes(labels, toks, prefixes, seeds, cfg=cfg, **kw)
+        assert len(got) == len(prefixes)
+        for p, s, (g, _) in zip(prefixes, seeds, got):
+            want = m.generate(labels, prefix=toks if p else None, n_prefix=p, seed=s, cfg=cfg, **kw)
+            assert torch.equal(m.flatten(g), m.flatten(want)), (p, kw)
+            assert torch.equal(m.flatten(g)[:, :p], m.flatten(toks)[:, :p])
+
+
+def test_a_shared_prefill_longer_than_the_prefix_is_refused():
+    """A cache that already holds rows past the prefix (a wrong truncation) is an error, not a silent mix."""
+    from iarmem_core.models import llamagen as gpt_lib
+
+    for name in ("test-rar", "test-llamagen"):
+        m = load_adapter(name, device="cpu")
+        flat = m.flatten(m.tokenize(_images(m)))
+        labels = _labels(m)
+        with torch.no_grad():
+            if m.family == "rar":
+                shared = m.transformer.prefill(labels, flat[:, :8])
+                with pytest.raises(ValueError, match="given cache"):
+                    m.transformer.generate(labels, top_k=1, prefix_BP=flat[:, :4], cache=shared)
+                with pytest.raises(ValueError, match="cannot keep"):
+                    shared.truncated(shared.length + 1)
+            else:
+                shared = gpt_lib.prefill(m.transformer, labels, flat[:, :8])
+                with pytest.raises(ValueError, match="given cache"):
+                    gpt_lib.generate(m.transformer, labels, prefix_BP=flat[:, :4], greedy=True, cache=shared)

@@ -74,9 +74,25 @@ def test_the_meter_adds_up_the_calls_of_a_real_attack():
     with flops.Meter(m) as meter:
         extraction.attack_batch(m, x, torch.tensor([1, 2, 3]), [p, 0], ["token_match"], {"top_k": 1})
     assert "generate" not in m.__dict__  # unwrapped again
-    assert meter.calls == {"tokenize": 1, "decode": 3, "generate": 2}  # one reference + two generated decodes
+    # one reference + two generated decodes; the two prefixes are one sweep call (generate_prefixes)
+    assert meter.calls == {"tokenize": 1, "decode": 3, "generate": 1}
     assert meter.flops["generate"] == flops.generate_flops("test-var", 3, p) + flops.generate_flops("test-var", 3, 0)
     assert meter.flops["decode"] == 3 * flops.decode_flops("test-var", 3) > 0
     assert meter.total_flops == meter.flops["tokenize"] + meter.flops["decode"] + meter.flops["generate"]
     rep = meter.report(1.0, {"flops_per_s": 1e12, "how": "test"})
     assert rep["model_flops"] == meter.total_flops and set(rep["parts"]) == {"tokenize", "decode", "generate"}
+
+
+@pytest.mark.parametrize("name", ["test-var", "test-rar", "test-llamagen"])
+def test_a_prefix_sweep_is_counted_as_it_runs(name):
+    """The sweep's count equals the count of the real call; next-token families compute the prefix rows once,
+    so the sweep costs less than a generation per prefix (VAR: exactly the sum)."""
+    m = load_adapter(name, device="cpu")
+    B = 2
+    toks = m.tokenize(torch.rand(B, 3, m.image_size, m.image_size, generator=torch.Generator().manual_seed(0)))
+    y = torch.tensor([1, 4])
+    prefixes = [0] + [p for p in m.prefix_choices if p > 0][:3]
+    counted = flops.count(m.generate_prefixes, y, toks, prefixes, [0] * len(prefixes), top_k=1)
+    assert counted == flops.generate_prefixes_flops(name, B, prefixes)
+    each = sum(flops.generate_flops(name, B, prefix=p) for p in prefixes)
+    assert counted == each if m.family == "var" else counted < each

@@ -296,6 +296,24 @@ class IARAdapter(ABC):
         toks = self.generate(labels, **kw)
         return toks, toks
 
+    def generate_prefixes(
+        self,
+        labels: torch.Tensor,
+        tokens: Tokens,
+        prefixes: Sequence[int],
+        seeds: Sequence[int],
+        kv_cache: bool = True,
+        **kw: Any,
+    ) -> list[tuple[Tokens, Any]]:
+        """`generate_latent` from each prefix length of a sweep (prefix 0: no prefix), with seed `seeds[i]` for
+        `prefixes[i]`: [(tokens, latent)] in that order. Next-token families share one prefill of the longest
+        prefix between the prefixes (`RARAdapter`, `LlamaGenAdapter`); VAR generates each (its prefixes are
+        whole scales, a prefill of at most 30 rows)."""
+        return [
+            self.generate_latent(labels, prefix=tokens if p else None, n_prefix=p, seed=s, kv_cache=kv_cache, **kw)
+            for p, s in zip(prefixes, seeds, strict=True)
+        ]
+
     def check_prefix(self, n_prefix: int) -> None:
         if n_prefix not in self.prefix_choices and n_prefix != 0:
             if len(self.token_grids) > 1:

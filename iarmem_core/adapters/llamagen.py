@@ -100,6 +100,42 @@ class LlamaGenAdapter(IARAdapter):
         **family_kw: Any,
     ) -> torch.Tensor:
         """Token ids [B, N] (int64); see the module docstring for the CFG, top-k and top-p conventions."""
+        return gpt_lib.generate(
+            **self._generate_kw(labels, prefix, n_prefix, cfg, top_k, top_p, temperature, seed, kv_cache, **family_kw)
+        )
+
+    @torch.no_grad()
+    def generate_prefixes(self, labels, tokens, prefixes, seeds, kv_cache=True, **kw) -> list[tuple[Any, Any]]:
+        """`IARAdapter.generate_prefixes` with one prefill of the longest prefix shared by every prefix >= 1
+        (`llamagen.prefill`; the same tokens as a prefill each, tests/test_llamagen.py)."""
+        nonzero = [p for p in prefixes if p]
+        if not kv_cache or len(nonzero) < 2:
+            return super().generate_prefixes(labels, tokens, prefixes, seeds, kv_cache, **kw)
+        first = self._generate_kw(labels, tokens, max(nonzero), seed=0, kv_cache=True, **kw)
+        shared = gpt_lib.prefill(self.transformer, first["cond_B"], first["prefix_BP"], first["cfg_scale"])
+        out = []
+        for p, s in zip(prefixes, seeds, strict=True):
+            gkw = self._generate_kw(labels, tokens if p else None, p, seed=s, kv_cache=True, **kw)
+            cache = shared.truncated(self.transformer.cls_token_num + p - 1) if p else None
+            toks = gpt_lib.generate(**gkw, cache=cache)
+            out.append((toks, toks))
+        return out
+
+    def _generate_kw(
+        self,
+        labels,
+        prefix=None,
+        n_prefix: int = 0,
+        cfg: float = 0.0,
+        top_k: int = 1,
+        top_p: float = 0.0,
+        temperature: float = 1.0,
+        seed: int = 0,
+        kv_cache: bool = True,
+        **family_kw: Any,
+    ) -> dict:
+        """The arguments of `llamagen.generate` for `generate`'s (checked)."""
+        family_kw = dict(family_kw)
         cfg_interval = family_kw.pop("cfg_interval", -1)
         if family_kw:
             raise TypeError(f"LlamaGen generate got unknown options {sorted(family_kw)}; it takes cfg_interval")
@@ -118,19 +154,19 @@ class LlamaGenAdapter(IARAdapter):
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0: no top-k filtering, 1: greedy), got {top_k}")
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
-        return gpt_lib.generate(
-            self.transformer,
-            labels_B,
-            prefix_BP=prefix_BP,
-            cfg_scale=float(cfg),
-            cfg_interval=cfg_interval,
-            temperature=temperature,
-            top_k=int(top_k),
-            top_p=top_p if 0.0 < top_p < 1.0 else 1.0,
-            greedy=top_k == 1,
-            generator=gen,
-            kv_cache=kv_cache,
-        )
+        return {
+            "model": self.transformer,
+            "cond_B": labels_B,
+            "prefix_BP": prefix_BP,
+            "cfg_scale": float(cfg),
+            "cfg_interval": cfg_interval,
+            "temperature": temperature,
+            "top_k": int(top_k),
+            "top_p": top_p if 0.0 < top_p < 1.0 else 1.0,
+            "greedy": top_k == 1,
+            "generator": gen,
+            "kv_cache": kv_cache,
+        }
 
     # ---- units -----------------------------------------------------------------------------------
     def unit_sites(self) -> list[UnitSite]:

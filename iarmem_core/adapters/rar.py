@@ -151,6 +151,41 @@ class RARAdapter(IARAdapter):
         Family keyword: ``cfg_power`` (guidance_scale_pow; default the spec's published value, 0 when it has
         none; 0 gives a constant scale). Greedy is top_k=1; the first n_prefix tokens come from `prefix`.
         """
+        return self.transformer.generate(
+            **self._generate_kw(labels, prefix, n_prefix, cfg, top_k, top_p, temperature, seed, kv_cache, **family_kw)
+        )
+
+    @torch.no_grad()
+    def generate_prefixes(self, labels, tokens, prefixes, seeds, kv_cache=True, **kw) -> list[tuple[Any, Any]]:
+        """`IARAdapter.generate_prefixes` with one prefill of the longest prefix shared by every prefix >= 1
+        (`RAR.prefill`; the same tokens as a prefill each, tests/test_rar_generation.py)."""
+        nonzero = [p for p in prefixes if p]
+        if not kv_cache or len(nonzero) < 2:
+            return super().generate_prefixes(labels, tokens, prefixes, seeds, kv_cache, **kw)
+        first = self._generate_kw(labels, tokens, max(nonzero), seed=0, kv_cache=True, **kw)
+        shared = self.transformer.prefill(first["labels_B"], first["prefix_BP"], first["guidance_scale"])
+        out = []
+        for p, s in zip(prefixes, seeds, strict=True):
+            gkw = self._generate_kw(labels, tokens if p else None, p, seed=s, kv_cache=True, **kw)
+            cache = shared.truncated(self.transformer.PREFIX + p - 1) if p else None
+            toks = self.transformer.generate(**gkw, cache=cache)
+            out.append((toks, toks))
+        return out
+
+    def _generate_kw(
+        self,
+        labels,
+        prefix=None,
+        n_prefix: int = 0,
+        cfg: float = 0.0,
+        top_k: int = 1,
+        top_p: float = 0.0,
+        temperature: float = 1.0,
+        seed: int = 0,
+        kv_cache: bool = True,
+        **family_kw: Any,
+    ) -> dict:
+        """The arguments of `RAR.generate` for `generate`'s (checked)."""
         unknown = set(family_kw) - {"cfg_power"}
         if unknown:
             raise TypeError(
@@ -170,17 +205,17 @@ class RARAdapter(IARAdapter):
                 raise ValueError(f"prefix must be [B={labels_B.shape[0]}, >= {n_prefix}] tokens, got {list(p.shape)}")
             prefix_BP = p[:, :n_prefix]
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
-        return self.transformer.generate(
-            labels_B,
-            guidance_scale=float(cfg),
-            guidance_scale_pow=float(cfg_power),
-            temperature=float(temperature),
-            top_k=int(top_k),
-            top_p=float(top_p),
-            prefix_BP=prefix_BP,
-            generator=gen,
-            kv_cache=kv_cache,
-        )
+        return {
+            "labels_B": labels_B,
+            "guidance_scale": float(cfg),
+            "guidance_scale_pow": float(cfg_power),
+            "temperature": float(temperature),
+            "top_k": int(top_k),
+            "top_p": float(top_p),
+            "prefix_BP": prefix_BP,
+            "generator": gen,
+            "kv_cache": kv_cache,
+        }
 
     # ---- units -----------------------------------------------------------------------------------
     def unit_sites(self) -> list[UnitSite]:

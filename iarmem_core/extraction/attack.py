@@ -213,13 +213,13 @@ def attack_batch(
             tokens = adapter.unflatten(ref.tokens_BN.to(adapter.device))
         true_BN, recon = ref.tokens_BN, ref.recon_B3HW
         results = []
-        for p in prefixes:
-            with hooks.edit(adapter.transformer, edit):
-                gen, latent = adapter.generate_latent(
-                    labels_B, prefix=tokens if p else None, n_prefix=p, seed=seed + p, kv_cache=kv_cache, **gen_kw
-                )
+        with hooks.edit(adapter.transformer, edit):  # a sweep shares one prefill (next-token families)
+            generated = adapter.generate_prefixes(
+                labels_B, tokens, prefixes, [seed + p for p in prefixes], kv_cache=kv_cache, **gen_kw
+            )
+        clock.lap("generate_s")
+        for p, (gen, latent) in zip(prefixes, generated):
             gen_BN = adapter.flatten(gen)
-            clock.lap("generate_s")
             img = adapter.decode_latent(latent, precision)
             clock.lap("decode_generated_s")
             sims = compute_similarities(

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -118,6 +119,18 @@ class KVCache:
         self.v = [torch.zeros_like(t) for t in self.k]
         self.max_len = max_len
         self.length = 0  # positions filled so far (advanced by Transformer.step after all layers ran)
+
+    def truncated(self, length: int) -> KVCache:
+        """A new cache holding a copy of the first `length` positions (a shared prefill, reused by a shorter
+        prefix)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot keep {length} positions of a cache that holds {self.length}")
+        new = copy.copy(self)
+        new.k, new.v = [torch.zeros_like(t) for t in self.k], [torch.zeros_like(t) for t in self.v]
+        for src, dst in zip(self.k + self.v, new.k + new.v):
+            dst[:, :, :length] = src[:, :, :length]
+        new.length = length
+        return new
 
     def update(self, layer: int, start: int, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor):
         """Write positions [start, start+T) of `layer`; return its keys and values [B, H, start+T, D]."""
@@ -479,6 +492,23 @@ def sample_logits(
 
 
 @torch.no_grad()
+def prefill(model: Transformer, cond_B: torch.Tensor, prefix_BP: torch.Tensor, cfg_scale: float = 1.0) -> KVCache:
+    """The KV cache of the class and the prefix tokens 0 .. P-2 (all before the last prefix token), in one call:
+    `truncated(cls_token_num + p - 1)` of it starts `generate` with any prefix 1 <= p <= P, so a sweep over
+    prefixes runs one prefill per batch (the same tokens as a prefill per prefix: causal positions do not depend
+    on the ones after them)."""
+    P = prefix_BP.shape[1]
+    if not 1 <= P < model.block_size or prefix_BP.shape[0] != cond_B.shape[0]:
+        raise ValueError(f"prefill needs a prefix [B={cond_B.shape[0]}, 1 <= P < {model.block_size}]")
+    use_cfg = cfg_scale > 1.0
+    cond_in = torch.cat([cond_B, torch.full_like(cond_B, model.num_classes)]) if use_cfg else cond_B
+    seq = prefix_BP[:, : P - 1].to(cond_B.device)
+    cache = model.new_cache(cond_in.shape[0], model.cls_token_num + model.block_size - 1)
+    model.step(cond_in, torch.cat([seq, seq]) if use_cfg else seq, cache, cfg_doubled=use_cfg)
+    return cache
+
+
+@torch.no_grad()
 def generate(
     model: Transformer,
     cond_B: torch.Tensor,
@@ -494,8 +524,12 @@ def generate(
     kv_cache: bool = True,
     return_logits: bool = False,
     max_new_tokens: int | None = None,
+    cache: KVCache | None = None,
 ):
     """Class-conditional generation -> ids [B, P + max_new_tokens] (int64; default N), the prefix in front.
+
+    ``cache``: a KV cache that already holds the first positions of this generation (`prefill(...).truncated(
+    cls_token_num + P - 1)`, shared by the prefixes of a sweep); the first call computes only the rest.
 
     ``prefix_BP``: P true tokens fed in the prefill (teacher-forced). CFG as in the official code: only when
     ``cfg_scale > 1``; the token predicted at decode step i (token k = i + 1) uses the cond half alone once
@@ -520,8 +554,17 @@ def generate(
     def dup(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, x]) if use_cfg else x
 
-    cache = model.new_cache(cond_in.shape[0], model.cls_token_num + N - 1) if kv_cache else None
-    logits = model.step(cond_in, dup(seq_BN[:, :P]), cache, cfg_doubled=use_cfg)  # predicts token P
+    if cache is not None:
+        have = cache.length - model.cls_token_num  # prefix tokens already in the given cache
+        if not kv_cache or P < 1 or not 0 <= have < P or cache.k[0].shape[0] != cond_in.shape[0]:
+            raise ValueError(
+                f"a given cache must hold the class and at most {P - 1} of the P >= 1 prefix tokens for "
+                f"{cond_in.shape[0]} sequences (it holds {cache.length} positions for {cache.k[0].shape[0]})"
+            )
+        logits = model.step(None, dup(seq_BN[:, have:P]), cache, cfg_doubled=use_cfg)  # predicts token P
+    else:
+        cache = model.new_cache(cond_in.shape[0], model.cls_token_num + N - 1) if kv_cache else None
+        logits = model.step(cond_in, dup(seq_BN[:, :P]), cache, cfg_doubled=use_cfg)  # predicts token P
     for k in range(P, N):
         if k > P:
             if cache is not None:

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -102,6 +103,17 @@ class KVCache:
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.length = 0  # rows already stored (the same in every layer)
+
+    def truncated(self, length: int) -> KVCache:
+        """A new cache holding a copy of the first `length` rows (a shared prefill, reused by a shorter prefix)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot keep {length} rows of a cache that holds {self.length}")
+        new = copy.copy(self)
+        new.k, new.v = [torch.empty_like(t) for t in self.k], [torch.empty_like(t) for t in self.v]
+        for src, dst in zip(self.k + self.v, new.k + new.v):
+            dst[:, :, :length] = src[:, :, :length]
+        new.length = length
+        return new
 
     def update(self, layer: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this call's keys/values after the cached ones; returns all keys/values so far."""
@@ -484,6 +496,31 @@ class RAR(nn.Module):
 
     # ---- generation -------------------------------------------------------------------------------
     @torch.no_grad()
+    def prefill(self, labels_B: torch.Tensor, prefix_BP: torch.Tensor, guidance_scale: float = 0.0) -> KVCache:
+        """The KV cache of the rows [cls, cond, tok_0 .. tok_{P-2}] (all before the last prefix row), computed in
+        one block-causal call: `truncated(PREFIX + p - 1)` of it starts `generate` with any prefix p <= P, so a
+        sweep over prefixes runs one prefill per batch (the same tokens as a prefill per prefix: causal rows
+        do not depend on the rows after them)."""
+        N, dev = self.image_seq_len, self.cls_token.device
+        cond_B = self.preprocess_condition(labels_B.to(dev))
+        doubled = guidance_scale != 0
+        cond_in = torch.cat([cond_B, torch.full_like(cond_B, self.none_condition_id)]) if doubled else cond_B
+        P = prefix_BP.shape[1]
+        if not 1 <= P < N or prefix_BP.shape[0] != cond_B.shape[0]:
+            raise ValueError(f"prefill needs a prefix [B={cond_B.shape[0]}, 1 <= P < {N}], got {list(prefix_BP.shape)}")
+        hd = self.hidden_size // self.num_heads
+        cache = KVCache(
+            len(self.blocks), cond_in.shape[0], self.num_heads, N + self.PREFIX, hd, dev, self.cls_token.dtype
+        )
+        seq = prefix_BP[:, : P - 1].to(dev)
+        seq = torch.cat([seq, seq]) if doubled else seq
+        T_full = P - 1 + self.PREFIX
+        x_BTC, c_BTC = self._embed_rows(cond_in, seq, 0)
+        mask = self.attn_mask[:T_full, :T_full] if T_full > 1 else None
+        self._run_blocks(x_BTC, c_BTC, self._targets(0, T_full, N, dev), mask, cache, doubled, "generate")
+        return cache
+
+    @torch.no_grad()
     def generate(
         self,
         labels_B: torch.Tensor,
@@ -496,8 +533,12 @@ class RAR(nn.Module):
         generator: torch.Generator | None = None,
         kv_cache: bool = True,
         return_logits: bool = False,
+        cache: KVCache | None = None,
     ):
         """Raster-order generation: token ids [B, N]; the first P tokens are copied from `prefix_BP`.
+
+        `cache`: a KV cache that already holds the first rows of this generation (`prefill(...).truncated(
+        PREFIX + P - 1)`, shared by the prefixes of a sweep); the first call then computes only the rows after it.
 
         Raw labels [B] (-1: null). Whenever guidance_scale != 0 the batch is doubled to [cond; null] and the
         logits are uncond + (cond - uncond) * guidance_schedule(step). With the KV cache the first call
@@ -517,8 +558,13 @@ class RAR(nn.Module):
             if P >= N or prefix_BP.shape[0] != B:
                 raise ValueError(f"prefix must be [B={B}, P<{N}] tokens, got {list(prefix_BP.shape)}")
             ids_BN[:, :P] = prefix_BP.to(dev)
-        cache = None
-        if kv_cache:
+        if cache is not None:
+            if not kv_cache or cache.length > P + self.PREFIX - 1 or cache.k[0].shape[0] != cond_in.shape[0]:
+                raise ValueError(
+                    f"a given cache must hold at most the {P + self.PREFIX - 1} rows before the last prefix row "
+                    f"for {cond_in.shape[0]} sequences (it holds {cache.length} for {cache.k[0].shape[0]})"
+                )
+        elif kv_cache:
             cache = KVCache(
                 len(self.blocks),
                 cond_in.shape[0],
@@ -529,9 +575,10 @@ class RAR(nn.Module):
                 self.cls_token.dtype,
             )
         rec = {"cond": [], "uncond": [], "cfg": []}
+        first_row = 0 if cache is None else cache.length  # rows the first call need not compute
         for step in range(P, N):
             T_full = step + self.PREFIX  # rows [cls, cond, tok_0 .. tok_{step-1}]; the last predicts `step`
-            row0 = 0 if cache is None or step == P else T_full - 1
+            row0 = 0 if cache is None else (first_row if step == P else T_full - 1)
             seq = ids_BN[:, :step]
             seq = torch.cat([seq, seq]) if doubled else seq
             x_BTC, c_BTC = self._embed_rows(cond_in, seq, row0)
