@@ -306,13 +306,34 @@ class IARAdapter(ABC):
         **kw: Any,
     ) -> list[tuple[Tokens, Any]]:
         """`generate_latent` from each prefix length of a sweep (prefix 0: no prefix), with seed `seeds[i]` for
-        `prefixes[i]`: [(tokens, latent)] in that order. Next-token families share one prefill of the longest
-        prefix between the prefixes (`RARAdapter`, `LlamaGenAdapter`); VAR generates each (its prefixes are
-        whole scales, a prefill of at most 30 rows)."""
-        return [
-            self.generate_latent(labels, prefix=tokens if p else None, n_prefix=p, seed=s, kv_cache=kv_cache, **kw)
-            for p, s in zip(prefixes, seeds, strict=True)
-        ]
+        `prefixes[i]`: [(tokens, latent)] in that order. A family with `_prefill` (RAR, LlamaGen) computes the
+        rows of the longest prefix once and starts every prefix >= 1 from a copy of them (`_generate_cached`;
+        the same tokens as a prefill each: causal rows do not depend on later rows); VAR generates each (its
+        prefixes are whole scales, a prefill of at most 30 rows)."""
+        nonzero = [p for p in prefixes if p]
+        if not kv_cache or len(nonzero) < 2 or type(self)._prefill is IARAdapter._prefill:
+            return [
+                self.generate_latent(labels, prefix=tokens if p else None, n_prefix=p, seed=s, kv_cache=kv_cache, **kw)
+                for p, s in zip(prefixes, seeds, strict=True)
+            ]
+        with torch.no_grad():
+            shared = self._prefill(labels, tokens, max(nonzero), **kw)
+            out = []
+            for p, s in zip(prefixes, seeds, strict=True):
+                toks = self._generate_cached(labels, tokens if p else None, p, s, shared if p else None, **kw)
+                out.append((toks, toks))
+        return out
+
+    def _prefill(self, labels: torch.Tensor, tokens: Tokens, n_prefix: int, **kw: Any) -> Any:
+        """The KV cache of the rows before the last of `n_prefix` true tokens (next-token families)."""
+        raise NotImplementedError
+
+    def _generate_cached(
+        self, labels: torch.Tensor, prefix: Tokens | None, n_prefix: int, seed: int, shared: Any, **kw: Any
+    ) -> Tokens:
+        """`generate` with KV cache, starting from the rows of `shared` (a `_prefill`) that precede prefix
+        `n_prefix` (None: a plain generate)."""
+        raise NotImplementedError
 
     def check_prefix(self, n_prefix: int) -> None:
         if n_prefix not in self.prefix_choices and n_prefix != 0:

@@ -155,22 +155,14 @@ class RARAdapter(IARAdapter):
             **self._generate_kw(labels, prefix, n_prefix, cfg, top_k, top_p, temperature, seed, kv_cache, **family_kw)
         )
 
-    @torch.no_grad()
-    def generate_prefixes(self, labels, tokens, prefixes, seeds, kv_cache=True, **kw) -> list[tuple[Any, Any]]:
-        """`IARAdapter.generate_prefixes` with one prefill of the longest prefix shared by every prefix >= 1
-        (`RAR.prefill`; the same tokens as a prefill each, tests/test_rar_generation.py)."""
-        nonzero = [p for p in prefixes if p]
-        if not kv_cache or len(nonzero) < 2:
-            return super().generate_prefixes(labels, tokens, prefixes, seeds, kv_cache, **kw)
-        first = self._generate_kw(labels, tokens, max(nonzero), seed=0, kv_cache=True, **kw)
-        shared = self.transformer.prefill(first["labels_B"], first["prefix_BP"], first["guidance_scale"])
-        out = []
-        for p, s in zip(prefixes, seeds, strict=True):
-            gkw = self._generate_kw(labels, tokens if p else None, p, seed=s, kv_cache=True, **kw)
-            cache = shared.truncated(self.transformer.PREFIX + p - 1) if p else None
-            toks = self.transformer.generate(**gkw, cache=cache)
-            out.append((toks, toks))
-        return out
+    def _prefill(self, labels, tokens, n_prefix, **kw):
+        g = self._generate_kw(labels, tokens, n_prefix, **kw)
+        return self.transformer.prefill(g["labels_B"], g["prefix_BP"], g["guidance_scale"])
+
+    def _generate_cached(self, labels, prefix, n_prefix, seed, shared, **kw):
+        g = self._generate_kw(labels, prefix, n_prefix, seed=seed, **kw)
+        cache = None if shared is None else shared.truncated(self.transformer.PREFIX + n_prefix - 1)
+        return self.transformer.generate(**g, cache=cache)
 
     def _generate_kw(
         self,
