@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,24 @@ def _tied_threshold() -> tuple[str, float, int, int]:
     raise AssertionError("no tied threshold in the shipped result")
 
 
+def _metric(page, label: str, until: str, timeout_s: float = 60.0) -> dict | str:
+    """The value of the metric labelled `label` once it reads `until` (a rerun may still be replacing the page's
+    elements); after `timeout_s`, every metric's label and value as seen then, for the assertion to show."""
+    end = time.monotonic() + timeout_s
+    while True:
+        seen = page.evaluate(
+            """() => [...document.querySelectorAll('[data-testid=stMetric]')].map(e => [
+                 (e.querySelector('[data-testid=stMetricLabel]') || {}).innerText || '',
+                 (e.querySelector('[data-testid=stMetricValue]') || {}).innerText || ''])"""
+        )
+        values = [v.strip() for k, v in seen if k.strip() == label]
+        if values and values[0] == until:
+            return values[0]
+        if time.monotonic() > end:
+            return {k.strip(): v.strip() for k, v in seen}
+        time.sleep(0.1)
+
+
 def _labels_extracted(page) -> tuple[int, int]:
     caps = page.get_by_test_id("stImageCaption").all_inner_texts()
     return sum(c.strip().endswith(", extracted") for c in caps), sum("not extracted" in c for c in caps)
@@ -145,8 +164,8 @@ def test_tie_and_model_switch_in_the_browser(server):
         page.get_by_text("Reconstruction (left) vs generation (right)").wait_for(timeout=120_000)
         settle(page)
         no_exception(page)
-        metric = page.get_by_test_id("stMetricValue").first
-        assert metric.inner_text() == f"{want} of {n}"
+        shown = _metric(page, "Extracted", until=f"{want} of {n}")
+        assert shown == f"{want} of {n}", shown
         # the gallery shows the extracted candidates, every one labelled extracted: the same comparison
         page.wait_for_function(
             "n => [...document.querySelectorAll('[data-testid=stImageCaption]')].length >= n", arg=want
